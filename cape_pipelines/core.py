@@ -1,0 +1,188 @@
+"""The one place data is transformed: a :class:`~cape_pipelines.plan.Plan` over Arrow batches.
+
+Engines only move batches in and out of :func:`apply_batch`; each returns the
+transformed batch and :class:`Counters` measured on the rows actually produced.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from .errors import DataError, TransformError
+from .plan import ColumnStep, DropStep, FilterStep, Plan
+from .transforms.base import ColumnContext
+
+ROW_INDEX = "__cape_row_index__"
+
+
+@dataclass
+class ColumnCounter:
+    """Per output column: the transformations applied, non-null values and nulls written."""
+
+    transform: str
+    values: int = 0
+    nulls: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"transform": self.transform, "values": self.values, "nulls": self.nulls}
+
+
+@dataclass
+class Counters:
+    """Row and per-column counts of one batch, or of a whole run once merged."""
+
+    rows_in: int = 0
+    rows_out: int = 0
+    columns: dict[str, ColumnCounter] = field(default_factory=dict)
+
+    @property
+    def rows_redacted(self) -> int:
+        """Rows removed by row-redact."""
+        return self.rows_in - self.rows_out
+
+    def merge(self, other: Counters) -> Counters:
+        """Add ``other`` into this object (in place) and return it."""
+        self.rows_in += other.rows_in
+        self.rows_out += other.rows_out
+        for name, c in other.columns.items():
+            mine = self.columns.get(name)
+            if mine is None:
+                self.columns[name] = ColumnCounter(c.transform, c.values, c.nulls)
+            else:
+                mine.values += c.values
+                mine.nulls += c.nulls
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """The audit record's counting fields."""
+        return {
+            "rows_in": self.rows_in,
+            "rows_out": self.rows_out,
+            "rows_redacted": self.rows_redacted,
+            "columns": {k: v.to_dict() for k, v in sorted(self.columns.items())},
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Counters:
+        """Inverse of :meth:`to_dict` (for counters sent between processes)."""
+        return cls(
+            rows_in=int(data["rows_in"]),
+            rows_out=int(data["rows_out"]),
+            columns={
+                k: ColumnCounter(v["transform"], int(v["values"]), int(v["nulls"]))
+                for k, v in data.get("columns", {}).items()
+            },
+        )
+
+    @classmethod
+    def empty_for(cls, plan: Plan) -> Counters:
+        """Zero counters naming every transformed column of ``plan``."""
+        return cls(columns={c: ColumnCounter(t) for c, t in plan.transformed_columns.items()})
+
+
+def conform(plan: Plan, batch: pa.RecordBatch) -> pa.RecordBatch:
+    """Check a batch against the plan's input schema, casting where the cast is lossless.
+
+    Engines hand over batches whose types can drift from the schema the plan
+    was built on (an all-null partition, int32 vs int64); a column the plan
+    uses must be present and safely castable, else :class:`DataError` names it.
+    """
+    if batch.schema.equals(plan.input_schema):
+        return batch
+    arrays = []
+    names = []
+    for f in plan.input_schema:
+        idx = batch.schema.get_field_index(f.name)
+        if idx < 0:
+            raise DataError(f"column {f.name!r} is missing from the batch")
+        arr = batch.column(idx)
+        if not arr.type.equals(f.type) and f.name in plan.used_columns:
+            try:
+                arr = arr.cast(f.type, safe=True)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+                raise DataError(
+                    f"column {f.name!r} is {arr.type} in this batch, but the plan was built for "
+                    f"{f.type}: {exc}"
+                ) from None
+        arrays.append(arr)
+        names.append(f.name)
+    return pa.RecordBatch.from_arrays(arrays, names=names)
+
+
+def apply_batch(
+    plan: Plan, batch: pa.RecordBatch, *, with_indices: bool = False
+) -> tuple[pa.RecordBatch, Counters, pa.Array | None]:
+    """Apply ``plan`` to one batch.
+
+    Returns the output batch (schema ``plan.output_schema``), its counters, and,
+    when ``with_indices`` is set, the positions of the kept input rows (so a
+    pandas index can follow the rows).
+    """
+    batch = conform(plan, batch)
+    rows_in = batch.num_rows
+    names = list(batch.schema.names)
+    arrays: dict[str, pa.Array] = dict(zip(names, batch.columns, strict=True))
+    indices: pa.Array | None = None
+    for i, step in enumerate(plan.steps):
+        if isinstance(step, ColumnStep):
+            current = pa.RecordBatch.from_arrays(list(arrays.values()), names=list(arrays))
+            ctx = ColumnContext(
+                column=step.column,
+                key=plan.keys[step.key_id] if step.key_id is not None else None,
+                batch=current,
+                state=plan.step_state(i),
+            )
+            try:
+                out = step.transform.apply(arrays[step.column], ctx)
+            except TransformError as exc:
+                raise TransformError(f"{step.location}, column {step.column!r}: {exc}") from None
+            if not out.type.equals(step.output_type):
+                out = out.cast(step.output_type)
+            arrays[step.column] = out
+        elif isinstance(step, DropStep):
+            for c in step.columns:
+                del arrays[c]
+        elif isinstance(step, FilterStep):
+            n = len(next(iter(arrays.values())))
+            idx = indices if indices is not None else pa.array(range(n), pa.int64())
+            table = pa.Table.from_arrays(
+                [*arrays.values(), idx], names=[*arrays.keys(), ROW_INDEX]
+            )
+            kept = table.filter(step.keep)
+            arrays = {
+                c: kept.column(c).combine_chunks() if kept.num_rows else pa.array([], kept.schema.field(c).type)
+                for c in arrays
+            }
+            indices = kept.column(ROW_INDEX).combine_chunks()
+    out_batch = pa.RecordBatch.from_arrays(
+        [arrays[f.name] for f in plan.output_schema], schema=plan.output_schema
+    )
+    counters = Counters(rows_in=rows_in, rows_out=out_batch.num_rows)
+    for col, types in plan.transformed_columns.items():
+        arr = arrays[col]
+        counters.columns[col] = ColumnCounter(types, len(arr) - arr.null_count, arr.null_count)
+    if with_indices and indices is None:
+        indices = pa.array(range(rows_in), pa.int64())
+    return out_batch, counters, indices if with_indices else None
+
+
+def apply_batches(
+    plan: Plan, batches: Iterable[pa.RecordBatch], counters: Counters | None = None
+) -> Iterator[pa.RecordBatch]:
+    """Stream ``batches`` through ``plan``, adding each batch's counts into ``counters``."""
+    for batch in batches:
+        out, c, _ = apply_batch(plan, batch)
+        if counters is not None:
+            counters.merge(c)
+        yield out
+
+
+def apply_table(plan: Plan, table: pa.Table) -> tuple[pa.Table, Counters]:
+    """Apply ``plan`` to a whole table, batch by batch."""
+    counters = Counters.empty_for(plan)
+    batches = list(apply_batches(plan, table.to_batches(), counters))
+    return pa.Table.from_batches(batches, schema=plan.output_schema), counters

@@ -1,0 +1,9 @@
+"""Imports every built-in transformation family so that each registers itself."""
+
+from . import (  # noqa: F401
+    perturb,
+    redact,
+    reversible,
+    rounding,
+    tokenize,
+)
