@@ -1,0 +1,368 @@
+"""Benchmark of the core transformations against cape-dataframes and the bare floors.
+
+Prints, for each transformation, rows/s (median of ``--repeat`` runs) and the
+peak extra memory of the run, for Cape Pipelines' core, cape-dataframes (the
+library it descends from, from PyPI: ``pip install -e .[bench]``) and the
+floor (a plain ``hmac.digest`` loop, ``cryptography``'s AESSIV with one cipher
+object, the bare pyarrow.compute kernel), side by side, with ratios.
+
+    python bench/core.py                 # 1,000,000 rows, 3 repeats
+    python bench/core.py --rows 200000 --only tokenizer-70 --nulls
+
+Every measurement runs in a forked child of the process that holds the data,
+so the memory column is the child's own high-water mark above its start.
+Slow baselines (cape-dataframes' reversible tokenizer: ~12k rows/s) run on a
+slice of ``--slow-rows`` rows and are reported as rows/s of that slice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import hmac
+import multiprocessing as mp
+import os
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from cape_pipelines.core import apply_table
+from cape_pipelines.plan import build_plan
+
+TOKEN_KEY = b"bench-tokenizer-key-0123456789ab"
+SIV_KEY = bytes(range(32))
+PRF_KEY = bytes(range(32, 64))
+KEYS = {"tok": TOKEN_KEY, "siv": SIV_KEY, "prf": PRF_KEY}
+
+
+def _strings(rng: np.random.Generator, count: int) -> pa.Array:
+    """``count`` random lowercase strings of 12 to 25 characters, as one Arrow array."""
+    lengths = rng.integers(12, 26, size=count)
+    offsets = np.zeros(count + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    data = rng.integers(ord("a"), ord("z") + 1, size=int(offsets[-1]), dtype=np.uint8)
+    return pa.StringArray.from_buffers(
+        count, pa.py_buffer(offsets.tobytes()), pa.py_buffer(data.tobytes())
+    )
+
+
+def _with_distinct(rng: np.random.Generator, rows: int, fraction: float) -> pa.Array:
+    """``rows`` strings of which ``fraction`` are distinct values, shuffled."""
+    distinct = max(1, int(rows * fraction))
+    pool = _strings(rng, distinct)
+    picks = np.concatenate([np.arange(distinct), rng.integers(0, distinct, rows - distinct)])
+    rng.shuffle(picks)
+    return pool.take(pa.array(picks))
+
+
+def make_table(rows: int, nulls: bool, seed: int = 7) -> pa.Table:
+    """The benchmark input: two string columns, an int, a float and a timestamp column."""
+    rng = np.random.default_rng(seed)
+    cols = {
+        "email": _with_distinct(rng, rows, 0.70),
+        "country": _with_distinct(rng, rows, 0.05),
+        "age": pa.array(rng.integers(0, 100, rows), pa.int64()),
+        "salary": pa.array(rng.normal(50_000, 15_000, rows), pa.float64()),
+        "signup": pa.array(
+            rng.integers(1_500_000_000_000_000, 1_700_000_000_000_000, rows).astype(
+                "datetime64[us]"
+            ),
+            pa.timestamp("us"),
+        ),
+    }
+    if nulls:
+        mask = pa.array(rng.random(rows) < 0.10)
+        for name, arr in cols.items():
+            cols[name] = pc.if_else(mask, pa.nulls(rows, arr.type), arr)
+    return pa.table(cols)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One transformation measured three ways."""
+
+    name: str
+    column: str
+    transform: dict
+    target: str
+    target_ratio: float | None = None
+    target_against: str = "cape-dataframes"
+    target_rows_per_s: float | None = None
+    input_transform: dict | None = None
+
+
+CASES = [
+    Case(
+        "tokenizer-70",
+        "email",
+        {"type": "tokenizer", "key": {"secret": "tok"}},
+        ">= 1.2x cape-dataframes",
+        1.2,
+    ),
+    Case(
+        "tokenizer-5",
+        "country",
+        {"type": "tokenizer", "key": {"secret": "tok"}},
+        ">= 10x cape-dataframes",
+        10.0,
+    ),
+    Case(
+        "reversible-tokenizer",
+        "email",
+        {"type": "reversible-tokenizer", "key": {"secret": "siv"}},
+        ">= 50x cape-dataframes",
+        50.0,
+    ),
+    Case(
+        "token-reverser",
+        "email",
+        {"type": "token-reverser", "key": {"secret": "siv"}},
+        ">= 50x cape-dataframes",
+        50.0,
+        input_transform={"type": "reversible-tokenizer", "key": {"secret": "siv"}},
+    ),
+    Case(
+        "numeric-perturbation",
+        "salary",
+        {"type": "numeric-perturbation", "min": -1000, "max": 1000, "key": {"secret": "prf"}},
+        ">= 30M rows/s",
+        target_rows_per_s=30e6,
+    ),
+    Case(
+        "date-perturbation",
+        "signup",
+        {
+            "type": "date-perturbation",
+            "frequency": "DAY",
+            "min": -10,
+            "max": 10,
+            "key": {"secret": "prf"},
+        },
+        ">= 30M rows/s",
+        target_rows_per_s=30e6,
+    ),
+    Case(
+        "numeric-rounding",
+        "salary",
+        {"type": "numeric-rounding", "precision": -2},
+        "within 1.5x of the pyarrow kernel",
+        1 / 1.5,
+        target_against="floor",
+    ),
+    Case(
+        "date-truncation",
+        "signup",
+        {"type": "date-truncation", "frequency": "month"},
+        "within 1.5x of the pyarrow kernel",
+        1 / 1.5,
+        target_against="floor",
+    ),
+]
+
+
+def _policy(case: Case) -> dict:
+    return {
+        "label": "bench",
+        "rules": [{"match": {"name": case.column}, "actions": [{"transform": case.transform}]}],
+    }
+
+
+def _prepare_input(case: Case, table: pa.Table) -> pa.Table:
+    """The case's input table (the reverser gets tokens made by the reversible tokenizer)."""
+    col = table.select([case.column])
+    if case.input_transform is None:
+        return col
+    pol = {
+        "label": "bench-prep",
+        "rules": [
+            {"match": {"name": case.column}, "actions": [{"transform": case.input_transform}]}
+        ],
+    }
+    out, _ = apply_table(build_plan(pol, col.schema, keys=KEYS), col)
+    return out
+
+
+def ours(case: Case, table: pa.Table) -> Callable[[], object]:
+    """Cape Pipelines: plan built once, then the core over the table."""
+    plan = build_plan(_policy(case), table.schema, keys=KEYS)
+    return lambda: apply_table(plan, table)
+
+
+def cape_dataframes(case: Case, table: pa.Table) -> Callable[[], object] | None:
+    """cape-dataframes' pandas transformation on the same column, as a pandas Series."""
+    try:
+        from cape_dataframes.pandas import dtypes
+        from cape_dataframes.pandas import transformations as t
+    except ImportError:
+        return None
+    series = table.column(case.column).to_pandas()
+    name = case.transform["type"]
+    if name == "tokenizer":
+        fn = t.Tokenizer(key=TOKEN_KEY.decode())
+    elif name == "reversible-tokenizer":
+        fn = t.ReversibleTokenizer(key=SIV_KEY)
+    elif name == "token-reverser":
+        fn = t.TokenReverser(key=SIV_KEY)
+    elif name == "numeric-perturbation":
+        fn = t.NumericPerturbation(dtype=dtypes.Double, min=-1000, max=1000, seed=1)
+    elif name == "date-perturbation":
+        fn = t.DatePerturbation(frequency="DAY", min=-10, max=10, seed=1)
+    elif name == "numeric-rounding":
+        fn = t.NumericRounding(dtype=dtypes.Double, precision=-2)
+    elif name == "date-truncation":
+        fn = t.DateTruncation(frequency="month")
+    else:
+        return None
+    return lambda: fn(series.copy())
+
+
+def floor(case: Case, table: pa.Table) -> Callable[[], object] | None:
+    """The least a correct implementation must do: the bare primitive over every value."""
+    name = case.transform["type"]
+    arr = table.column(case.column)
+    if name == "tokenizer":
+        values = [v.encode() if v is not None else None for v in arr.to_pylist()]
+        digest = hmac.digest
+        return lambda: [
+            digest(TOKEN_KEY, v, hashlib.sha256).hex() if v is not None else None for v in values
+        ]
+    if name in ("reversible-tokenizer", "token-reverser"):
+        from cryptography.hazmat.primitives.ciphers.aead import AESSIV
+
+        siv = AESSIV(SIV_KEY)
+        if name == "reversible-tokenizer":
+            values = [v.encode() if v is not None else None for v in arr.to_pylist()]
+            return lambda: [siv.encrypt(v, None).hex() if v is not None else None for v in values]
+        tokens = [bytes.fromhex(v) if v is not None else None for v in arr.to_pylist()]
+        return lambda: [siv.decrypt(v, None).decode() if v is not None else None for v in tokens]
+    if name == "numeric-rounding":
+        return lambda: pc.round(arr, -2, round_mode="half_to_even")
+    if name == "date-truncation":
+        return lambda: pc.floor_temporal(arr, unit="month")
+    if name in ("numeric-perturbation", "date-perturbation"):
+        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+        ints = arr.cast(pa.int64()) if name == "date-perturbation" else arr.cast(pa.float64())
+        values = np.ascontiguousarray(ints.to_numpy(zero_copy_only=False))
+
+        def prf_noise():
+            blocks = np.zeros((len(values), 2), dtype=np.uint64)
+            blocks[:, 0] = values.view(np.uint64)
+            enc = Cipher(algorithms.AES(PRF_KEY[:16]), modes.ECB()).encryptor()
+            out = np.frombuffer(enc.update(blocks.tobytes()), dtype=np.uint64)[::2]
+            return values + ((out >> np.uint64(11)) * (2.0**-53) * 2000 - 1000)
+
+        return prf_noise
+    return None
+
+
+IMPLS: dict[str, Callable[[Case, pa.Table], Callable[[], object] | None]] = {
+    "cape-pipelines": ours,
+    "cape-dataframes": cape_dataframes,
+    "floor": floor,
+}
+
+
+def _measure_child(conn, impl: str, case: Case, table: pa.Table, repeat: int) -> None:
+    try:
+        import psutil
+
+        start_rss = psutil.Process().memory_info().rss
+        fn = IMPLS[impl](case, table)
+        if fn is None:
+            conn.send(("n/a", None, None))
+            return
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        conn.send(("ok", statistics.median(times), max(0, peak - start_rss)))
+    except Exception as exc:
+        conn.send(("error", f"{type(exc).__name__}: {exc}".replace("\n", " ")[:100], None))
+    finally:
+        conn.close()
+
+
+def measure(impl: str, case: Case, table: pa.Table, repeat: int) -> tuple[str, object, object]:
+    """Run one implementation in a forked child; (status, median seconds, peak extra bytes)."""
+    ctx = mp.get_context("fork")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_measure_child, args=(child, impl, case, table, repeat))
+    proc.start()
+    child.close()
+    result = parent.recv()
+    proc.join()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--slow-rows", type=int, default=50_000)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--nulls", action="store_true", help="the 10%% null variant")
+    ap.add_argument("--only", default="", help="comma-separated case names")
+    args = ap.parse_args(argv)
+    only = {s for s in args.only.split(",") if s}
+
+    table = make_table(args.rows, args.nulls)
+    print(
+        f"# {args.rows:,} rows{' (10% nulls)' if args.nulls else ''}, median of {args.repeat}; "
+        f"python {sys.version.split()[0]}, pyarrow {pa.__version__}, {os.cpu_count()} cpus"
+    )
+    header = f"{'case':22} {'implementation':16} {'rows/s':>14} {'peak MiB':>9} {'vs ours':>8}"
+    print(header)
+    print("-" * len(header))
+    verdicts = []
+    for case in CASES:
+        if only and case.name not in only:
+            continue
+        data = _prepare_input(case, table)
+        results: dict[str, float] = {}
+        for impl in IMPLS:
+            slow = impl == "cape-dataframes" and case.transform["type"] in (
+                "reversible-tokenizer",
+                "token-reverser",
+            )
+            rows = min(args.slow_rows, args.rows) if slow else args.rows
+            status, seconds, peak = measure(impl, case, data.slice(0, rows), args.repeat)
+            if status != "ok":
+                print(f"{case.name:22} {impl:16} {str(seconds or status):>14}")
+                continue
+            rate = rows / seconds
+            results[impl] = rate
+            ratio = results["cape-pipelines"] / rate if "cape-pipelines" in results else 1.0
+            note = f" (on {rows:,} rows)" if slow else ""
+            print(
+                f"{case.name:22} {impl:16} {rate:14,.0f} {peak / 2**20:9.1f} "
+                f"{ratio:7.2f}x{note}"
+            )
+        ours_rate = results.get("cape-pipelines")
+        if ours_rate is None:
+            continue
+        if case.target_rows_per_s is not None:
+            ok = ours_rate >= case.target_rows_per_s
+        elif case.target_against in results:
+            ok = ours_rate / results[case.target_against] >= (case.target_ratio or 0)
+        else:
+            ok = None
+        verdicts.append((case.name, case.target, ok))
+    print()
+    print("targets:")
+    for name, target, ok in verdicts:
+        mark = "met" if ok else ("missed" if ok is False else "no baseline")
+        print(f"  {name:22} {target:36} {mark}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
