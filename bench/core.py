@@ -336,16 +336,13 @@ def main(argv: list[str] | None = None) -> int:
             rows = min(args.slow_rows, args.rows) if slow else args.rows
             status, seconds, peak = measure(impl, case, data.slice(0, rows), args.repeat)
             if status != "ok":
-                print(f"{case.name:22} {impl:16} {str(seconds or status):>14}")
+                print(f"{case.name:22} {impl:16} {seconds or status!s:>14}")
                 continue
             rate = rows / seconds
             results[impl] = rate
             ratio = results["cape-pipelines"] / rate if "cape-pipelines" in results else 1.0
             note = f" (on {rows:,} rows)" if slow else ""
-            print(
-                f"{case.name:22} {impl:16} {rate:14,.0f} {peak / 2**20:9.1f} "
-                f"{ratio:7.2f}x{note}"
-            )
+            print(f"{case.name:22} {impl:16} {rate:14,.0f} {peak / 2**20:9.1f} {ratio:7.2f}x{note}")
         ours_rate = results.get("cape-pipelines")
         if ours_rate is None:
             continue
