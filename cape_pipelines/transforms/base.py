@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from importlib.metadata import entry_points
 from typing import Any, ClassVar, Literal
 
@@ -23,7 +23,7 @@ from ..keys import KeyRef, KeyResolver, parse_key_ref
 ENTRY_POINT_GROUP = "cape_pipelines.transforms"
 
 
-class CapeDType(str, Enum):
+class CapeDType(StrEnum):
     """cape-python's ``dtype`` names; a ``dtype`` argument fixes the output type."""
 
     Integer = "Integer"
