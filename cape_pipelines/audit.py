@@ -46,6 +46,15 @@ class JsonlSink:
     def __repr__(self) -> str:
         return f"JsonlSink({str(self.path)!r})"
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Engines (Beam, Dask, Spark) ship the sink to worker processes; a lock
+        # cannot be pickled and only guards threads of one process anyway.
+        return {"path": self.path}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.path = state["path"]
+        self._lock = threading.Lock()
+
     def emit(self, record: Mapping[str, Any]) -> None:
         line = json.dumps(record, sort_keys=True, separators=(",", ":")) + "\n"
         with self._lock, open(self.path, "a", encoding="utf-8") as fh:
