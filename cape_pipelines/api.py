@@ -17,16 +17,79 @@ Data = TypeVar("Data")
 
 
 def pandas_schema(df: Any) -> pa.Schema:
-    """The Arrow schema of a pandas frame, column by column (index left out)."""
+    """The Arrow schema of a pandas frame, column by column (index left out).
+
+    pandas' ``string`` dtype is read as ``string`` (not the ``large_string`` it
+    stores), so a plan sees the same types whether the frame's strings are
+    ``object`` or ``string[pyarrow]``.
+    """
+    import pandas as pd
+
     fields = []
     for name in df.columns:
         if not isinstance(name, str):
             raise TypeError(f"column names must be strings, found {name!r}")
-        fields.append(pa.Schema.from_pandas(df[[name]], preserve_index=False).field(name))
+        field = pa.Schema.from_pandas(df[[name]], preserve_index=False).field(name)
+        if isinstance(df[name].dtype, pd.StringDtype):
+            field = field.with_type(pa.string())
+        fields.append(field)
     return pa.schema(fields)
 
 
-def _apply_pandas(plan: Plan, df: Any) -> tuple[Any, Counters]:
+def pandas_dtype_for(out_type: pa.DataType, in_dtype: Any, new_strings: Any = object) -> Any:
+    """The pandas dtype a transformed column gets: from its Arrow type and its input dtype.
+
+    It depends on types only, never on the values (an integer column with
+    nulls stays an integer column), so every partition of a frame gets the same
+    dtype and a Dask ``meta`` can be computed on an empty frame. Arrow-backed
+    input stays Arrow-backed; ``new_strings`` is the dtype of a column that
+    becomes a string column (a tokenized integer, say).
+    """
+    import numpy as np
+    import pandas as pd
+
+    if isinstance(in_dtype, pd.ArrowDtype):
+        return pd.ArrowDtype(out_type)
+    if pa.types.is_string(out_type) or pa.types.is_large_string(out_type):
+        if isinstance(in_dtype, pd.StringDtype) or in_dtype == np.dtype(object):
+            return in_dtype
+        return new_strings
+    numpy_input = isinstance(in_dtype, np.dtype)
+    if pa.types.is_integer(out_type):
+        dt = np.dtype(out_type.to_pandas_dtype())
+        # A numpy integer column holds no nulls, and no transformation makes a null from a value.
+        if numpy_input and in_dtype.kind in "iu":
+            return dt
+        nullable = "I" + dt.name[1:] if dt.kind == "i" else "UI" + dt.name[2:]
+        return pd.api.types.pandas_dtype(nullable)
+    if pa.types.is_boolean(out_type):
+        return np.dtype(bool) if numpy_input and in_dtype.kind == "b" else pd.BooleanDtype()
+    if pa.types.is_floating(out_type):
+        return np.dtype(out_type.to_pandas_dtype())
+    if pa.types.is_timestamp(out_type):
+        if out_type.tz is not None:
+            return pd.DatetimeTZDtype(unit=out_type.unit, tz=out_type.tz)
+        return np.dtype(f"datetime64[{out_type.unit}]")
+    if pa.types.is_duration(out_type):
+        return np.dtype(f"timedelta64[{out_type.unit}]")
+    return np.dtype(object)
+
+
+def arrow_to_pandas(array: pa.Array | pa.ChunkedArray, dtype: Any) -> Any:
+    """An Arrow column as a pandas Series of exactly ``dtype`` (from :func:`pandas_dtype_for`)."""
+    import pandas as pd
+
+    if isinstance(dtype, pd.api.extensions.ExtensionDtype):
+        return pd.Series(dtype.__from_arrow__(array), copy=False)
+    series = array.to_pandas()
+    if series.dtype != dtype:
+        if dtype.kind in "iub" and array.null_count:
+            raise TypeError(f"cannot hold nulls in a {dtype} column")
+        series = series.astype(dtype)
+    return series
+
+
+def _apply_pandas(plan: Plan, df: Any, new_strings: Any = object) -> tuple[Any, Counters]:
     import pandas as pd
 
     needed = plan.used_columns
@@ -34,9 +97,11 @@ def _apply_pandas(plan: Plan, df: Any) -> tuple[Any, Counters]:
         result = df.drop(columns=plan.dropped)
         counters = Counters(rows_in=len(df), rows_out=len(df))
         return result, counters
-    table = pa.Table.from_pandas(df[needed], preserve_index=False, schema=pa.schema(
-        [plan.input_schema.field(c) for c in needed]
-    ))
+    table = pa.Table.from_pandas(
+        df[needed],
+        preserve_index=False,
+        schema=pa.schema([plan.input_schema.field(c) for c in needed]),
+    )
     batch = table.combine_chunks().to_batches()
     if batch:
         rb = batch[0]
@@ -47,13 +112,13 @@ def _apply_pandas(plan: Plan, df: Any) -> tuple[Any, Counters]:
     out, counters, indices = apply_batch(narrow, rb, with_indices=True)
     result = df.iloc[indices.to_numpy()] if plan.filters_rows else df.copy(deep=False)
     result = result.drop(columns=[c for c in plan.dropped if c in result.columns])
-    transformed = out.select([c for c in plan.transformed_columns]).to_pandas(
-        types_mapper=None, split_blocks=True
-    )
-    transformed.index = result.index
     result = result.copy(deep=False)
-    for c in transformed.columns:
-        result[c] = transformed[c]
+    for c in plan.transformed_columns:
+        col = arrow_to_pandas(
+            out.column(c), pandas_dtype_for(out.schema.field(c).type, df[c].dtype, new_strings)
+        )
+        col.index = result.index
+        result[c] = col
     counters.rows_in = len(df)
     counters.rows_out = len(result)
     return pd.DataFrame(result)[plan.output_schema.names], counters
@@ -113,10 +178,14 @@ def apply_policy(
     counters: Counters | None = None
     try:
         if isinstance(data, pa.Table):
-            plan = build_plan(pol, data.schema, keys=keys, column_tags=column_tags, resolver=resolver)
+            plan = build_plan(
+                pol, data.schema, keys=keys, column_tags=column_tags, resolver=resolver
+            )
             result, counters = apply_table(plan, data)
         elif isinstance(data, pa.RecordBatch):
-            plan = build_plan(pol, data.schema, keys=keys, column_tags=column_tags, resolver=resolver)
+            plan = build_plan(
+                pol, data.schema, keys=keys, column_tags=column_tags, resolver=resolver
+            )
             result, counters, _ = apply_batch(plan, data)
         elif engine == "pandas":
             plan = build_plan(
