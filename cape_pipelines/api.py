@@ -9,6 +9,7 @@ import pyarrow as pa
 
 from .audit import AuditTarget, RunContext
 from .core import Counters, apply_batch, apply_table
+from .errors import DataError, PlanError
 from .keys import KeyResolver
 from .plan import Plan, build_plan
 from .policy.load import PolicySource, load_policy
@@ -26,10 +27,20 @@ def pandas_schema(df: Any) -> pa.Schema:
     import pandas as pd
 
     fields = []
+    if df.columns.has_duplicates:
+        dupes = sorted({str(c) for c in df.columns[df.columns.duplicated()]})
+        raise PlanError(f"input has duplicate column names: {', '.join(dupes)}")
     for name in df.columns:
         if not isinstance(name, str):
             raise TypeError(f"column names must be strings, found {name!r}")
-        field = pa.Schema.from_pandas(df[[name]], preserve_index=False).field(name)
+        try:
+            field = pa.Schema.from_pandas(df[[name]], preserve_index=False).field(name)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
+            # The Arrow message can quote a cell value; only its type is reported.
+            raise DataError(
+                f"column {name!r} ({df[name].dtype}) cannot be converted to Arrow "
+                f"({type(exc).__name__}); give it one type"
+            ) from None
         if isinstance(df[name].dtype, pd.StringDtype):
             field = field.with_type(pa.string())
         fields.append(field)
@@ -136,9 +147,8 @@ def _narrow_plan(plan: Plan, needed: Sequence[str]) -> Plan:
     steps = []
     for s in plan.steps:
         if isinstance(s, DropStep):
-            cols = tuple(c for c in s.columns if c in keep)
-            if cols:
-                steps.append(DropStep(cols, s.location))
+            # An empty step is kept so that step indices (and their state memo) stay aligned.
+            steps.append(DropStep(tuple(c for c in s.columns if c in keep), s.location))
         else:
             steps.append(s)
     narrow.steps = steps

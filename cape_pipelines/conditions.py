@@ -1,21 +1,743 @@
-"""Placeholder conditions module (being written)."""
+"""The row-condition language of ``row-redact``: a small parser compiled to pyarrow expressions.
+
+A condition such as ``age < 18 or country in ('XX', 'YY')`` is tokenized and
+parsed here by hand (never ``eval``, never pandas ``query``) into an AST of
+frozen dataclasses, which pickles and is checked against a schema by
+:meth:`Condition.to_expression`. The grammar, keywords case-insensitive::
+
+    condition  := or_expr
+    or_expr    := and_expr (("or" | "|") and_expr)*
+    and_expr   := not_expr (("and" | "&") not_expr)*
+    not_expr   := ("not" | "~") not_expr | "(" condition ")" | predicate
+    predicate  := operand op operand            -- one column and one literal, either order
+                | column "is" ["not"] "null"
+                | column ["not"] "in" "(" literal ("," literal)* [","] ")"
+    op         := "==" | "!=" | "<" | "<=" | ">" | ">=" | "=" | "<>"
+    column     := identifier | `any text` (a backquote inside is written twice)
+    literal    := ["-"] number | 'text' | "text" | true | false
+                | date'YYYY-MM-DD' | timestamp'YYYY-MM-DDTHH:MM:SS[.ffffff][+HH:MM|Z]'
+
+Strings use SQL quoting: a quote inside is written twice (``'O''Brien'``);
+a backslash is an ordinary character. Double-quoted strings, ``=``, ``<>``,
+``&``, ``|`` and ``~`` are accepted so that cape-python conditions (pandas
+``query`` / Spark SQL) keep working; ``&`` and ``|`` have the precedence of
+``and`` and ``or``, as in pandas. ``null`` is not a literal: write ``is null``.
+
+Semantics are SQL's three-valued logic (Arrow's Kleene ``and``/``or``): a
+comparison or ``in`` with a null operand is null. ``row-redact`` removes rows
+where the condition is true *or null*, so a missing value never lets a row
+through. Literals are typed against the column: an integer literal against a
+float column is fine, a string against an int column is a :class:`PlanError`.
+A ``date`` literal against a timestamp column means midnight of that day; a
+literal without a UTC offset against a time-zone-aware column is read as UTC.
+"""
 
 from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .errors import PlanError
 
-class Condition:
-    def __init__(self, text: str):
-        self.text = text
+__all__ = [
+    "And",
+    "Compare",
+    "Condition",
+    "ConditionSyntaxError",
+    "InList",
+    "IsNull",
+    "Literal",
+    "Node",
+    "Not",
+    "Or",
+    "parse_condition",
+]
+
+MAX_DEPTH = 100
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+class ConditionSyntaxError(ValueError):
+    """A condition does not parse; ``position`` is the 1-based column of the problem."""
+
+    def __init__(self, message: str, position: int):
+        self.position = position
+        super().__init__(f"{message} at column {position}")
+
+
+# ---------------------------------------------------------------- AST
+
+
+@dataclass(frozen=True)
+class Literal:
+    """A typed constant: ``kind`` is int, decimal, string, bool, date or timestamp."""
+
+    kind: str
+    value: Any
+
+    def __str__(self) -> str:
+        if self.kind == "string":
+            return "'" + str(self.value).replace("'", "''") + "'"
+        if self.kind == "bool":
+            return "true" if self.value else "false"
+        if self.kind in ("date", "timestamp"):
+            return f"{self.kind}'{self.value.isoformat()}'"
+        return str(self.value)
+
+
+class Node:
+    """Base of the condition AST."""
 
     def columns(self) -> set[str]:
-        return set()
+        """The columns this node reads."""
+        raise NotImplementedError
 
-    def to_expression(self, schema: pa.Schema) -> pc.Expression:
+    def compile(self, schema: pa.Schema) -> pc.Expression:
+        """This node as a boolean pyarrow expression over ``schema``."""
         raise NotImplementedError
 
 
+_FLIP = {"==": "==", "!=": "!=", "<": ">", "<=": ">=", ">": "<", ">=": "<="}
+
+
+@dataclass(frozen=True)
+class Compare(Node):
+    """``column op literal`` (a literal on the left is flipped to the right at parse time)."""
+
+    column: str
+    op: str
+    literal: Literal
+
+    def columns(self) -> set[str]:
+        return {self.column}
+
+    def __str__(self) -> str:
+        return f"{_quote_column(self.column)} {self.op} {self.literal}"
+
+    def compile(self, schema: pa.Schema) -> pc.Expression:
+        field_type = _column_type(schema, self.column)
+        left, values = _coerce(self.column, field_type, [self.literal])
+        right = values[0]
+        ops = {
+            "==": lambda a, b: a == b,
+            "!=": lambda a, b: a != b,
+            "<": lambda a, b: a < b,
+            "<=": lambda a, b: a <= b,
+            ">": lambda a, b: a > b,
+            ">=": lambda a, b: a >= b,
+        }
+        return ops[self.op](left, right)
+
+
+@dataclass(frozen=True)
+class InList(Node):
+    """``column [not] in (literal, ...)``; null when the column is null (SQL semantics)."""
+
+    column: str
+    values: tuple[Literal, ...]
+    negated: bool = False
+
+    def columns(self) -> set[str]:
+        return {self.column}
+
+    def __str__(self) -> str:
+        items = ", ".join(str(v) for v in self.values)
+        return f"{_quote_column(self.column)} {'not in' if self.negated else 'in'} ({items})"
+
+    def compile(self, schema: pa.Schema) -> pc.Expression:
+        field_type = _column_type(schema, self.column)
+        left, scalars = _coerce(self.column, field_type, list(self.values))
+        value_set = pa.array([s.as_py() for s in scalars], type=scalars[0].type)
+        found = pc.is_in(left, value_set=value_set)
+        if self.negated:
+            found = ~found
+        # is_in says false for a null input; SQL (and fail-closed redaction) wants null.
+        return pc.if_else(left.is_valid(), found, pa.scalar(None, pa.bool_()))
+
+
+@dataclass(frozen=True)
+class IsNull(Node):
+    """``column is [not] null``; never null itself."""
+
+    column: str
+    negated: bool = False
+
+    def columns(self) -> set[str]:
+        return {self.column}
+
+    def __str__(self) -> str:
+        return f"{_quote_column(self.column)} is {'not ' if self.negated else ''}null"
+
+    def compile(self, schema: pa.Schema) -> pc.Expression:
+        _column_type(schema, self.column)
+        f = pc.field(self.column)
+        return f.is_valid() if self.negated else f.is_null()
+
+
+@dataclass(frozen=True)
+class And(Node):
+    """Kleene conjunction: false wins over null."""
+
+    left: Node
+    right: Node
+
+    def columns(self) -> set[str]:
+        return self.left.columns() | self.right.columns()
+
+    def __str__(self) -> str:
+        return f"({self.left} and {self.right})"
+
+    def compile(self, schema: pa.Schema) -> pc.Expression:
+        return self.left.compile(schema) & self.right.compile(schema)
+
+
+@dataclass(frozen=True)
+class Or(Node):
+    """Kleene disjunction: true wins over null."""
+
+    left: Node
+    right: Node
+
+    def columns(self) -> set[str]:
+        return self.left.columns() | self.right.columns()
+
+    def __str__(self) -> str:
+        return f"({self.left} or {self.right})"
+
+    def compile(self, schema: pa.Schema) -> pc.Expression:
+        return self.left.compile(schema) | self.right.compile(schema)
+
+
+@dataclass(frozen=True)
+class Not(Node):
+    """Negation; ``not null`` is null."""
+
+    operand: Node
+
+    def columns(self) -> set[str]:
+        return self.operand.columns()
+
+    def __str__(self) -> str:
+        return f"(not {self.operand})"
+
+    def compile(self, schema: pa.Schema) -> pc.Expression:
+        return ~self.operand.compile(schema)
+
+
+@dataclass(frozen=True)
+class Condition:
+    """A parsed condition: its source ``text`` and AST ``root``. Build with :func:`parse_condition`.
+
+    >>> import pyarrow as pa
+    >>> c = parse_condition("age < 18 or `home country` in ('XX', 'YY')")
+    >>> sorted(c.columns())
+    ['age', 'home country']
+    >>> expr = c.to_expression(pa.schema([("age", pa.int32()), ("home country", pa.string())]))
+    """
+
+    text: str
+    root: Node
+
+    def columns(self) -> set[str]:
+        """Every column the condition reads."""
+        return self.root.columns()
+
+    def to_expression(self, schema: pa.Schema) -> pc.Expression:
+        """The condition as a boolean expression over ``schema``.
+
+        Raises :class:`~cape_pipelines.errors.PlanError` for an unknown column
+        or a literal that cannot be compared with its column's type.
+        """
+        try:
+            return self.root.compile(schema)
+        except PlanError as exc:
+            raise PlanError(f"condition {self.text!r}: {exc}") from None
+
+    def __str__(self) -> str:
+        return str(self.root)
+
+
+# ---------------------------------------------------------------- tokenizer
+
+
+@dataclass(frozen=True)
+class _Token:
+    kind: str  # ident, column, number, string, date, timestamp, op, punct, kw, end
+    value: Any
+    pos: int  # 1-based column
+
+
+_KEYWORDS = {"and", "or", "not", "in", "is", "null", "true", "false"}
+_NUMBER_RE = re.compile(r"(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+_IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_TYPED_RE = re.compile(r"(date|timestamp)\s*(?=['\"])", re.IGNORECASE)
+_OPS = ("==", "!=", "<>", "<=", ">=", "<", ">", "=")
+
+
+def _read_quoted(text: str, start: int, quote: str) -> tuple[str, int]:
+    """The body of a quoted string starting at ``start`` (the quote), and the index after it."""
+    out = []
+    i = start + 1
+    while i < len(text):
+        ch = text[i]
+        if ch == quote:
+            if i + 1 < len(text) and text[i + 1] == quote:
+                out.append(quote)
+                i += 2
+                continue
+            return "".join(out), i + 1
+        out.append(ch)
+        i += 1
+    what = "backquoted column name" if quote == "`" else "string"
+    raise ConditionSyntaxError(f"unterminated {what}", start + 1)
+
+
+def _tokenize(text: str) -> list[_Token]:
+    tokens: list[_Token] = []
+    i = 0
+    n = len(text)
+    while i < n:
+        ch = text[i]
+        if ch.isspace():
+            i += 1
+            continue
+        pos = i + 1
+        typed = _TYPED_RE.match(text, i)
+        if typed:
+            kind = typed.group(1).lower()
+            q = typed.end()
+            body, i = _read_quoted(text, q, text[q])
+            tokens.append(_Token(kind, _parse_temporal(kind, body, q + 1), pos))
+            continue
+        if ch in "'\"":
+            body, i = _read_quoted(text, i, ch)
+            tokens.append(_Token("string", body, pos))
+            continue
+        if ch == "`":
+            body, i = _read_quoted(text, i, "`")
+            if not body:
+                raise ConditionSyntaxError("empty column name", pos)
+            tokens.append(_Token("column", body, pos))
+            continue
+        m = _NUMBER_RE.match(text, i)
+        if m:
+            end = m.end()
+            if end < n and (text[end].isalnum() or text[end] == "_"):
+                raise ConditionSyntaxError(f"malformed number {text[i : end + 1]!r}", pos)
+            tokens.append(_Token("number", m.group(0), pos))
+            i = end
+            continue
+        m = _IDENT_RE.match(text, i)
+        if m:
+            word = m.group(0)
+            low = word.lower()
+            if low in _KEYWORDS:
+                tokens.append(_Token("kw", low, pos))
+            else:
+                tokens.append(_Token("column", word, pos))
+            i = m.end()
+            continue
+        op = next((o for o in _OPS if text.startswith(o, i)), None)
+        if op is not None:
+            tokens.append(_Token("op", {"=": "==", "<>": "!="}.get(op, op), pos))
+            i += len(op)
+            continue
+        if ch in "(),-&|~":
+            tokens.append(_Token("punct", ch, pos))
+            i += 1
+            continue
+        raise ConditionSyntaxError(f"unexpected character {ch!r}", pos)
+    tokens.append(_Token("end", None, n + 1))
+    return tokens
+
+
+def _parse_temporal(kind: str, body: str, pos: int) -> dt.date | dt.datetime:
+    try:
+        if kind == "date":
+            if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", body):
+                raise ValueError
+            return dt.date.fromisoformat(body)
+        return dt.datetime.fromisoformat(body)
+    except ValueError:
+        form = "YYYY-MM-DD" if kind == "date" else "YYYY-MM-DDTHH:MM:SS[.ffffff][+HH:MM]"
+        raise ConditionSyntaxError(
+            f"invalid {kind} literal {body!r} (expected {form})", pos
+        ) from None
+
+
+# ---------------------------------------------------------------- parser
+
+
+class _Parser:
+    def __init__(self, text: str):
+        self.tokens = _tokenize(text)
+        self.i = 0
+        self.depth = 0
+
+    @property
+    def tok(self) -> _Token:
+        return self.tokens[self.i]
+
+    def _describe(self, tok: _Token) -> str:
+        if tok.kind == "end":
+            return "end of condition"
+        if tok.kind == "string":
+            return f"string '{tok.value}'"
+        if tok.kind == "column":
+            return f"column {tok.value!r}"
+        return repr(str(tok.value))
+
+    def error(self, expected: str) -> ConditionSyntaxError:
+        return ConditionSyntaxError(
+            f"expected {expected}, found {self._describe(self.tok)}", self.tok.pos
+        )
+
+    def is_kw(self, *words: str) -> bool:
+        return self.tok.kind == "kw" and self.tok.value in words
+
+    def is_punct(self, ch: str) -> bool:
+        return self.tok.kind == "punct" and self.tok.value == ch
+
+    def advance(self) -> _Token:
+        tok = self.tok
+        self.i += 1
+        return tok
+
+    def expect_punct(self, ch: str) -> None:
+        if not self.is_punct(ch):
+            raise self.error(f"'{ch}'")
+        self.advance()
+
+    def parse(self) -> Node:
+        if self.tok.kind == "end":
+            raise ConditionSyntaxError("empty condition", 1)
+        node = self.or_expr()
+        if self.tok.kind != "end":
+            raise self.error("'and', 'or' or end of condition")
+        return node
+
+    def or_expr(self) -> Node:
+        node = self.and_expr()
+        while self.is_kw("or") or self.is_punct("|"):
+            self.advance()
+            node = Or(node, self.and_expr())
+        return node
+
+    def and_expr(self) -> Node:
+        node = self.not_expr()
+        while self.is_kw("and") or self.is_punct("&"):
+            self.advance()
+            node = And(node, self.not_expr())
+        return node
+
+    def not_expr(self) -> Node:
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise ConditionSyntaxError(f"condition nested deeper than {MAX_DEPTH}", self.tok.pos)
+        try:
+            if self.is_kw("not") or self.is_punct("~"):
+                self.advance()
+                return Not(self.not_expr())
+            if self.is_punct("("):
+                self.advance()
+                node = self.or_expr()
+                self.expect_punct(")")
+                return node
+            return self.predicate()
+        finally:
+            self.depth -= 1
+
+    def literal(self) -> Literal | None:
+        """A literal at the cursor (consumed), or None if there is none."""
+        tok = self.tok
+        if self.is_punct("-"):
+            nxt = self.tokens[self.i + 1]
+            if nxt.kind != "number":
+                self.advance()
+                raise self.error("a number after '-'")
+            self.advance()
+            lit = self._number(self.advance())
+            return Literal(lit.kind, -lit.value)
+        if tok.kind == "number":
+            return self._number(self.advance())
+        if tok.kind == "string":
+            self.advance()
+            return Literal("string", tok.value)
+        if tok.kind in ("date", "timestamp"):
+            self.advance()
+            return Literal(tok.kind, tok.value)
+        if self.is_kw("true", "false"):
+            self.advance()
+            return Literal("bool", tok.value == "true")
+        if self.is_kw("null"):
+            raise ConditionSyntaxError(
+                "null is not a value; write 'column is null' or 'column is not null'", tok.pos
+            )
+        return None
+
+    @staticmethod
+    def _number(tok: _Token) -> Literal:
+        text = tok.value
+        if re.fullmatch(r"\d+", text):
+            return Literal("int", int(text))
+        try:
+            return Literal("decimal", Decimal(text))
+        except InvalidOperation:  # pragma: no cover - the tokenizer only lets numbers through
+            raise ConditionSyntaxError(f"malformed number {text!r}", tok.pos) from None
+
+    def column(self, what: str = "a column name") -> str:
+        if self.tok.kind != "column":
+            raise self.error(what)
+        return self.advance().value
+
+    def predicate(self) -> Node:
+        start = self.tok
+        left_lit = self.literal()
+        if left_lit is not None:
+            if self.tok.kind != "op":
+                raise self.error("a comparison operator after a literal")
+            op = self.advance().value
+            if self.tok.kind != "column":
+                raise self.error("a column name (a comparison needs one column and one literal)")
+            return Compare(self.advance().value, _FLIP[op], left_lit)
+        if start.kind != "column":
+            raise self.error("a column name, a literal, 'not' or '('")
+        name = self.advance().value
+        if self.tok.kind == "op":
+            op = self.advance().value
+            if self.tok.kind == "column":
+                raise self.error("a literal (comparing two columns is not supported)")
+            lit = self.literal()
+            if lit is None:
+                raise self.error("a literal")
+            return Compare(name, op, lit)
+        if self.is_kw("is"):
+            self.advance()
+            negated = False
+            if self.is_kw("not"):
+                self.advance()
+                negated = True
+            if not self.is_kw("null"):
+                raise self.error("'null'")
+            self.advance()
+            return IsNull(name, negated)
+        negated = False
+        if self.is_kw("not"):
+            self.advance()
+            negated = True
+            if not self.is_kw("in"):
+                raise self.error("'in'")
+        if self.is_kw("in"):
+            self.advance()
+            self.expect_punct("(")
+            values: list[Literal] = []
+            while True:
+                lit = self.literal()
+                if lit is None:
+                    raise self.error("a literal" if not values else "a literal or ')'")
+                values.append(lit)
+                if self.is_punct(","):
+                    self.advance()
+                    if self.is_punct(")"):
+                        break
+                    continue
+                break
+            self.expect_punct(")")
+            return InList(name, tuple(values), negated)
+        raise self.error("a comparison operator, 'is', 'in' or 'not in'")
+
+
 def parse_condition(text: str) -> Condition:
-    return Condition(text)
+    """Parse ``text``; raise :class:`ConditionSyntaxError` (a ``ValueError``) naming the column.
+
+    >>> str(parse_condition("18 > age OR country = 'XX'"))
+    "(age < 18 or country == 'XX')"
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"a condition must be a string, not {type(text).__name__}")
+    return Condition(text, _Parser(text).parse())
+
+
+# ---------------------------------------------------------------- typing
+
+
+def _quote_column(name: str) -> str:
+    if _IDENT_RE.fullmatch(name) and name.lower() not in _KEYWORDS:
+        return name
+    return "`" + name.replace("`", "``") + "`"
+
+
+def _column_type(schema: pa.Schema, name: str) -> pa.DataType:
+    idx = schema.get_field_index(name)
+    if idx < 0:
+        known = ", ".join(repr(n) for n in schema.names) or "none"
+        raise PlanError(f"unknown column {name!r} (columns: {known})")
+    return schema.field(idx).type
+
+
+def _mismatch(column: str, col_type: pa.DataType, lit: Literal) -> PlanError:
+    article = "an" if lit.kind[0] in "aeiou" else "a"
+    return PlanError(
+        f"column {column!r} is {col_type}, which cannot be compared with {article} "
+        f"{lit.kind} literal {lit}"
+    )
+
+
+def _natural_type(lits: Sequence[Literal]) -> pa.DataType:
+    """The Arrow type literals have on their own (for a column of Arrow's null type)."""
+    kinds = {lit.kind for lit in lits}
+    if kinds <= {"int"}:
+        return pa.int64()
+    if kinds <= {"int", "decimal"}:
+        return pa.float64()
+    if len(kinds) == 1:
+        kind = next(iter(kinds))
+        if kind == "timestamp":
+            aware = {lit.value.tzinfo is not None for lit in lits}
+            return pa.timestamp("us", tz="UTC" if aware == {True} else None)
+        return {"string": pa.string(), "bool": pa.bool_(), "date": pa.date32()}[kind]
+    raise PlanError("an 'in' list mixes literals of different kinds")
+
+
+def _fits(values: Sequence[Any], typ: pa.DataType) -> bool:
+    try:
+        arr = pa.array(values, type=typ)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, TypeError):
+        return False
+    return arr.to_pylist() == list(values)
+
+
+def _coerce(
+    column: str, col_type: pa.DataType, lits: Sequence[Literal]
+) -> tuple[pc.Expression, list[pa.Scalar]]:
+    """The column expression (cast if needed) and the literals as scalars of its type."""
+    field = pc.field(column)
+    t = col_type
+    if pa.types.is_dictionary(t):
+        field = field.cast(t.value_type)
+        t = t.value_type
+    if pa.types.is_null(t):
+        target = _natural_type(lits)
+        if pa.types.is_timestamp(target):
+            lits = [_timestamp_literal(lit, target, column, t) for lit in lits]  # type: ignore[misc]
+        return field.cast(target), [pa.scalar(_py(lit), type=target) for lit in lits]
+
+    kinds = {lit.kind for lit in lits}
+
+    def refuse() -> PlanError:
+        bad = next((lit for lit in lits if lit.kind not in _ACCEPTS.get(_family(t), ())), lits[0])
+        return _mismatch(column, col_type, bad)
+
+    family = _family(t)
+    if family is None or not kinds <= set(_ACCEPTS[family]):
+        raise refuse()
+
+    if family == "integer":
+        values: list[Any] = []
+        integral = True
+        for lit in lits:
+            v = lit.value
+            if lit.kind == "decimal":
+                if v != v.to_integral_value() or not v.is_finite():
+                    integral = False
+                    break
+                v = int(v)
+            values.append(v)
+        if not integral:
+            target = pa.float64()
+            return field.cast(target), [pa.scalar(float(lit.value), target) for lit in lits]
+        if _fits(values, t):
+            return field, [pa.scalar(v, t) for v in values]
+        if all(_INT64_MIN <= v <= _INT64_MAX for v in values) and not pa.types.is_uint64(t):
+            return field.cast(pa.int64()), [pa.scalar(v, pa.int64()) for v in values]
+        target = pa.float64()
+        return field.cast(target), [pa.scalar(float(v), target) for v in values]
+    if family == "float":
+        target = pa.float64()
+        if not t.equals(target):
+            field = field.cast(target)
+        return field, [pa.scalar(float(lit.value), target) for lit in lits]
+    if family == "decimal":
+        decs = [Decimal(lit.value) for lit in lits]
+        if _fits(decs, t):
+            return field, [pa.scalar(d, t) for d in decs]
+        target = pa.float64()
+        return field.cast(target), [pa.scalar(float(d), target) for d in decs]
+    if family == "string":
+        if pa.types.is_string_view(t):
+            # Acero has no kernels for string_view yet; large_string holds the same values.
+            field = field.cast(pa.large_string())
+            t = pa.large_string()
+        return field, [pa.scalar(lit.value, t) for lit in lits]
+    if family == "bool":
+        return field, [pa.scalar(lit.value, t) for lit in lits]
+    if family == "date":
+        return field, [pa.scalar(lit.value, t) for lit in lits]
+    # timestamp: literals at microsecond precision (Python's), column upcast if coarser.
+    target = t if t.unit in ("us", "ns") else pa.timestamp("us", tz=t.tz)
+    if not target.equals(t):
+        field = field.cast(target)
+    stamps = [_timestamp_literal(lit, target, column, col_type) for lit in lits]
+    return field, [pa.scalar(v, target) for v in stamps]
+
+
+_ACCEPTS: dict[str, tuple[str, ...]] = {
+    "integer": ("int", "decimal"),
+    "float": ("int", "decimal"),
+    "decimal": ("int", "decimal"),
+    "string": ("string",),
+    "bool": ("bool",),
+    "date": ("date",),
+    "timestamp": ("date", "timestamp"),
+}
+
+
+def _family(t: pa.DataType) -> str | None:
+    if pa.types.is_integer(t):
+        return "integer"
+    if pa.types.is_floating(t):
+        return "float"
+    if pa.types.is_decimal(t):
+        return "decimal"
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
+        return "string"
+    if pa.types.is_boolean(t):
+        return "bool"
+    if pa.types.is_date(t):
+        return "date"
+    if pa.types.is_timestamp(t):
+        return "timestamp"
+    return None
+
+
+def _py(lit: Literal | dt.datetime) -> Any:
+    if isinstance(lit, dt.datetime):
+        return lit
+    if lit.kind == "decimal":
+        return float(lit.value)
+    return lit.value
+
+
+def _timestamp_literal(
+    lit: Literal, target: pa.DataType, column: str, col_type: pa.DataType
+) -> dt.datetime:
+    """A date or timestamp literal as the datetime to compare with a timestamp column."""
+    value = lit.value
+    if lit.kind == "date":
+        value = dt.datetime(value.year, value.month, value.day)
+    aware_column = target.tz is not None
+    if value.tzinfo is None:
+        return value.replace(tzinfo=dt.UTC) if aware_column else value
+    if not aware_column:
+        raise PlanError(
+            f"column {column!r} is {col_type} (no time zone), so the literal {lit} "
+            "must not carry a UTC offset"
+        )
+    return value.astimezone(dt.UTC)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,6 @@ from .models import (
     PolicyDocument,
     ResolvedAction,
     ResolvedRule,
-    TransformRef,
     document_sha256,
 )
 
@@ -87,14 +87,100 @@ def build_transformation(type_name: str, params: Mapping[str, Any], where: str) 
         raise PolicyError([(where, str(exc))]) from None
 
 
+def _natural_key(location: str) -> list[Any]:
+    """Sort key putting ``rules[2]`` before ``rules[10]``."""
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", location)]
+
+
+def _split_ref(ref: Mapping[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
+    params = {k: v for k, v in ref.items() if k not in ("name", "type")}
+    return ref.get("name"), ref.get("type"), params
+
+
+def _build_named(raw: Any) -> tuple[dict[str, Transformation], set[str], list[tuple[str, str]]]:
+    """Pass 2 over ``transformations:``: build each well-formed entry, collect problems."""
+    built: dict[str, Transformation] = {}
+    declared: set[str] = set()
+    problems: list[tuple[str, str]] = []
+    if not isinstance(raw, list):
+        return built, declared, problems
+    for i, item in enumerate(raw):
+        loc = f"transformations[{i}]"
+        if not isinstance(item, Mapping):
+            continue
+        name, type_name, params = _split_ref(item)
+        if not isinstance(name, str) or not name or not isinstance(type_name, str) or not type_name:
+            continue
+        if name in declared:
+            problems.append((f"{loc}.name", f"named transformation {name!r} is defined twice"))
+            continue
+        declared.add(name)
+        try:
+            built[name] = build_transformation(type_name, params, loc)
+        except PolicyError as exc:
+            problems.extend(exc.problems)
+    return built, declared, problems
+
+
+def _build_actions(
+    raw_rules: Any, built_named: Mapping[str, Transformation], declared: set[str]
+) -> tuple[dict[tuple[int, int], Transformation], list[tuple[str, str]]]:
+    """Pass 2 over every rule's actions: build each well-formed transform, collect problems."""
+    built: dict[tuple[int, int], Transformation] = {}
+    problems: list[tuple[str, str]] = []
+    if not isinstance(raw_rules, list):
+        return built, problems
+    for r, rule in enumerate(raw_rules):
+        if not isinstance(rule, Mapping) or not isinstance(rule.get("actions"), list):
+            continue
+        has_match = rule.get("match") is not None
+        for a, action in enumerate(rule["actions"]):
+            aloc = f"rules[{r}].actions[{a}].transform"
+            if action == "drop":
+                action = {"transform": {"type": "column-redact"}}
+            if not isinstance(action, Mapping) or not isinstance(action.get("transform"), Mapping):
+                continue
+            name, type_name, params = _split_ref(action["transform"])
+            t: Transformation | None = None
+            if isinstance(name, str) and type_name is None:
+                if name not in declared:
+                    known = ", ".join(sorted(declared)) or "none defined"
+                    problems.append(
+                        (f"{aloc}.name", f"unknown named transformation {name!r} (known: {known})")
+                    )
+                    continue
+                t = built_named.get(name)
+            elif isinstance(type_name, str) and name is None:
+                try:
+                    t = build_transformation(type_name, params, aloc)
+                except PolicyError as exc:
+                    problems.extend(exc.problems)
+                    continue
+            if t is None:
+                continue
+            if not has_match and t.kind == "column":
+                problems.append(
+                    (aloc, f"{t.type_name} transforms a column, so its rule needs a match")
+                )
+                continue
+            if not has_match and t.kind == "columns" and not getattr(t, "columns", None):
+                problems.append((aloc, "column-redact without a match needs columns"))
+                continue
+            built[(r, a)] = t
+    return built, problems
+
+
 def load_policy(source: PolicySource) -> Policy:
     """Load and fully validate a policy.
 
     ``source`` is a path, a YAML or JSON string, a dict, or an already-loaded
     :class:`Policy` (returned as is). Raises :class:`PolicyError` listing every
-    problem with its location, e.g. ``rules[2].actions[0].transform.min: field required``.
+    problem of both passes (the document's structure, then each
+    transformation's parameters) with its location, e.g.
+    ``rules[2].actions[0].transform.min: field required``.
 
-    >>> p = load_policy({"label": "demo", "rules": [{"match": {"name": "ssn"}, "actions": ["drop"]}]})
+    >>> p = load_policy({"label": "demo",
+    ...                  "rules": [{"match": {"name": "ssn"}, "actions": ["drop"]}]})
     >>> p.label, len(p.rules)
     ('demo', 1)
     """
@@ -103,69 +189,39 @@ def load_policy(source: PolicySource) -> Policy:
     raw, where = _read_source(source)
     if not isinstance(raw, Mapping):
         raise PolicyError([("policy", "a policy must be a mapping (label, rules, ...)")], where)
+    problems: list[tuple[str, str]] = []
+    doc: PolicyDocument | None = None
     try:
         doc = PolicyDocument.model_validate(raw)
     except ValidationError as exc:
-        raise PolicyError(_errors(exc), where) from None
-
-    problems: list[tuple[str, str]] = []
-    named: dict[str, tuple[str, dict[str, Any], str]] = {}
-    for i, nt in enumerate(doc.transformations):
-        loc = f"transformations[{i}]"
-        if nt.name in named:
-            problems.append((f"{loc}.name", f"named transformation {nt.name!r} is defined twice"))
-            continue
-        named[nt.name] = (nt.type, nt.params, loc)
-
-    built_named: dict[str, Transformation] = {}
-    for name, (type_name, params, loc) in named.items():
-        try:
-            built_named[name] = build_transformation(type_name, params, loc)
-        except PolicyError as exc:
-            problems.extend(exc.problems)
+        problems.extend(_errors(exc))
+    built_named, declared, named_problems = _build_named(raw.get("transformations"))
+    built_actions, action_problems = _build_actions(raw.get("rules"), built_named, declared)
+    problems.extend(named_problems)
+    problems.extend(action_problems)
+    if problems or doc is None:
+        unique = list(dict.fromkeys(problems))
+        unique.sort(key=lambda p: _natural_key(p[0]))
+        raise PolicyError(unique, where)
 
     rules: list[ResolvedRule] = []
     for r, rule in enumerate(doc.rules):
-        rloc = f"rules[{r}]"
-        actions: list[ResolvedAction] = []
-        for a, action in enumerate(rule.actions):
-            aloc = f"{rloc}.actions[{a}].transform"
-            ref: TransformRef = action.transform
-            try:
-                if ref.name is not None:
-                    if ref.name not in named:
-                        known = ", ".join(sorted(named)) or "none defined"
-                        raise PolicyError(
-                            [(f"{aloc}.name", f"unknown named transformation {ref.name!r}"
-                              f" (known: {known})")]
-                        )
-                    if ref.name not in built_named:
-                        continue
-                    t = built_named[ref.name]
-                else:
-                    assert ref.type is not None
-                    t = build_transformation(ref.type, ref.params, aloc)
-            except PolicyError as exc:
-                problems.extend(exc.problems)
-                continue
-            if rule.match is None and t.kind == "column":
-                problems.append(
-                    (aloc, f"{t.type_name} transforms a column, so its rule needs a match")
-                )
-            if t.kind == "columns" and rule.match is None and not getattr(t, "columns", None):
-                problems.append((aloc, "column-redact without a match needs columns"))
-            actions.append(ResolvedAction(transform=t, location=aloc, named=ref.name))
+        actions = [
+            ResolvedAction(
+                transform=built_actions[(r, a)],
+                location=f"rules[{r}].actions[{a}].transform",
+                named=action.transform.name,
+            )
+            for a, action in enumerate(rule.actions)
+        ]
         rules.append(
             ResolvedRule(
                 match=rule.match,
                 actions=actions,
                 on_missing_column=rule.on_missing_column or doc.on_missing_column,
-                location=rloc,
+                location=f"rules[{r}]",
             )
         )
-    if problems:
-        raise PolicyError(problems, where)
-
     policy = Policy(
         label=doc.label,
         version=doc.version,
@@ -179,27 +235,102 @@ def load_policy(source: PolicySource) -> Policy:
     return policy
 
 
+_KEY_SCHEMA: dict[str, Any] = {
+    "description": "A key: {secret: NAME} resolved at run time (keys=, CAPE_KEY_<NAME>, "
+    "coordinator); inline forms are accepted for cape-python compatibility only.",
+    "anyOf": [
+        {
+            "type": "object",
+            "properties": {"secret": {"type": "string", "minLength": 1}},
+            "required": ["secret"],
+            "additionalProperties": False,
+        },
+        {"type": "string", "description": "inline key material (cape-python; discouraged)"},
+        {
+            "type": "object",
+            "properties": {
+                "type": {"const": "secret"},
+                "value": {"type": "string", "description": "base64 key material"},
+                "name": {"type": "string"},
+            },
+            "required": ["type", "value"],
+            "additionalProperties": False,
+        },
+    ],
+}
+
+
+def _replace_refs(node: Any, old: str, new: str) -> Any:
+    if isinstance(node, dict):
+        return {
+            k: (new if k == "$ref" and v == old else _replace_refs(v, old, new))
+            for k, v in node.items()
+        }
+    if isinstance(node, list):
+        return [_replace_refs(v, old, new) for v in node]
+    return node
+
+
+def _variant(type_name: str, defs: dict[str, Any], *, named: bool) -> dict[str, Any]:
+    """One transformation's parameters as an object schema (with ``name`` when ``named``)."""
+    sub = get_transformation_class(type_name).model_json_schema()
+    for def_name, body in sub.pop("$defs", {}).items():
+        target = def_name
+        if def_name in defs and defs[def_name] != body:
+            target = f"{type_name}.{def_name}"
+            sub = _replace_refs(sub, f"#/$defs/{def_name}", f"#/$defs/{target}")
+        defs[target] = body
+    props: dict[str, Any] = {}
+    required = ["type"]
+    if named:
+        props["name"] = {"type": "string", "minLength": 1}
+        required.insert(0, "name")
+    props["type"] = {"const": type_name}
+    props.update(sub.get("properties", {}))
+    required += [r for r in sub.get("required", []) if r not in required]
+    out: dict[str, Any] = {
+        "title": type_name,
+        "type": "object",
+        "properties": props,
+        "required": required,
+        "additionalProperties": False,
+    }
+    if sub.get("description"):
+        out["description"] = sub["description"]
+    return out
+
+
 def policy_json_schema() -> dict[str, Any]:
-    """JSON Schema of the policy document, for editors; transformation params by type."""
+    """JSON Schema (draft 2020-12) of the policy document, for editors and ``cape policy schema``.
+
+    Each transformation ``type`` is a variant with its own parameters, so an
+    editor can complete and check them; ``key`` takes the forms POLICY.md lists.
+    """
     from ..transforms.base import known_types
 
     schema = PolicyDocument.model_json_schema()
-    variants = []
-    for type_name in known_types():
-        cls = get_transformation_class(type_name)
-        sub = cls.model_json_schema()
-        props = dict(sub.get("properties", {}))
-        props["type"] = {"const": type_name}
-        variants.append(
+    defs: dict[str, Any] = schema.setdefault("$defs", {})
+    types = known_types()
+    defs["Transformation"] = {"oneOf": [_variant(t, defs, named=False) for t in types]}
+    defs["NamedTransformation"] = {"oneOf": [_variant(t, defs, named=True) for t in types]}
+    defs["TransformRef"] = {
+        "anyOf": [
             {
-                "title": type_name,
                 "type": "object",
-                "properties": props,
-                "required": ["type", *sub.get("required", [])],
+                "title": "named transformation",
+                "properties": {"name": {"type": "string", "minLength": 1}},
+                "required": ["name"],
                 "additionalProperties": False,
-                **({"$defs": sub["$defs"]} if "$defs" in sub else {}),
-            }
-        )
-    schema.setdefault("$defs", {})["Transformation"] = {"oneOf": variants}
+            },
+            {"$ref": "#/$defs/Transformation"},
+        ]
+    }
+    defs["Rule"]["properties"]["actions"]["items"] = {
+        "anyOf": [{"$ref": "#/$defs/Action"}, {"const": "drop"}]
+    }
+    defs["Key"] = _KEY_SCHEMA
+    schema = _replace_refs(schema, "#/$defs/KeyRef", "#/$defs/Key")
+    schema["$defs"].pop("KeyRef", None)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "Cape Pipelines policy"
     return schema
