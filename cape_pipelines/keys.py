@@ -84,9 +84,7 @@ def parse_key_ref(value: Any) -> KeyRef:
                     raise ValueError("a {type: secret} key's value is not valid base64") from None
             log.warning("policy holds inline key material; use {secret: NAME} instead")
             return KeyRef(inline=SecretBytes(material))
-    raise ValueError(
-        "key must be {secret: NAME}, a string, or {type: secret, value: <base64>}"
-    )
+    raise ValueError("key must be {secret: NAME}, a string, or {type: secret, value: <base64>}")
 
 
 def env_var_name(name: str) -> str:
@@ -99,10 +97,14 @@ def decode_key_text(text: str, where: str) -> bytes:
     text = text.strip()
     try:
         if text.startswith("base64:"):
-            return base64.b64decode(text[len("base64:") :], validate=True)
-        return bytes.fromhex(text)
+            key = base64.b64decode(text[len("base64:") :], validate=True)
+        else:
+            key = bytes.fromhex(text)
     except (binascii.Error, ValueError):
         raise KeyFormatError(f"{where} is neither hex nor 'base64:'-prefixed base64") from None
+    if not key:
+        raise KeyFormatError(f"{where} is empty")
+    return key
 
 
 KeyProvider = Callable[[str], bytes | None]
@@ -136,6 +138,13 @@ class KeyResolver:
             value = self._explicit[name]
             if isinstance(value, str):
                 return decode_key_text(value, f"explicit key {name!r}")
+            if not isinstance(value, bytes | bytearray | memoryview):
+                raise KeyFormatError(
+                    f"explicit key {name!r} must be bytes or a hex/'base64:' string, "
+                    f"not {type(value).__name__}"
+                )
+            if not value:
+                raise KeyFormatError(f"explicit key {name!r} is empty")
             return bytes(value)
         var = env_var_name(name)
         if var in self._environ:

@@ -194,8 +194,10 @@ def build_plan(
     for rule in pol.rules:
         targets, missing = _targets(rule, current, tags)
         if missing and rule.on_missing_column == "error":
-            where = "dropped by an earlier rule" if any(m in schema.names for m in missing) else (
-                "not in the data"
+            where = (
+                "dropped by an earlier rule"
+                if any(m in schema.names for m in missing)
+                else ("not in the data")
             )
             raise PlanError(
                 f"{rule.location}.match: column(s) {', '.join(map(repr, missing))} {where} "
@@ -232,7 +234,11 @@ def build_plan(
                     cols = explicit or list(targets)
                     gone = [c for c in cols if c not in current]
                     if gone and rule.on_missing_column == "error":
-                        raise PlanError(f"column(s) {', '.join(map(repr, gone))} not in the data")
+                        raise PlanError(
+                            f"column-redact: column(s) {', '.join(map(repr, gone))} not in the "
+                            f"data (columns: {', '.join(current) or 'none'}); "
+                            "set on_missing_column: skip to allow this"
+                        )
                     cols = [c for c in cols if c in current]
                     if cols:
                         steps.append(DropStep(tuple(cols), loc))
@@ -254,7 +260,8 @@ def build_plan(
     unmatched = [c for c in current if c not in matched and c in schema.names]
     if pol.unmatched_columns == "error" and unmatched:
         raise PlanError(
-            f"unmatched_columns: error, and no rule covers column(s) {', '.join(map(repr, unmatched))}"
+            "unmatched_columns: error, and no rule covers column(s) "
+            + ", ".join(map(repr, unmatched))
         )
     if pol.unmatched_columns == "drop" and unmatched:
         steps.append(DropStep(tuple(unmatched), "unmatched_columns"))

@@ -42,6 +42,8 @@ def _errors(exc: ValidationError, prefix: str = "") -> list[tuple[str, str]]:
             msg = "field required"
         elif err["type"] == "extra_forbidden":
             msg = "unknown field"
+        elif err["type"] == "model_type" and "Action" in msg:
+            msg = "an action is {transform: {...}} or the word drop"
         msg = msg.removeprefix("Value error, ")
         loc = tuple(p for p in err["loc"] if p not in ("function-after[_exactly_one()]",))
         problems.append((_loc(loc, prefix), msg))
