@@ -1,0 +1,220 @@
+"""``ApplyPolicy``: a composite Beam PTransform applying a privacy policy to a PCollection.
+
+The policy is bound to the input's Arrow schema (and every key resolved) when
+the transform is applied to its PCollection, on the machine that builds the
+pipeline: a missing column or key fails there, not in a worker hours later.
+``expand`` only wires labelled stages; the data work is one DoFn calling the
+core on Arrow batches, and the audit run is delimited by two small stages (see
+``docs/engines/beam.md``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import apache_beam as beam
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.internal import pickler
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.pvalue import AsSingleton, PCollection
+from apache_beam.transforms.window import GlobalWindows
+
+from ..audit import AuditTarget, MemorySink, RunContext, Sink, resolve_sink
+from ..core import Counters
+from ..errors import PlanError
+from ..keys import KeyResolver
+from ..plan import Plan, build_plan
+from ..policy.load import PolicySource, load_policy
+from .dofns import (
+    COUNTERS_TAG,
+    ApplyPlanFn,
+    FinishRunFn,
+    MergeCounters,
+    RunAudit,
+    StartRunFn,
+    element_weight,
+)
+from .schema import arrow_schema_from_row_type, row_type_from_arrow_schema, row_type_of
+
+DEFAULT_BATCH_SIZE = 10_000
+
+
+def _worker_sink(audit: AuditTarget) -> Sink:
+    """The audit sink, checked to survive the trip to Beam's workers."""
+    if isinstance(audit, MemorySink):
+        raise TypeError(
+            "MemorySink cannot audit a Beam pipeline: each worker gets its own copy of the "
+            "sink, so the records never reach yours; pass a JSONL file path or a LoggingSink"
+        )
+    sink = resolve_sink(audit)
+    try:
+        pickler.dumps(sink)
+    except Exception as exc:
+        raise TypeError(
+            f"the audit sink {sink!r} cannot be pickled ({type(exc).__name__}), and Beam must "
+            "ship it to the workers; pass a JSONL file path or a LoggingSink"
+        ) from None
+    return sink
+
+
+class ApplyPolicy(beam.PTransform):
+    """Apply a privacy policy to a PCollection of dicts, schema'd Beam Rows, or Arrow tables.
+
+    Output elements have the input's form: dicts give dicts, Rows give Rows of
+    a Row type derived from the plan's output schema, and ``pyarrow.Table`` /
+    ``RecordBatch`` elements (as ``ReadFromParquetBatched`` yields) give tables,
+    so a Parquet-to-Parquet pipeline runs no per-row Python. Rows removed by
+    ``row-redact`` are not emitted.
+
+    The input's Arrow schema comes from ``schema=``, or from the PCollection's
+    Row type; for tables read from Parquet use :meth:`from_parquet_schema`.
+
+    >>> import apache_beam as beam, pyarrow as pa
+    >>> from cape_pipelines.beam import ApplyPolicy
+    >>> policy = {"label": "demo", "rules": [{"match": {"name": "ssn"}, "actions": ["drop"]}]}
+    >>> step = ApplyPolicy(policy, schema=pa.schema([("name", pa.string()), ("ssn", pa.string())]),
+    ...                    audit="/tmp/cape-audit.jsonl")
+    >>> step.output_schema.names
+    ['name']
+    """
+
+    def __init__(
+        self,
+        policy: PolicySource,
+        *,
+        keys: Mapping[str, bytes | str] | None = None,
+        audit: AuditTarget = None,
+        column_tags: Mapping[str, Sequence[str]] | None = None,
+        schema: pa.Schema | None = None,
+        resolver: KeyResolver | None = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        label: str | None = None,
+        _carry_column: str | None = None,
+    ):
+        super().__init__(label)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+        self._policy = load_policy(policy)
+        self._resolver: KeyResolver | None = resolver or KeyResolver(keys)
+        self._column_tags = dict(column_tags or {})
+        self._sink = _worker_sink(audit)
+        self._principal = RunContext(engine="beam", sink=self._sink).principal
+        self._batch_size = batch_size
+        # A column outside the policy, carried through unchanged; for the test
+        # harness to restore input order, never a way round the policy.
+        self._carry = _carry_column
+        self._plan: Plan | None = None
+        if schema is not None:
+            self._plan = self._build(schema)
+
+    def __repr__(self) -> str:
+        return f"ApplyPolicy(policy={self._policy.label!r}, version={self._policy.version})"
+
+    @classmethod
+    def from_parquet_schema(cls, path: str, policy: PolicySource, **kwargs: Any) -> ApplyPolicy:
+        """An ApplyPolicy bound to the schema of the Parquet file ``path`` (or a glob's first file).
+
+        Any Beam filesystem works (local, ``gs://``, ``s3://``); only the file's
+        footer is read.
+        """
+        matches = FileSystems.match([path])[0].metadata_list
+        if not matches:
+            raise FileNotFoundError(f"no Parquet file matches {path!r}")
+        first = sorted(m.path for m in matches)[0]
+        with FileSystems.open(first) as fh:
+            schema = pq.read_schema(fh)
+        return cls(policy, schema=schema, **kwargs)
+
+    @property
+    def plan(self) -> Plan:
+        """The plan this step runs (known once a schema is; see ``output_schema``)."""
+        if self._plan is None:
+            raise PlanError(
+                "the input schema is not known yet: pass schema= or apply the transform "
+                "to a PCollection of Rows first"
+            )
+        return self._plan
+
+    @property
+    def output_schema(self) -> pa.Schema:
+        """The Arrow schema of the output (e.g. for ``WriteToParquetBatched``)."""
+        schema = self.plan.output_schema
+        if self._carry is not None:
+            schema = schema.append(pa.field(self._carry, pa.int64()))
+        return schema
+
+    def _build(self, schema: pa.Schema) -> Plan:
+        plan = build_plan(
+            self._policy, schema, resolver=self._resolver, column_tags=self._column_tags
+        )
+        # The plan now carries the resolved keys; the resolver (and any explicit
+        # keys in it) is not needed again and is not shipped with the transform.
+        self._resolver = None
+        return plan
+
+    def _bind(self, pcoll: PCollection) -> tuple[Plan, Any]:
+        """The plan for ``pcoll`` and its output element type."""
+        element_type = pcoll.element_type
+        row_type = row_type_of(element_type)
+        if self._plan is None:
+            if row_type is None:
+                raise PlanError(
+                    f"ApplyPolicy needs the input's Arrow schema and cannot infer it from "
+                    f"element type {element_type}: pass schema=pyarrow.schema(...), use "
+                    "ApplyPolicy.from_parquet_schema(path, policy) for ReadFromParquetBatched "
+                    "input, or give the PCollection a Row type"
+                )
+            self._plan = self._build(arrow_schema_from_row_type(row_type))
+        plan = self._plan
+        if row_type is not None:
+            named = [n for n, _ in row_type._fields]
+            missing = [c for c in plan.input_schema.names if c not in named]
+            if missing:
+                raise PlanError(
+                    f"the PCollection's Row type has no field(s) {', '.join(map(repr, missing))} "
+                    f"(fields: {', '.join(named)})"
+                )
+            return plan, row_type_from_arrow_schema(plan.output_schema)
+        if element_type in (pa.Table, pa.RecordBatch):
+            return plan, element_type
+        return plan, Any
+
+    def expand(self, pcoll: PCollection) -> PCollection:
+        plan, output_type = self._bind(pcoll)
+        audit = RunAudit(
+            self._sink,
+            {"label": plan.label, "version": plan.version, "sha256": plan.sha256},
+            self._principal,
+        )
+        run_id = (
+            pcoll.pipeline
+            | "Impulse" >> beam.Impulse()
+            | "StartRun" >> beam.ParDo(StartRunFn(audit)).with_output_types(str)
+        )
+        results = (
+            pcoll
+            | "Batch"
+            >> beam.BatchElements(
+                min_batch_size=self._batch_size,
+                max_batch_size=self._batch_size,
+                element_size_fn=element_weight,
+                record_metrics=False,
+            )
+            | "Apply"
+            >> beam.ParDo(ApplyPlanFn(plan, audit, self._carry), AsSingleton(run_id))
+            .with_output_types(output_type)
+            .with_outputs(COUNTERS_TAG, main="data")
+        )
+        _ = (
+            results[COUNTERS_TAG]
+            | "GlobalWindow" >> beam.WindowInto(GlobalWindows())
+            | "MergeCounters"
+            >> beam.CombineGlobally(MergeCounters(Counters.empty_for(plan).to_dict()))
+            | "FinishRun" >> beam.ParDo(FinishRunFn(audit), AsSingleton(run_id))
+        )
+        return results.data
+
+
+__all__ = ["DEFAULT_BATCH_SIZE", "ApplyPolicy"]
