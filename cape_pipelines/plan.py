@@ -15,7 +15,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .errors import CapeError, PlanError
+from .errors import CapeError, KeyFormatError, KeyMissingError, PlanError
 from .keys import KeyResolver, KeyStore
 from .policy.load import PolicySource, load_policy
 from .policy.models import Policy, ResolvedRule
@@ -254,6 +254,10 @@ def build_plan(
                     cols = tuple(sorted(cond.columns()))
                     used.update(c for c in cols if c in schema.names)
                     steps.append(FilterStep(t.condition, ~expr, cols, loc))  # type: ignore[attr-defined]
+            except (KeyMissingError, KeyFormatError) as exc:
+                # Keep the type (callers catch a missing key specifically); add the location.
+                exc.args = (f"{loc}: {exc}",)
+                raise exc from None
             except CapeError as exc:
                 raise PlanError(f"{loc}: {exc}") from None
 
