@@ -43,6 +43,10 @@ def pandas_schema(df: Any) -> pa.Schema:
             ) from None
         if isinstance(df[name].dtype, pd.StringDtype):
             field = field.with_type(pa.string())
+        elif pa.types.is_null(field.type) and df[name].dtype == object:
+            # An empty or all-None object column says nothing of its type; pandas object
+            # columns hold strings, and a string plan also fits the batches that follow.
+            field = field.with_type(pa.string())
         fields.append(field)
     return pa.schema(fields)
 
