@@ -154,8 +154,10 @@ def error_info(exc: BaseException) -> dict[str, str]:
     Our own errors are written to name places, not values; any other
     exception's message is cut to its first line and 500 characters.
     """
-    msg = str(exc) if isinstance(exc, CapeError) else (str(exc).splitlines() or [""])[0]
-    return {"type": type(exc).__name__, "message": msg[:2000]}
+    if isinstance(exc, CapeError):
+        return {"type": type(exc).__name__, "message": str(exc)[:2000]}
+    first = (str(exc).splitlines() or [""])[0]
+    return {"type": type(exc).__name__, "message": first[:500]}
 
 
 class RunContext:
