@@ -108,6 +108,9 @@ class ApplyPlanFn(beam.DoFn):
             raise
 
     def _process(self, batch: list[Any]) -> Iterator[Any]:
+        if not batch:
+            # BatchElements flushes an empty list when one element outweighs a batch.
+            return
         total = Counters.empty_for(self.plan)
         first = batch[0]
         if isinstance(first, pa.Table | pa.RecordBatch):

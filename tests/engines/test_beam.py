@@ -157,12 +157,16 @@ def test_rows_get_an_output_schema_with_dropped_columns_and_changed_types(tmp_pa
 )
 def test_arrow_elements_in_arrow_elements_out(tmp_path, make):
     # Two elements, one of which loses every row: only non-empty outputs are emitted.
+    # batch_size=2 is smaller than the first element, which BatchElements then
+    # sends with an empty batch before it.
     elements = [make(PEOPLE), make(PEOPLE[2:3])]
     with beam.Pipeline() as p:
         out = (
             p
             | beam.Create(elements)
-            | ApplyPolicy(POLICY, keys=KEYS, schema=SCHEMA, audit=str(tmp_path / "a.jsonl"))
+            | ApplyPolicy(
+                POLICY, keys=KEYS, schema=SCHEMA, audit=str(tmp_path / "a.jsonl"), batch_size=2
+            )
         )
         kinds = out | "Kind" >> beam.Map(lambda t: (type(t).__name__, t.schema.names))
         assert_that(kinds, equal_to([(type(elements[0]).__name__, ["name", "age"])]), "kinds")
