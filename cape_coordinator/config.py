@@ -1,0 +1,89 @@
+"""Where the coordinator keeps its state, and its settings.
+
+``--db`` is a SQLite file path (the default deployment) or any SQLAlchemy URL
+(``postgresql+psycopg://...`` for a shared one). Beside a SQLite file ``cape.db``
+live ``cape.db.key`` (the master key, mode 0600) and ``cape.db.config.json``
+(these settings); with a URL both paths are given explicitly (``--key-file``,
+``--config``) or the master key comes from ``CAPE_COORDINATOR_MASTER_KEY``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .crypto import CoordinatorSetupError
+
+
+@dataclass
+class Settings:
+    """Run-time settings, written by ``init`` and overridable by ``serve`` flags."""
+
+    audit_jsonl: str | None = None
+    audit_stdout: bool = False
+    lost_after_seconds: int = 3600
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_batch_records: int = 1000
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Settings:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise CoordinatorSetupError(f"unknown setting(s) in config: {', '.join(unknown)}")
+        return cls(**data)
+
+
+@dataclass
+class Paths:
+    """The database URL and the files beside it."""
+
+    url: str
+    key_file: Path | None
+    config_file: Path | None
+    sqlite_file: Path | None = field(default=None)
+
+    @classmethod
+    def resolve(cls, db: str, key_file: str | None = None, config_file: str | None = None) -> Paths:
+        """Paths for ``--db`` (a file or a URL) and optional explicit key/config files."""
+        if "://" in db:
+            return cls(
+                url=db,
+                key_file=Path(key_file) if key_file else None,
+                config_file=Path(config_file) if config_file else None,
+                sqlite_file=Path(db.split(":///", 1)[1]) if db.startswith("sqlite:///") else None,
+            )
+        path = Path(db).expanduser().resolve()
+        return cls(
+            url=f"sqlite:///{path}",
+            key_file=Path(key_file) if key_file else path.with_name(path.name + ".key"),
+            config_file=(
+                Path(config_file) if config_file else path.with_name(path.name + ".config.json")
+            ),
+            sqlite_file=path,
+        )
+
+
+def load_settings(path: Path | None) -> Settings:
+    """Settings from the config file, or the defaults when there is none."""
+    if path is None or not path.exists():
+        return Settings()
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CoordinatorSetupError(f"cannot read config {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise CoordinatorSetupError(f"config {path} must hold a JSON object")
+    return Settings.from_dict(data)
+
+
+def save_settings(path: Path, settings: Settings) -> None:
+    """Write the config file (mode 0600: it names file paths of the deployment)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        json.dump(asdict(settings), fh, indent=2, sort_keys=True)
+        fh.write("\n")
