@@ -176,6 +176,15 @@ class ApplyPolicy(beam.PTransform):
                     f"the PCollection's Row type has no field(s) {', '.join(map(repr, missing))} "
                     f"(fields: {', '.join(named)})"
                 )
+            # A field outside the schema= the plan was checked on would vanish
+            # from the output unnoticed; refuse it instead.
+            extra = [n for n in named if n not in plan.input_schema.names]
+            if extra:
+                raise PlanError(
+                    f"the PCollection's Row type has field(s) {', '.join(map(repr, extra))} that "
+                    f"are not in the schema ApplyPolicy was built with "
+                    f"({', '.join(plan.input_schema.names)})"
+                )
             return plan, row_type_from_arrow_schema(plan.output_schema)
         if element_type in (pa.Table, pa.RecordBatch):
             return plan, element_type

@@ -275,6 +275,16 @@ def _missing_key_policy() -> dict[str, Any]:
             PlanError,
             r"'ssn'.*not in the data",
         ),
+        # A Row type with a field the given schema= lacks: it would vanish unnoticed.
+        (
+            lambda: (
+                beam.Pipeline()
+                | beam.Create([beam.Row(name="a", ssn="1", age=1, email="x")])
+                | ApplyPolicy(POLICY, keys=KEYS, schema=SCHEMA, audit=LoggingSink())
+            ),
+            PlanError,
+            r"field\(s\) 'email' that are not in the schema",
+        ),
         # A transformation that cannot take the column's type.
         (
             lambda: ApplyPolicy(
@@ -341,6 +351,7 @@ def _missing_key_policy() -> dict[str, Any]:
     ],
     ids=[
         "row-missing-column",
+        "row-extra-field",
         "bad-type",
         "missing-key",
         "row-missing-key",
