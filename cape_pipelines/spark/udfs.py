@@ -239,6 +239,16 @@ class UdfFunction:
         return out.cast(self.out_type)
 
 
+def _as_function(call: UdfFunction) -> Callable[..., pa.Array]:
+    """A plain function around ``call``: Spark reads a UDF's kind from a function's type hints."""
+
+    def cape_udf(col: pa.Array, *args: pa.Array) -> pa.Array:
+        return call(col, *args)
+
+    cape_udf.__name__ = call.spec.name
+    return cape_udf
+
+
 def register_udfs(
     spark: SparkSession,
     *,
@@ -258,7 +268,7 @@ def register_udfs(
     names = []
     for spec in SPECS.values():
         name = prefix + spec.name.removeprefix("cape_")
-        fn = UdfFunction(spec, resolver, tz)
+        fn = _as_function(UdfFunction(spec, resolver, tz))
         spark.udf.register(name, arrow_udf(fn, returnType=spec.returns))
         names.append(name)
     return names
