@@ -96,8 +96,23 @@ def _remember(name: str, spec: _RunSpec) -> None:
         _FRAMES.popitem(last=False)
 
 
+# Per worker process: the first copy of each plan seen, so that its memo (keyed HMAC
+# states, ciphers) is built once per process, not once per task's unpickled copy.
+_WARM_PLANS: dict[str, Plan] = {}
+_MAX_WARM_PLANS = 16
+
+
+def _warm_plan(task: PlanTask) -> Plan:
+    plan = _WARM_PLANS.get(task.fingerprint)
+    if plan is None:
+        if len(_WARM_PLANS) >= _MAX_WARM_PLANS:
+            _WARM_PLANS.clear()
+        plan = _WARM_PLANS.setdefault(task.fingerprint, task.plan)
+    return plan
+
+
 def _apply_partition(part: pd.DataFrame, task: PlanTask) -> pd.DataFrame:
-    out, counters = _apply_pandas(task.plan, part, task.new_strings)
+    out, counters = _apply_pandas(_warm_plan(task), part, task.new_strings)
     out.attrs = {**out.attrs, COUNTERS_ATTR: counters.to_dict()}
     return out
 
