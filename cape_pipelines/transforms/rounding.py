@@ -3,9 +3,9 @@
 cape-python rounded half-to-even on pandas but half-up on Spark; here both
 families are one pyarrow kernel call each (``pc.round`` with
 ``round_mode="half_to_even"`` and ``pc.floor_temporal``), so every engine gets
-the same bytes and the cost stays within a few percent of the bare kernel. The
-extra work is a guard that only runs where the kernel alone would be wrong or
-would fail.
+the same bytes and the cost stays close to the bare kernel's (one extra
+``min_max`` pass for truncation); the slower guards run only where the kernel
+alone would be wrong or would fail.
 
 Decisions:
 
