@@ -377,11 +377,14 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        codes = {404: "not_found", 405: "method_not_allowed", 400: "bad_request"}
+        # FastAPI raises 400 only when a body cannot be parsed (bad encoding, too deep).
+        codes = {404: "not_found", 405: "method_not_allowed", 400: "malformed_json"}
         code = codes.get(exc.status_code, "http_error")
-        message = {404: "no such endpoint", 405: "method not allowed"}.get(
-            exc.status_code, "bad request"
-        )
+        message = {
+            404: "no such endpoint",
+            405: "method not allowed",
+            400: "request body is not valid JSON",
+        }.get(exc.status_code, "request refused")
         return JSONResponse(
             {"error": {"code": code, "message": message}},
             status_code=exc.status_code,
