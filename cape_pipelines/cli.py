@@ -299,7 +299,7 @@ def demo_paths() -> tuple[Path, Path]:
 def _show(title: str, table: Any, rows: int) -> None:
     import pandas as pd
 
-    frame = table.slice(0, rows).to_pandas()
+    frame = table.slice(0, rows).to_pandas(integer_object_nulls=True)
     with pd.option_context("display.width", 250, "display.max_columns", None):
         print(f"\n{title}")
         print(frame.to_string(index=False, max_colwidth=22))

@@ -657,20 +657,26 @@ def apply_files(
     src = Path(input)
     dst = Path(output)
     run = RunContext(engine=engine, sink=audit, run_id=run_id)
+    try:
+        pol = load_policy(policy)
+    except BaseException as exc:
+        run.started()
+        run.failed(exc)
+        raise
+    # The policy is known before the first record, so every record of the run names it.
+    run.set_policy(pol.label, pol.version, pol.sha256)
     run.started()
     counters: Counters | None = None
     try:
+        if policy_source is None:
+            policy_source = str(policy) if isinstance(policy, str | os.PathLike) else "inline"
+        run.policy_fetched(policy_source)
         if batch_size < 1:
             raise CapeError("batch size must be at least 1")
         fmt = output_format(dst, format)
         if dst.exists() and not overwrite:
             raise FileExistsError(f"output {dst} already exists; pass --overwrite to replace it")
         run_engine = get_engine(engine)
-        pol = load_policy(policy)
-        run.set_policy(pol.label, pol.version, pol.sha256)
-        if policy_source is None:
-            policy_source = str(policy) if isinstance(policy, str | os.PathLike) else "inline"
-        run.policy_fetched(policy_source)
         inputs = open_inputs(src, format=input_format, csv_options=csv_options)
         _refuse_overlap(inputs, dst)
         plan = build_plan(pol, inputs.schema, keys=keys, resolver=resolver, column_tags=column_tags)

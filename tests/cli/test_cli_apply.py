@@ -79,7 +79,8 @@ def test_csv_to_parquet_stamps_metadata_and_audit_run(tmp_path, capsys, files):
         "cape.run_id": run_id,
     }
     done = records[-1]
-    assert done["policy"] == {"label": "test-minors", "version": 1, "sha256": policy.sha256}
+    expected = {"label": "test-minors", "version": 1, "sha256": policy.sha256}
+    assert all(record["policy"] == expected for record in records)
     assert (done["rows_in"], done["rows_out"], done["rows_redacted"]) == (4, 2, 2)
     assert done["engine"] == "pandas"
     assert records[1]["source"] == str(pol)
