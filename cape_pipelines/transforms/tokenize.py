@@ -1,1 +1,124 @@
-"""Placeholder: being written."""
+"""``tokenizer``: a keyed, deterministic, one-way token (lower-case hex) for each value.
+
+``hmac-sha256`` (the default) is HMAC-SHA256(key, utf8(value)), from the
+``cryptography`` package. ``cape-sha256`` is SHA-256(utf8(value) || key), the
+formula of cape-python's tokenizer (``hashlib.sha256(x.encode() + key)``), kept
+for compatibility: the same key gives cape-python's tokens. Both are cut to
+``max_token_len`` hex characters when it is set. Binary values are hashed as
+their raw bytes; every other supported type is hashed as its canonical text
+(see :mod:`cape_pipelines.transforms._text`: ``str(int)``, ISO-8601 dates and
+timestamps, ``repr`` of floats, ...). Nulls stay null.
+
+The work is done once per distinct value of a batch and gathered back into row
+order; the keyed HMAC state is built once per process (``ctx.state``) and
+copied for each value, which measured faster than ``hmac.digest`` and than
+copying a pair of ``hashlib`` inner/outer states.
+
+>>> import pyarrow as pa
+>>> from cape_pipelines.transforms.base import ColumnContext
+>>> t = Tokenizer(key={"secret": "k"}, max_token_len=16)
+>>> t.apply(pa.array(["alice", None]), ColumnContext("name", key=b"k" * 32)).to_pylist()
+['6664a42048c6d6d7', None]
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from typing import ClassVar, Literal
+
+import pyarrow as pa
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hmac as crypto_hmac
+from pydantic import ConfigDict, Field
+
+from ..errors import TransformError
+from ._text import bytes_of, canonical_text, distinct, gather_fixed_width, has_canonical_text
+from ._text import hex_fixed_width as _hex
+from .base import ColumnContext, KeyedTransformation, register
+
+DIGEST_HEX = 64
+
+Digester = Callable[[list[bytes]], list[bytes]]
+
+
+def hmac_sha256_digester(key: bytes) -> Digester:
+    """A function computing HMAC-SHA256(key, v) for each ``v``, with the keyed state built once."""
+    base = crypto_hmac.HMAC(key, hashes.SHA256())
+    copy = base.copy
+
+    def digest_all(values: list[bytes]) -> list[bytes]:
+        out: list[bytes] = []
+        add = out.append
+        for v in values:
+            h = copy()
+            h.update(v)
+            add(h.finalize())
+        return out
+
+    return digest_all
+
+
+def cape_sha256_digester(key: bytes) -> Digester:
+    """A function computing SHA-256(v || key) for each ``v`` (cape-python's token formula)."""
+    sha256 = hashlib.sha256
+
+    def digest_all(values: list[bytes]) -> list[bytes]:
+        return [sha256(v + key).digest() for v in values]
+
+    return digest_all
+
+
+_DIGESTERS: dict[str, Callable[[bytes], Digester]] = {
+    "hmac-sha256": hmac_sha256_digester,
+    "cape-sha256": cape_sha256_digester,
+}
+
+
+def required_key(ctx: ColumnContext, type_name: str) -> bytes:
+    """The step's resolved key, or a :class:`TransformError` if none was resolved."""
+    if not ctx.key:
+        raise TransformError(f"{type_name} has no key: the plan resolved none for this step")
+    return ctx.key
+
+
+@register
+class Tokenizer(KeyedTransformation):
+    """Replace each value by its keyed one-way token (lower-case hex, ``max_token_len`` long)."""
+
+    type_name: ClassVar[str] = "tokenizer"
+    # An inline key rejected by validation must not be echoed by pydantic's message.
+    model_config = ConfigDict(hide_input_in_errors=True)
+
+    max_token_len: int | None = Field(default=None, ge=1)
+    algorithm: Literal["hmac-sha256", "cape-sha256"] = "hmac-sha256"
+
+    def output_type(self, input_type: pa.DataType, column: str) -> pa.DataType:
+        """Always a string column; lists, structs, maps, durations... are refused."""
+        if not has_canonical_text(input_type):
+            raise self.refuse(
+                column,
+                input_type,
+                "strings, binary, integers, booleans, floats, decimals, dates, times or timestamps",
+            )
+        return pa.string()
+
+    @property
+    def token_len(self) -> int:
+        """The number of hex characters per token."""
+        if self.max_token_len is None:
+            return DIGEST_HEX
+        return min(self.max_token_len, DIGEST_HEX)
+
+    def apply(self, array: pa.Array, ctx: ColumnContext) -> pa.Array:
+        """Tokens for ``array``, computed once per distinct value."""
+        key = required_key(ctx, self.type_name)
+        memo = f"digester:{self.algorithm}"
+        digester = ctx.state.get(memo)
+        if digester is None:
+            digester = ctx.state[memo] = _DIGESTERS[self.algorithm](key)
+        parts = distinct(array)
+        text = canonical_text(parts.values)
+        data = [b"" if v is None else v for v in bytes_of(text)]
+        blob = _hex(digester(data), self.token_len)
+        return gather_fixed_width(blob, self.token_len, text, parts.indices)
