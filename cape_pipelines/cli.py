@@ -112,7 +112,10 @@ def _csv_types(pairs: Sequence[str]) -> dict[str, Any]:
 
 
 def _csv_options(args: argparse.Namespace) -> CsvOptions:
-    return CsvOptions(delimiter=args.delimiter, column_types=_csv_types(args.csv_type))
+    delimiter = {"\\t": "\t", "tab": "\t"}.get(args.delimiter, args.delimiter)
+    if len(delimiter) != 1:
+        raise CapeError("--delimiter takes one character (or '\\t' or 'tab' for a tab)")
+    return CsvOptions(delimiter=delimiter, column_types=_csv_types(args.csv_type))
 
 
 def _audit_target(args: argparse.Namespace) -> str | None:
@@ -397,7 +400,9 @@ def _add_io_options(p: argparse.ArgumentParser) -> None:
         metavar="COLUMN=TYPE",
         help="pin a CSV column's type (string, int64, float64, bool, date, timestamp[us], ...)",
     )
-    p.add_argument("--delimiter", default=",", help="CSV field delimiter (default ',')")
+    p.add_argument(
+        "--delimiter", default=",", help="CSV field delimiter (default ','; '\\t' or tab: a tab)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--no-progress", action="store_true", help="never show a progress bar")
 

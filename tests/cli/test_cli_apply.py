@@ -513,3 +513,47 @@ def test_reveal_invalid_token_is_an_error_or_null(tmp_path, capsys):
     r = run(capsys, *args, "--on-error", "null")
     assert r.code == 0, r.err
     assert pacsv.read_csv(out).column("phone").null_count == 1
+
+
+@pytest.mark.parametrize("spelling", ["\\t", "tab", "\t"])
+def test_tab_delimited(tmp_path, capsys, spelling):
+    pol = write(tmp_path / "p.yaml", DROP_SSN)
+    src = write(tmp_path / "in.csv", "id\tssn\tnote\n1\ta\tx,y\n")
+    out = tmp_path / "o.csv"
+    r = run(
+        capsys,
+        "apply",
+        "--policy",
+        pol,
+        "--input",
+        src,
+        "--output",
+        out,
+        "--delimiter",
+        spelling,
+        "--audit-file",
+        tmp_path / "a.jsonl",
+    )
+    assert r.code == 0, r.err
+    assert out.read_text() == '"id"\t"note"\n1\t"x,y"\n'
+
+
+def test_delimiter_must_be_one_character(tmp_path, capsys):
+    pol = write(tmp_path / "p.yaml", DROP_SSN)
+    src = write(tmp_path / "in.csv", CSV_TEXT)
+    r = run(
+        capsys,
+        "apply",
+        "--policy",
+        pol,
+        "--input",
+        src,
+        "--output",
+        tmp_path / "o.csv",
+        "--delimiter",
+        ";;",
+        "--audit-file",
+        tmp_path / "a.jsonl",
+    )
+    assert r.code == 1
+    assert r.err.startswith("cape: error: --delimiter takes one character")
