@@ -559,16 +559,24 @@ def _apply_files_local(
 ) -> Iterator[pa.RecordBatch]:
     """The built-in engine: the core over the input's batches, in this process."""
     for path in inputs.files:
+        # Rows of this file read so far and the size of the current batch, so that an error
+        # can say which rows of the file it is about (transformations count within a batch).
+        where = {"start": 0, "rows": 0}
 
-        def counted(p: Path = path) -> Iterator[pa.RecordBatch]:
+        def counted(p: Path = path, w: dict[str, int] = where) -> Iterator[pa.RecordBatch]:
             for batch in inputs.file_batches(p, batch_size):
+                w["start"] += w["rows"]
+                w["rows"] = batch.num_rows
                 progress.update(batch.num_rows)
                 yield batch
 
         try:
             yield from apply_batches(plan, counted(), counters)
         except TransformError as exc:
-            raise TransformError(f"{path}: {exc}") from None
+            first, last = where["start"] + 1, where["start"] + where["rows"]
+            raise TransformError(
+                f"{path}, in the batch of data rows {first}-{last}: {exc}"
+            ) from None
 
 
 ENGINES: dict[str, EngineFn] = {"pandas": _apply_files_local}

@@ -507,7 +507,9 @@ def test_reveal_invalid_token_is_an_error_or_null(tmp_path, capsys):
     ]
     r = run(capsys, *args)
     assert r.code == 1
-    assert r.err.startswith("cape: error: ") and "phone" in r.err
+    assert r.err.startswith("cape: error: ")
+    assert "in.csv, in the batch of data rows 1-1: " in r.err
+    assert "column 'phone'" in r.err
     assert "Traceback" not in r.err
     assert not out.exists() and leftovers(tmp_path) == []
     r = run(capsys, *args, "--on-error", "null")
