@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cape_pipelines.cli import main
-from cape_pipelines.transforms import known_types
 
 CSV_TEXT = (
     "id,name,ssn,age,country,signup\n"
@@ -60,9 +59,3 @@ def write(path: Path, text: str) -> Path:
 def leftovers(directory: Path) -> list[str]:
     """Temporary outputs left in ``directory`` (there must never be any)."""
     return sorted(p.name for p in directory.iterdir() if p.name.endswith(".cape-tmp"))
-
-
-def has(*types: str) -> bool:
-    """Whether every named transformation type is registered (some land in parallel)."""
-    known = set(known_types())
-    return all(t in known for t in types)

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
-from _cli_support import CSV_TEXT, DROP_AND_MINORS, DROP_SSN, KEY_HEX, has, leftovers, run, write
+from _cli_support import CSV_TEXT, DROP_AND_MINORS, DROP_SSN, KEY_HEX, leftovers, run, write
 
 from cape_pipelines.io import ROW_GROUP_SIZE, ParquetOut, Progress, read_output_metadata
 from cape_pipelines.policy import load_policy
@@ -386,8 +386,6 @@ def test_progress_without_total_counts_rows():
 
 
 def test_keys_from_file_and_flag(tmp_path, capsys):
-    if not has("tokenizer"):
-        pytest.skip("needs tokenizer")
     pol = write(
         tmp_path / "p.yaml",
         """
@@ -447,8 +445,6 @@ rules:
 
 @pytest.mark.parametrize("fmt", ["csv", "parquet"])
 def test_reveal_round_trip(tmp_path, capsys, fmt, monkeypatch):
-    if not has("reversible-tokenizer", "token-reverser"):
-        pytest.skip("needs reversible-tokenizer and token-reverser")
     pol = write(tmp_path / "p.yaml", REVERSIBLE)
     src = write(tmp_path / "in.csv", CSV_TEXT)
     protected = tmp_path / f"protected.{fmt}"
@@ -488,8 +484,6 @@ def test_reveal_round_trip(tmp_path, capsys, fmt, monkeypatch):
 
 
 def test_reveal_invalid_token_is_an_error_or_null(tmp_path, capsys):
-    if not has("token-reverser"):
-        pytest.skip("needs token-reverser")
     src = write(tmp_path / "in.csv", "id,phone\n1,00ff00ff\n")
     out = tmp_path / "o.csv"
     args = [

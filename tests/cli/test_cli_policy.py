@@ -9,8 +9,7 @@ import types
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
-from _cli_support import CSV_TEXT, DROP_AND_MINORS, has, run, write
+from _cli_support import CSV_TEXT, DROP_AND_MINORS, run, write
 
 from cape_pipelines.cli import build_parser, demo_keys, demo_paths
 from cape_pipelines.policy import load_policy
@@ -89,8 +88,6 @@ def test_plan_json_reads_only_the_schema(tmp_path, capsys):
 
 
 def test_plan_reports_missing_keys_without_needing_them(tmp_path, capsys, monkeypatch):
-    if not has("tokenizer"):
-        pytest.skip("needs tokenizer")
     monkeypatch.delenv("CAPE_KEY_NAME_KEY", raising=False)
     pol = write(
         tmp_path / "p.yaml",
@@ -147,17 +144,6 @@ def test_hook_is_skipped_when_the_coordinator_is_absent(monkeypatch, capsys):
     assert "invalid choice: 'push'" in r.err
 
 
-DEMO_TYPES = (
-    "tokenizer",
-    "reversible-tokenizer",
-    "token-reverser",
-    "date-truncation",
-    "numeric-perturbation",
-    "numeric-rounding",
-    "date-perturbation",
-)
-
-
 def test_demo_policy_and_data_are_bundled():
     data, policy = demo_paths()
     assert data.is_file() and policy.is_file()
@@ -181,8 +167,6 @@ def test_demo_policy_and_data_are_bundled():
 
 
 def test_demo_runs_end_to_end(tmp_path, capsys):
-    if not has(*DEMO_TYPES):
-        pytest.skip("needs every transformation of the demo policy")
     out = tmp_path / "demo.parquet"
     audit = tmp_path / "audit.jsonl"
     r = run(capsys, "demo", "--output", out, "--audit-file", audit)
