@@ -9,6 +9,7 @@ chain open ``BEGIN IMMEDIATE`` so two processes can never fork it.
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Any
 
@@ -142,6 +143,16 @@ def format_time(moment: datetime) -> str:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+_STORED = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
+
+
+def normalize_time(text: str) -> str:
+    """An RFC 3339 time as stored; times already in that form (as run records are) pass as is."""
+    if _STORED.fullmatch(text):
+        return text
+    return format_time(parse_time(text))
 
 
 def parse_time(text: str) -> datetime:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from sqlalchemy import Connection, Engine, func, insert, inspect, select, update
+from sqlalchemy import Connection, Engine, bindparam, func, insert, inspect, select, update
 
 from cape_pipelines.errors import PolicyError
 from cape_pipelines.policy import canonical_json, load_policy
@@ -61,6 +61,14 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 PRINCIPAL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:-]{0,127}")
 SCHEMA_VERSION = "1"
 _ANCHOR_DOMAIN = b"cape-audit-anchor\x00"
+_AUDIT_COLS = [c.name for c in db.audit.columns]
+_SQLITE_INSERT_AUDIT = (
+    f"INSERT INTO audit ({', '.join(_AUDIT_COLS)}) "  # noqa: S608 - our own column names
+    f"VALUES ({', '.join('?' for _ in _AUDIT_COLS)})"
+)
+_KNOWN_IDS = select(db.audit.c.record_id).where(
+    db.audit.c.record_id.in_(bindparam("ids", expanding=True))
+)
 
 
 @dataclass(frozen=True)
@@ -289,7 +297,7 @@ class Coordinator:
                     "run_id": rec.get("run_id"),
                     "event": rec["event"],
                     "label": _record_label(entry),
-                    "time": db.format_time(db.parse_time(rec["time"])),
+                    "time": db.normalize_time(rec["time"]),
                     "received_at": entry["received_at"],
                     "body": body.decode("utf-8"),
                     "prev_hash": prev,
@@ -297,7 +305,14 @@ class Coordinator:
                 }
             )
             prev = digest
-        conn.execute(insert(db.audit), rows)
+        if self._sqlite:
+            # The driver's executemany directly: SQLAlchemy's per-row parameter handling
+            # costs more than the insert itself on the audit hot path.
+            conn.exec_driver_sql(
+                _SQLITE_INSERT_AUDIT, [tuple(r[c] for c in _AUDIT_COLS) for r in rows]
+            )
+        else:
+            conn.execute(insert(db.audit), rows)
         anchor = {
             "count": count,
             "hash": prev,
@@ -807,11 +822,7 @@ class Coordinator:
             seen: set[str] = set()
             for i in range(0, len(ids), 500):
                 chunk = ids[i : i + 500]
-                seen.update(
-                    conn.execute(
-                        select(db.audit.c.record_id).where(db.audit.c.record_id.in_(chunk))
-                    ).scalars()
-                )
+                seen.update(conn.execute(_KNOWN_IDS, {"ids": chunk}).scalars())
             fresh = [rec for rid, rec in unique.items() if rid not in seen]
             self._append(
                 conn,
@@ -1019,7 +1030,7 @@ def _column_problems(r: Mapping[str, Any]) -> list[str]:
             "run_id": rec.get("run_id"),
             "event": rec["event"],
             "label": _record_label(entry),
-            "time": db.format_time(db.parse_time(rec["time"])),
+            "time": db.normalize_time(rec["time"]),
             "received_at": entry["received_at"],
         }
     except (ValueError, KeyError, TypeError):
@@ -1047,7 +1058,7 @@ def _run_label(rec: Mapping[str, Any]) -> str | None:
 def _merge_run(run: dict[str, Any], rec: Mapping[str, Any]) -> None:
     """Fold one run record into the run's summary row."""
     run["records"] = (run["records"] or 0) + 1
-    t = db.format_time(db.parse_time(rec["time"]))
+    t = db.normalize_time(rec["time"])
     for col in ("engine", "engine_version", "principal"):
         if run[col] is None and isinstance(rec.get(col), str):
             run[col] = rec[col][: 64 if col != "principal" else 128]
