@@ -139,7 +139,10 @@ class InputSet:
             return None
         total = 0
         for f in self.files:
-            total += _parquet_file(f).metadata.num_rows
+            try:
+                total += _parquet_file(f).metadata.num_rows
+            except (pa.ArrowInvalid, OSError) as exc:
+                raise DataError(f"{f}: not a readable Parquet file: {_first_line(exc)}") from None
         return total
 
     def _parquet_schema(self) -> pa.Schema:

@@ -553,3 +553,27 @@ def test_delimiter_must_be_one_character(tmp_path, capsys):
     )
     assert r.code == 1
     assert r.err.startswith("cape: error: --delimiter takes one character")
+
+
+def test_unreadable_parquet_file_in_a_directory(tmp_path, capsys):
+    pol = write(tmp_path / "p.yaml", DROP_SSN)
+    src = tmp_path / "in"
+    src.mkdir()
+    pq.write_table(pa.table({"id": [1], "ssn": ["a"]}), src / "a.parquet")
+    (src / "b.parquet").write_bytes(b"PAR1 this is not parquet PAR1")
+    out = tmp_path / "o.parquet"
+    r = run(
+        capsys,
+        "apply",
+        "--policy",
+        pol,
+        "--input",
+        src,
+        "--output",
+        out,
+        "--audit-file",
+        tmp_path / "a.jsonl",
+    )
+    assert r.code == 1
+    assert "b.parquet: not a readable Parquet file" in r.err
+    assert not out.exists()
