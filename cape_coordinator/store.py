@@ -818,6 +818,10 @@ class Coordinator:
                 raise ApiError(403, "label_forbidden", "token is not allowed for this policy label")
         stamp = db.now()
         with self._write() as (conn, appended):
+            if not self._sqlite:
+                # Take the chain's row lock before the duplicate check, so two servers
+                # given the same record cannot both decide it is new.
+                self._anchor(conn)
             ids = list(unique)
             seen: set[str] = set()
             for i in range(0, len(ids), 500):
