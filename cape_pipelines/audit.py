@@ -60,7 +60,9 @@ class JsonlSink:
         with self._lock, open(self.path, "a", encoding="utf-8") as fh:
             fh.write(line)
             fh.flush()
-            os.fsync(fh.fileno())
+            if os.path.isfile(self.path):
+                # Only a regular file can be synced; /dev/stdout or a pipe cannot.
+                os.fsync(fh.fileno())
 
     def close(self) -> None:
         return None

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from .errors import DataError, TransformError
@@ -148,15 +149,10 @@ def apply_batch(
                 del arrays[c]
         elif isinstance(step, FilterStep):
             n = len(next(iter(arrays.values())))
-            idx = indices if indices is not None else pa.array(range(n), pa.int64())
-            table = pa.Table.from_arrays(
-                [*arrays.values(), idx], names=[*arrays.keys(), ROW_INDEX]
-            )
+            idx = indices if indices is not None else pa.array(np.arange(n, dtype=np.int64))
+            table = pa.Table.from_arrays([*arrays.values(), idx], names=[*arrays.keys(), ROW_INDEX])
             kept = table.filter(step.keep)
-            arrays = {
-                c: kept.column(c).combine_chunks() if kept.num_rows else pa.array([], kept.schema.field(c).type)
-                for c in arrays
-            }
+            arrays = {c: kept.column(c).combine_chunks() for c in arrays}
             indices = kept.column(ROW_INDEX).combine_chunks()
     out_batch = pa.RecordBatch.from_arrays(
         [arrays[f.name] for f in plan.output_schema], schema=plan.output_schema
@@ -166,7 +162,7 @@ def apply_batch(
         arr = arrays[col]
         counters.columns[col] = ColumnCounter(types, len(arr) - arr.null_count, arr.null_count)
     if with_indices and indices is None:
-        indices = pa.array(range(rows_in), pa.int64())
+        indices = pa.array(np.arange(rows_in, dtype=np.int64))
     return out_batch, counters, indices if with_indices else None
 
 

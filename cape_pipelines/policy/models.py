@@ -113,9 +113,7 @@ class Rule(_Model):
     @classmethod
     def _drop_shorthand(cls, value: Any) -> Any:
         if isinstance(value, list):
-            return [
-                {"transform": {"type": "column-redact"}} if a == "drop" else a for a in value
-            ]
+            return [{"transform": {"type": "column-redact"}} if a == "drop" else a for a in value]
         return value
 
 
