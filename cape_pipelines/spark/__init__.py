@@ -8,6 +8,14 @@ Importing this package needs ``pyspark`` (the ``spark`` extra); ``import
 cape_pipelines`` does not.
 """
 
+try:
+    import pyspark  # noqa: F401
+except ImportError as exc:
+    raise ImportError(
+        "cape_pipelines.spark needs PySpark, which is not installed: "
+        "pip install 'cape-pipelines[spark]'"
+    ) from exc
+
 from .apply import PolicyFunction, apply_policy, collect, plan_of, write
 from .io import read_parquet
 from .udfs import SPECS, register_udfs
