@@ -12,7 +12,8 @@ from .core import Counters, apply_batch, apply_table
 from .errors import DataError, PlanError
 from .keys import KeyResolver
 from .plan import Plan, build_plan
-from .policy.load import PolicySource, load_policy
+from .policy.load import PolicySource
+from .source import CoordinatorClient, resolve_policy
 
 Data = TypeVar("Data")
 
@@ -170,12 +171,16 @@ def apply_policy(
     audit: AuditTarget = None,
     column_tags: Mapping[str, Sequence[str]] | None = None,
     resolver: KeyResolver | None = None,
+    client: CoordinatorClient | None = None,
 ) -> Data:
     """Apply ``policy`` to a pandas DataFrame or a pyarrow Table/RecordBatch; same type back.
 
     The input is never modified; a pandas frame keeps its index (rows removed
     by ``row-redact`` take their index labels with them). One audit run is
     recorded (``run.started`` then ``run.completed`` or ``run.failed``).
+    With ``client=`` (a ``coordinator_client.Client``), ``policy`` is a label:
+    policy and keys come from the coordinator, records go to it, and the run
+    also records ``policy.fetched`` (see :mod:`cape_pipelines.source`).
 
     >>> import pandas as pd
     >>> from cape_pipelines.audit import MemorySink
@@ -184,13 +189,16 @@ def apply_policy(
     >>> list(apply_policy(pol, df, audit=MemorySink()).columns)
     ['name']
     """
-    pol = load_policy(policy)
+    src = resolve_policy(policy, client=client, keys=keys, resolver=resolver, audit=audit)
+    pol, resolver = src.policy, src.resolver
     engine = "pandas" if type(data).__module__.startswith("pandas") else "pyarrow"
-    run = RunContext(engine=engine, sink=audit)
+    run = RunContext(engine=engine, sink=src.audit)
     run.set_policy(pol.label, pol.version, pol.sha256)
     run.started()
     counters: Counters | None = None
     try:
+        if src.source is not None:
+            run.policy_fetched(src.source)
         if isinstance(data, pa.Table):
             plan = build_plan(
                 pol, data.schema, keys=keys, column_tags=column_tags, resolver=resolver

@@ -102,6 +102,7 @@ class Client:
         self.timeout = timeout
         self.session = session or requests.Session()
         self._sinks: list[SpoolSink] = []
+        self._default_sink: SpoolSink | None = None
 
     def __repr__(self) -> str:
         return f"Client({self.url!r}, token=<hidden>)"
@@ -366,6 +367,16 @@ class Client:
         sink = SpoolSink(self, self.spool_dir, **options)
         self._sinks.append(sink)
         return sink
+
+    def default_audit_sink(self) -> SpoolSink:
+        """The sink every run through this client shares (engines given ``client=`` use it).
+
+        Made on first use, and again if it was closed: one delivery thread per
+        client, however many runs.
+        """
+        if self._default_sink is None or self._default_sink.closed:
+            self._default_sink = self.audit_sink()
+        return self._default_sink
 
     def list_audit(self, **filters: Any) -> list[dict[str, Any]]:
         """Chain entries filtered by run_id, label, event, since, until, after_seq, limit."""

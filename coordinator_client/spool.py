@@ -9,6 +9,13 @@ re-sent after a crash or a lost acknowledgement is stored once: records are
 delivered exactly once even across process restarts (a new sink on the same
 spool directory delivers what an earlier process left behind). A record the
 coordinator refuses as malformed is moved to ``<spool>/rejected`` and logged.
+
+A sink can be pickled, because Beam ships it inside its DoFns to the workers
+that emit a run's records. The copy carries the coordinator's URL, the token
+(as a pickled plan carries its keys: protect the pickles alike) and the spool
+directory; it starts no thread, and delivers each record it spools at once,
+in the emitting call. A record it cannot deliver stays in the spool, where the
+original sink (or any later sink on the same directory) delivers it.
 """
 
 from __future__ import annotations
@@ -59,6 +66,21 @@ class SpoolSink:
         max_backoff: float = 30.0,
         poll_interval: float = 1.0,
     ):
+        self._setup(client, spool_dir, batch_size, min_backoff, max_backoff, poll_interval)
+        self._thread: threading.Thread | None = threading.Thread(
+            target=self._run, name="cape-audit-spool", daemon=True
+        )
+        self._thread.start()
+
+    def _setup(
+        self,
+        client: Client,
+        spool_dir: str | os.PathLike[str],
+        batch_size: int,
+        min_backoff: float,
+        max_backoff: float,
+        poll_interval: float,
+    ) -> None:
         self.client = client
         self.spool_dir = Path(spool_dir)
         self.pending = self.spool_dir / "pending"
@@ -73,8 +95,35 @@ class SpoolSink:
         self._stop = threading.Event()
         self._counter = 0
         self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, name="cape-audit-spool", daemon=True)
-        self._thread.start()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {
+            "url": self.client.url,
+            "token": self.client._token,
+            "timeout": self.client.timeout,
+            "spool_dir": str(self.spool_dir),
+            "options": (self.batch_size, self.min_backoff, self.max_backoff, self.poll_interval),
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        from .client import Client
+
+        # An empty pinned key: this copy only posts records, it never fetches a policy,
+        # so it must not depend on the worker's CAPE_COORDINATOR_PUBLIC_KEY.
+        client = Client(
+            state["url"],
+            state["token"],
+            public_key="",
+            spool_dir=state["spool_dir"],
+            timeout=state["timeout"],
+        )
+        self._setup(client, state["spool_dir"], *state["options"])
+        self._thread = None
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called."""
+        return self._stop.is_set()
 
     def __repr__(self) -> str:
         return f"SpoolSink({str(self.spool_dir)!r}, pending={self.pending_count()})"
@@ -94,9 +143,13 @@ class SpoolSink:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, self.pending / f"{stem}.json")
+        path = self.pending / f"{stem}.json"
+        os.replace(tmp, path)
         _fsync_dir(self.pending)
-        self._wake.set()
+        if self._thread is None:
+            self._deliver_now([path])
+        else:
+            self._wake.set()
 
     def pending_count(self) -> int:
         """Records spooled and not yet acknowledged by the coordinator."""
@@ -105,7 +158,18 @@ class SpoolSink:
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every spooled record is delivered; False if ``timeout`` ran out first."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        backoff = self.min_backoff
         while self.pending_count():
+            if self._thread is None:
+                # A worker's copy has no thread: it delivers here, in the caller.
+                if self._deliver_now(sorted(self.pending.glob("*.json"))[: self.batch_size]):
+                    backoff = self.min_backoff
+                    continue
+                if deadline is not None and time.monotonic() + backoff >= deadline:
+                    return False
+                time.sleep(backoff)
+                backoff = min(backoff * 2, self.max_backoff)
+                continue
             if not self._thread.is_alive():
                 return False
             self._wake.set()
@@ -119,7 +183,22 @@ class SpoolSink:
         self.flush(timeout)
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout=5.0)
+        if self._thread is not None:
+            self._thread.join(timeout=5.0)
+        else:
+            self.client.session.close()
+
+    def _deliver_now(self, files: list[Path]) -> bool:
+        """Deliver ``files`` in the calling thread; False (they stay spooled) if that failed."""
+        try:
+            self._deliver(files)
+        except (Unavailable, AuthError) as exc:
+            log.warning("audit records stay spooled in %s for later: %s", self.pending, exc)
+            return False
+        except Exception as exc:
+            log.error("audit delivery error (%s); the records stay spooled", type(exc).__name__)
+            return False
+        return True
 
     # ---- the delivery thread ----------------------------------------------------------
 

@@ -43,12 +43,19 @@ def element_weight(element: Any) -> int:
 
 
 class RunAudit:
-    """What a worker needs to write this step's audit records: sink, policy, principal."""
+    """What a worker needs to write this step's audit records: sink, policy, principal.
 
-    def __init__(self, sink: Sink, policy: Mapping[str, Any], principal: str):
+    ``source`` is where the policy came from when that was a coordinator; the
+    run then records ``policy.fetched`` too.
+    """
+
+    def __init__(
+        self, sink: Sink, policy: Mapping[str, Any], principal: str, source: str | None = None
+    ):
         self.sink = sink
         self.policy = dict(policy)
         self.principal = principal
+        self.source = source
 
     def context(self, run_id: str) -> RunContext:
         run = RunContext(engine="beam", sink=self.sink, principal=self.principal, run_id=run_id)
@@ -57,14 +64,22 @@ class RunAudit:
 
 
 class StartRunFn(beam.DoFn):
-    """On the run's single Impulse element: make the run id and emit ``run.started``."""
+    """On the run's single Impulse element: make the run id and emit ``run.started``
+    (and ``policy.fetched`` for a policy from a coordinator)."""
 
     def __init__(self, audit: RunAudit):
         self.audit = audit
 
     def process(self, _impulse: bytes) -> Iterator[str]:
         run_id = str(uuid.uuid4())
-        self.audit.context(run_id).emit("run.started", record_id=record_id(run_id, "run.started"))
+        run = self.audit.context(run_id)
+        run.emit("run.started", record_id=record_id(run_id, "run.started"))
+        if self.audit.source is not None:
+            run.emit(
+                "policy.fetched",
+                record_id=record_id(run_id, "policy.fetched"),
+                source=self.audit.source,
+            )
         yield run_id
 
 

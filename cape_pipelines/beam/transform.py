@@ -26,7 +26,8 @@ from ..core import Counters
 from ..errors import PlanError
 from ..keys import KeyResolver
 from ..plan import Plan, build_plan
-from ..policy.load import PolicySource, load_policy
+from ..policy.load import PolicySource
+from ..source import CoordinatorClient, resolve_policy
 from .dofns import (
     COUNTERS_TAG,
     ApplyPlanFn,
@@ -71,6 +72,11 @@ class ApplyPolicy(beam.PTransform):
     The input's Arrow schema comes from ``schema=``, or from the PCollection's
     Row type; for tables read from Parquet use :meth:`from_parquet_schema`.
 
+    With ``client=`` (a ``coordinator_client.Client``), ``policy`` is a label:
+    policy and keys come from the coordinator here, on the machine building the
+    pipeline, and the workers send the run's records to it through a copy of
+    the client's spool sink (see :mod:`cape_pipelines.source`).
+
     >>> import apache_beam as beam, pyarrow as pa
     >>> from cape_pipelines.beam import ApplyPolicy
     >>> policy = {"label": "demo", "rules": [{"match": {"name": "ssn"}, "actions": ["drop"]}]}
@@ -91,15 +97,18 @@ class ApplyPolicy(beam.PTransform):
         resolver: KeyResolver | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
         label: str | None = None,
+        client: CoordinatorClient | None = None,
         _carry_column: str | None = None,
     ):
         super().__init__(label)
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, not {batch_size}")
-        self._policy = load_policy(policy)
-        self._resolver: KeyResolver | None = resolver or KeyResolver(keys)
+        src = resolve_policy(policy, client=client, keys=keys, resolver=resolver, audit=audit)
+        self._policy = src.policy
+        self._resolver: KeyResolver | None = src.resolver or KeyResolver(keys)
         self._column_tags = dict(column_tags or {})
-        self._sink = _worker_sink(audit)
+        self._sink = _worker_sink(src.audit)
+        self._fetched_from = src.source
         self._principal = RunContext(engine="beam", sink=self._sink).principal
         self._batch_size = batch_size
         # A column outside the policy, carried through unchanged; for the test
@@ -196,6 +205,7 @@ class ApplyPolicy(beam.PTransform):
             self._sink,
             {"label": plan.label, "version": plan.version, "sha256": plan.sha256},
             self._principal,
+            self._fetched_from,
         )
         run_id = (
             pcoll.pipeline

@@ -15,6 +15,7 @@ import pandas as pd
 from ..api import apply_policy as _apply_pandas_policy
 from ..audit import AuditTarget
 from ..policy.load import PolicySource
+from ..source import CoordinatorClient
 from .apply import apply_policy as _apply_dask_policy
 
 
@@ -32,10 +33,11 @@ class DaskCapeAccessor:
         keys: Mapping[str, bytes | str] | None = None,
         audit: AuditTarget = None,
         column_tags: Mapping[str, Sequence[str]] | None = None,
+        client: CoordinatorClient | None = None,
     ) -> dd.DataFrame:
         """See :func:`cape_pipelines.dask.apply_policy`."""
         return _apply_dask_policy(
-            self._ddf, policy, keys=keys, audit=audit, column_tags=column_tags
+            self._ddf, policy, keys=keys, audit=audit, column_tags=column_tags, client=client
         )
 
 
@@ -53,8 +55,9 @@ class PandasCapeAccessor:
         keys: Mapping[str, bytes | str] | None = None,
         audit: AuditTarget = None,
         column_tags: Mapping[str, Sequence[str]] | None = None,
+        client: CoordinatorClient | None = None,
     ) -> Any:
         """See :func:`cape_pipelines.apply_policy`."""
         return _apply_pandas_policy(
-            policy, self._df, keys=keys, audit=audit, column_tags=column_tags
+            policy, self._df, keys=keys, audit=audit, column_tags=column_tags, client=client
         )

@@ -33,7 +33,8 @@ from ..audit import AuditTarget, RunContext
 from ..core import ColumnCounter, Counters
 from ..keys import KeyResolver
 from ..plan import ColumnStep, Plan, build_plan
-from ..policy.load import PolicySource, load_policy
+from ..policy.load import PolicySource
+from ..source import CoordinatorClient, resolve_policy
 from .convert import dask_schema, new_string_dtype
 
 COUNTERS_ATTR = "cape_pipelines.counters"
@@ -84,6 +85,7 @@ class _RunSpec:
     sha256: str
     audit: AuditTarget
     columns: dict[str, str]
+    source: str | None = None
 
 
 _FRAMES: OrderedDict[str, _RunSpec] = OrderedDict()
@@ -129,6 +131,7 @@ def apply_policy(
     audit: AuditTarget = None,
     column_tags: Mapping[str, Sequence[str]] | None = None,
     resolver: KeyResolver | None = None,
+    client: CoordinatorClient | None = None,
 ) -> dd.DataFrame:
     """Apply ``policy`` to a Dask DataFrame; a lazy Dask DataFrame comes back.
 
@@ -138,7 +141,10 @@ def apply_policy(
     their labels with them) and its ``meta`` has the output's columns and
     dtypes. Compute it with :func:`compute` or :func:`run` for an audited run
     (``audit`` says where its records go); a plain ``.compute()`` gives the
-    same data without audit records.
+    same data without audit records. With ``client=`` (a
+    ``coordinator_client.Client``), ``policy`` is a label: policy and keys come
+    from the coordinator now, and the run's records go to it (see
+    :mod:`cape_pipelines.source`).
 
     >>> import dask.dataframe as dd, pandas as pd
     >>> ddf = dd.from_pandas(pd.DataFrame({"a": [1, 2], "ssn": ["x", "y"]}), npartitions=1)
@@ -151,8 +157,11 @@ def apply_policy(
             f"cape_pipelines.dask.apply_policy takes a dask DataFrame, not {type(ddf).__name__}; "
             "for pandas use cape_pipelines.apply_policy"
         )
-    pol = load_policy(policy)
-    plan = build_plan(pol, dask_schema(ddf), keys=keys, column_tags=column_tags, resolver=resolver)
+    src = resolve_policy(policy, client=client, keys=keys, resolver=resolver, audit=audit)
+    pol = src.policy
+    plan = build_plan(
+        pol, dask_schema(ddf), keys=keys, column_tags=column_tags, resolver=src.resolver
+    )
     task = PlanTask(plan, new_string_dtype())
     # The empty meta, not the non-empty one: Dask's fake values are not valid
     # input for every transformation (a token-reverser cannot authenticate
@@ -170,7 +179,14 @@ def apply_policy(
     )
     _remember(
         out._name,
-        _RunSpec(pol.label, pol.version, pol.sha256, audit, dict(plan.transformed_columns)),
+        _RunSpec(
+            pol.label,
+            pol.version,
+            pol.sha256,
+            src.audit,
+            dict(plan.transformed_columns),
+            src.source,
+        ),
     )
     return out
 
@@ -201,6 +217,8 @@ def run(frame: dd.DataFrame, *targets: Any, **compute_kwargs: Any) -> tuple[Any,
     ctx.set_policy(spec.label, spec.version, spec.sha256)
     ctx.started()
     try:
+        if spec.source is not None:
+            ctx.policy_fetched(spec.source)
         per_partition, *results = dask.compute(counts, *(targets or (frame,)), **compute_kwargs)
         totals = _totals(spec, per_partition)
     except BaseException as exc:

@@ -30,7 +30,8 @@ from ..audit import AuditTarget, RunContext
 from ..core import ColumnCounter, Counters, apply_batch
 from ..keys import KeyResolver
 from ..plan import ColumnStep, FilterStep, Plan, build_plan
-from ..policy.load import PolicySource, load_policy
+from ..policy.load import PolicySource
+from ..source import CoordinatorClient, resolve_policy
 from .types import cast_batch, schema_to_arrow, schema_to_spark, wire_schema
 
 ENGINE = "spark"
@@ -68,11 +69,18 @@ class _Binding:
     plan: Plan
     source: DataFrame
     audit: AuditTarget
+    fetched_from: str | None = None
 
     def new_run(self) -> RunContext:
         run = RunContext(engine=ENGINE, sink=self.audit)
         run.set_policy(self.plan.label, self.plan.version, self.plan.sha256)
         return run
+
+    def start(self, run: RunContext) -> None:
+        """Emit ``run.started`` (and ``policy.fetched`` for a policy from a coordinator)."""
+        run.started()
+        if self.fetched_from is not None:
+            run.policy_fetched(self.fetched_from)
 
 
 # Keyed by the returned DataFrame object; an entry lives as long as that object.
@@ -105,25 +113,32 @@ def apply_policy(
     audit: AuditTarget = None,
     column_tags: Mapping[str, Sequence[str]] | None = None,
     resolver: KeyResolver | None = None,
+    client: CoordinatorClient | None = None,
 ) -> DataFrame:
     """Apply ``policy`` to a Spark DataFrame; returns a lazy DataFrame with the output schema.
 
     Every check is done now, on the driver; an error here also emits
     ``run.started`` and ``run.failed`` to ``audit``. Run the result with
     :func:`write` or :func:`collect` to audit it (a plain Spark action on it
-    runs the policy but records nothing).
+    runs the policy but records nothing). With ``client=`` (a
+    ``coordinator_client.Client``), ``policy`` is a label: policy and keys come
+    from the coordinator now, and the run's records go to it (see
+    :mod:`cape_pipelines.source`).
 
     >>> out = apply_policy(df, {"label": "d", "rules": [  # doctest: +SKIP
     ...     {"match": {"name": "ssn"}, "actions": ["drop"]}]})
     >>> write(out, "/tmp/out.parquet")  # doctest: +SKIP
     """
-    pol = load_policy(policy)
+    src = resolve_policy(policy, client=client, keys=keys, resolver=resolver, audit=audit)
+    pol, audit = src.policy, src.audit
     try:
-        plan = plan_for(sdf, pol, keys=keys, column_tags=column_tags, resolver=resolver)
+        plan = plan_for(sdf, pol, keys=keys, column_tags=column_tags, resolver=src.resolver)
     except BaseException as exc:
         run = RunContext(engine=ENGINE, sink=audit)
         run.set_policy(pol.label, pol.version, pol.sha256)
         run.started()
+        if src.source is not None:
+            run.policy_fetched(src.source)
         run.failed(exc)
         raise
     if all(not isinstance(s, ColumnStep | FilterStep) for s in plan.steps):
@@ -131,7 +146,7 @@ def apply_policy(
         out = sdf.select(*[F.col(f"`{c}`") for c in plan.output_schema.names])
     else:
         out = sdf.mapInArrow(PolicyFunction(plan), schema_to_spark(plan.output_schema))
-    _BINDINGS[out] = _Binding(plan, sdf, audit)
+    _BINDINGS[out] = _Binding(plan, sdf, audit, src.source)
     return out
 
 
@@ -184,7 +199,7 @@ def collect(out: DataFrame) -> pa.Table:
     """Run ``out`` and return it as a pyarrow Table in the plan's output types: one audited run."""
     binding = _binding(out)
     run = binding.new_run()
-    run.started()
+    binding.start(run)
     try:
         table = _to_arrow(out)
         table = table.cast(binding.plan.output_schema)
@@ -229,7 +244,7 @@ def write(
         raise ValueError("write(mode='ignore') is not supported: a run must know what it wrote")
     binding = _binding(out)
     run = binding.new_run()
-    run.started()
+    binding.start(run)
     try:
         writer = out.write.format(format).mode(mode).options(**options)
         if partition_by:
