@@ -901,16 +901,21 @@ def main(argv: list[str] | None = None) -> int:
             if engine not in engines:
                 continue
             print(f"{engine}...", file=sys.stderr, flush=True)
-            if engine == "core":
-                bench_core(bench, path, args.rows)
-            elif engine == "dask":
-                bench_dask(bench, path, args.rows)
-            elif engine == "beam":
-                bench_beam(bench, path, args.rows, args.beam_multiprocess)
-            else:
-                bench_spark(
-                    bench, path, args.rows, slow_path, slow_rows, args.spark_arrow_batch, notes
-                )
+            try:
+                if engine == "core":
+                    bench_core(bench, path, args.rows)
+                elif engine == "dask":
+                    bench_dask(bench, path, args.rows)
+                elif engine == "beam":
+                    bench_beam(bench, path, args.rows, args.beam_multiprocess)
+                else:
+                    bench_spark(
+                        bench, path, args.rows, slow_path, slow_rows, args.spark_arrow_batch, notes
+                    )
+            except Exception as exc:
+                # An engine that is missing or fails outside a measurement skips its
+                # section; the other engines still run.
+                bench.record_error(engine, "(section)", args.rows, exc)
     print(f"# load average {os.getloadavg()[0]:.1f} at end")
     for note in notes:
         print(f"# {note}")
