@@ -79,6 +79,10 @@ def register(
     p.add_argument("--port", type=int, default=8686)
     p.add_argument("--access-log", action="store_true", help="log every request (no bodies)")
     p.set_defaults(func=cmd_serve)
+    p = csub.add_parser(
+        "public-key", parents=[dbp], help="print the signing public key (to pin in clients)"
+    )
+    p.set_defaults(func=cmd_public_key)
 
     token = subparsers.add_parser("token", help="API tokens (admin)")
     tsub = token.add_subparsers(dest="token_command", required=True)
@@ -274,6 +278,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
             log_level="info" if args.access_log else "warning",
             server_header=False,
         )
+    finally:
+        coord.close()
+    return 0
+
+
+def cmd_public_key(args: argparse.Namespace) -> int:
+    """Print the signing public key alone on the last line (read from the database itself)."""
+    from .store import Coordinator
+
+    paths, settings = _paths_and_settings(args)
+    coord = Coordinator.open(paths, settings)
+    try:
+        print(coord.public_key_text)
     finally:
         coord.close()
     return 0

@@ -200,14 +200,77 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 # -- cape apply / reveal --------------------------------------------------------------------
 
 
+def _coordinator_client(args: argparse.Namespace) -> Any:
+    """The client ``--coordinator``/``--token``/``--public-key`` (or their variables) describe."""
+    try:
+        from coordinator_client import Client
+    except ImportError:
+        raise CapeError(
+            "--policy-label needs the coordinator client: install the 'coordinator' extra"
+        ) from None
+    url = args.coordinator or os.environ.get("CAPE_COORDINATOR_URL")
+    token = args.token or os.environ.get("CAPE_TOKEN")
+    if not url:
+        raise CapeError("--policy-label needs --coordinator URL or CAPE_COORDINATOR_URL")
+    if not token:
+        raise CapeError("--policy-label needs --token or CAPE_TOKEN (a pipeline token)")
+    # None lets the client read CAPE_COORDINATOR_PUBLIC_KEY.
+    return Client(url, token, public_key=args.public_key)
+
+
+def _close_client(client: Any) -> None:
+    """Deliver the run's records (up to 10 s); say so if some wait in the spool."""
+    sink = client.default_audit_sink()
+    delivered = sink.flush(10.0)
+    client.close()
+    if not delivered:
+        print(
+            f"cape: {sink.pending_count()} audit record(s) wait in {sink.pending}; "
+            "the next run using this coordinator delivers them",
+            file=sys.stderr,
+        )
+
+
 def _cmd_apply(args: argparse.Namespace) -> int:
     keys = load_keys(args.keys_file, args.key)
-    result = apply_files(
-        Path(args.policy),
+    if args.policy and (args.coordinator or args.token or args.public_key):
+        raise CapeError("--coordinator, --token and --public-key go with --policy-label")
+    policy: Any = Path(args.policy) if args.policy else None
+    client = None
+    run_from: dict[str, Any] = {"audit": _audit_target(args)}
+    try:
+        if args.policy_label:
+            from .source import resolve_policy
+
+            client = _coordinator_client(args)
+            # The signature is verified here, before the input is opened.
+            src = resolve_policy(
+                args.policy_label, client=client, keys=keys, audit=_audit_target(args)
+            )
+            policy = src.policy
+            run_from = {"audit": src.audit, "resolver": src.resolver, "policy_source": src.source}
+        result = _apply_files_from(policy, args, keys, run_from)
+    finally:
+        if client is not None:
+            _close_client(client)
+    c = result.counters
+    print(
+        f"wrote {result.output}: {c.rows_out:,} rows ({c.rows_redacted:,} redacted), "
+        f"run {result.run_id}",
+        file=sys.stderr,
+    )
+    return EXIT_OK
+
+
+def _apply_files_from(
+    policy: Any, args: argparse.Namespace, keys: Mapping[str, bytes], run_from: dict[str, Any]
+) -> Any:
+    return apply_files(
+        policy,
         args.input,
         args.output,
         keys=keys,
-        audit=_audit_target(args),
+        **run_from,
         format=args.format,
         csv_options=_csv_options(args),
         batch_size=args.batch_size,
@@ -217,13 +280,6 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         progress=False if args.no_progress else None,
         run_id=args.run_id,
     )
-    c = result.counters
-    print(
-        f"wrote {result.output}: {c.rows_out:,} rows ({c.rows_redacted:,} redacted), "
-        f"run {result.run_id}",
-        file=sys.stderr,
-    )
-    return EXIT_OK
 
 
 def reveal_policy(columns: Sequence[str], key_name: str, on_error: str = "error") -> dict[str, Any]:
@@ -454,7 +510,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("apply", help="apply a policy to CSV/Parquet files", parents=[common])
-    p.add_argument("--policy", required=True, metavar="FILE", help="policy file (YAML/JSON)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--policy", metavar="FILE", help="policy file (YAML/JSON)")
+    which.add_argument(
+        "--policy-label",
+        metavar="LABEL",
+        help="the active policy of LABEL on the coordinator (signature verified; keys and "
+        "audit records through it)",
+    )
+    p.add_argument(
+        "--coordinator", metavar="URL", help="with --policy-label (default $CAPE_COORDINATOR_URL)"
+    )
+    p.add_argument("--token", help="with --policy-label: a pipeline token (default $CAPE_TOKEN)")
+    p.add_argument(
+        "--public-key",
+        metavar="KEY",
+        help="the coordinator's pinned signing key (default $CAPE_COORDINATOR_PUBLIC_KEY)",
+    )
     _add_io_options(p)
     p.add_argument(
         "--key",
