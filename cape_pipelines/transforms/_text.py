@@ -283,29 +283,28 @@ def hex_fixed_width(digests: list[bytes], width: int) -> bytes:
     return np.frombuffer(full, dtype=np.uint8).reshape(-1, per)[:, :width].tobytes()
 
 
-def strings_from_parts(parts: list[bytes], like: pa.Array) -> pa.Array:
-    """A string array of ``parts`` (UTF-8 bytes, one per distinct value), not validated.
+def strings_from_parts(parts: list[bytes], like: pa.Array, *, as_hex: bool = False) -> pa.Array:
+    """A string array of ``parts`` (one per distinct value), not validated.
 
-    ``like`` is the distinct values array; its nulls stay null (their part is ignored).
+    ``parts`` are UTF-8 bytes, or, with ``as_hex``, raw bytes written as their
+    lower-case hex (converted in one pass over all of them). ``like`` is the
+    distinct values array; its nulls stay null (their part is ignored).
     """
     m = len(parts)
+    scale = 2 if as_hex else 1
     lengths = np.fromiter(map(len, parts), dtype=np.int64, count=m)
     offsets = np.zeros(m + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
+    np.cumsum(lengths * scale, out=offsets[1:])
     large = offsets[-1] > _INT32_MAX
     typ = pa.large_string() if large else pa.string()
+    data = b"".join(parts)
     return pa.Array.from_buffers(
         typ,
         m,
         [
             _validity(like),
             pa.py_buffer(offsets if large else offsets.astype(np.int32)),
-            pa.py_buffer(b"".join(parts)),
+            pa.py_buffer(binascii.hexlify(data) if as_hex else data),
         ],
         null_count=like.null_count,
     )
-
-
-def gather_strings(parts: list[bytes], like: pa.Array, indices: pa.Array) -> pa.Array:
-    """:func:`strings_from_parts`, gathered into row order by ``indices``."""
-    return pc.take(strings_from_parts(parts, like), indices)

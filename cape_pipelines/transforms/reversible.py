@@ -43,7 +43,6 @@ from ._text import (
     bytes_of,
     canonical_text,
     distinct,
-    gather_strings,
     has_canonical_text,
     is_binary,
     is_text,
@@ -57,19 +56,23 @@ TAG_BYTES = 16
 
 
 def siv_encrypt(
-    cipher: AESSIV, plaintext: bytes, associated_data: list[bytes] | None = None
-) -> bytes:
-    """SIV tag || ciphertext of ``plaintext`` (the RFC 5297 output order), as the tokenizer uses it.
+    cipher: AESSIV, plaintexts: list[bytes], associated_data: list[bytes] | None = None
+) -> list[bytes]:
+    """SIV tag || ciphertext of each plaintext (RFC 5297's output order), as the tokenizer uses it.
 
     The transformation passes no associated data; the parameter exists so the
     published RFC 5297 vectors, which use it, test this same function.
     """
-    return cipher.encrypt(plaintext, associated_data)
+    encrypt = cipher.encrypt
+    return [encrypt(p, associated_data) for p in plaintexts]
 
 
-def siv_decrypt(cipher: AESSIV, token: bytes, associated_data: list[bytes] | None = None) -> bytes:
-    """The plaintext of SIV tag || ciphertext; ``InvalidTag`` if it does not authenticate."""
-    return cipher.decrypt(token, associated_data)
+def siv_decrypt(
+    cipher: AESSIV, tokens: list[bytes], associated_data: list[bytes] | None = None
+) -> list[bytes]:
+    """The plaintext of each SIV tag || ciphertext; ``InvalidTag`` if one does not authenticate."""
+    decrypt = cipher.decrypt
+    return [decrypt(t, associated_data) for t in tokens]
 
 
 def check_siv_key(length: int, type_name: str) -> str | None:
@@ -160,9 +163,8 @@ class ReversibleTokenizer(_SivTransformation):
         if is_binary(text.type):
             raise TransformError(f"{self.type_name} cannot take binary values")
         data = self._encode(text, parts)
-        hexlify = binascii.hexlify
-        tokens = [hexlify(siv_encrypt(cipher, v)) for v in data]
-        return gather_strings(tokens, text, parts.indices)
+        tokens = strings_from_parts(siv_encrypt(cipher, data), text, as_hex=True)
+        return pc.take(tokens, parts.indices)
 
     def _encode(self, text: pa.Array, parts: Distinct) -> list[bytes]:
         if _is_utf8(self.encoding):
@@ -204,23 +206,14 @@ class TokenReverser(_SivTransformation):
         tokens = canonical_text(parts.values)
         if not is_text(tokens.type):
             raise TransformError(f"{self.type_name} takes strings, not {tokens.type}")
+        hex_tokens = bytes_of(tokens)
+        plain = _reverse_all(cipher, hex_tokens)
+        failed = [False] * len(hex_tokens)
+        if plain is None:
+            plain = self._reverse_each(cipher, hex_tokens, failed, parts)
         utf8 = _is_utf8(self.encoding)
-        plain: list[bytes] = []
-        failed: list[bool] = []
-        for position, token in enumerate(bytes_of(tokens)):
-            problem = None
-            value = b""
-            if token is not None:
-                problem, value = _reverse(cipher, token)
-                if problem is None and not utf8:
-                    try:
-                        value = value.decode(self.encoding).encode("utf-8")
-                    except UnicodeDecodeError:
-                        problem = f"decrypts to bytes that are not valid {self.encoding}"
-                if problem is not None:
-                    self._fail(parts, position, problem)
-            plain.append(value)
-            failed.append(problem is not None)
+        if not utf8:
+            self._recode(plain, failed, parts)
         valid = tokens
         if any(failed):
             valid = pc.if_else(pa.array(failed), pa.scalar(None, tokens.type), tokens)
@@ -228,6 +221,31 @@ class TokenReverser(_SivTransformation):
         if utf8:
             values = self._check_utf8(values, plain, failed, parts)
         return pc.take(values, parts.indices)
+
+    def _reverse_each(
+        self, cipher: AESSIV, hex_tokens: list[bytes | None], failed: list[bool], parts: Distinct
+    ) -> list[bytes]:
+        """Token by token, to name the first bad one (or null each bad one)."""
+        plain = []
+        for position, token in enumerate(hex_tokens):
+            problem, value = (None, b"") if token is None else _reverse(cipher, token)
+            if problem is not None:
+                self._fail(parts, position, problem)
+                failed[position] = True
+            plain.append(value)
+        return plain
+
+    def _recode(self, plain: list[bytes], failed: list[bool], parts: Distinct) -> None:
+        """Plaintexts in ``encoding`` to UTF-8, in place."""
+        for position, value in enumerate(plain):
+            if failed[position]:
+                continue
+            try:
+                plain[position] = value.decode(self.encoding).encode("utf-8")
+            except UnicodeDecodeError:
+                self._fail(parts, position, f"decrypts to bytes that are not valid {self.encoding}")
+                failed[position] = True
+                plain[position] = b""
 
     def _fail(self, parts: Distinct, position: int, problem: str) -> None:
         if self.on_error == "error":
@@ -254,6 +272,15 @@ class TokenReverser(_SivTransformation):
         return pc.if_else(mask, pa.scalar(None, pa.string()), strings_from_parts(plain, values))
 
 
+def _reverse_all(cipher: AESSIV, hex_tokens: list[bytes | None]) -> list[bytes] | None:
+    """Every plaintext when every token is good (the common case), else None."""
+    unhexlify = binascii.unhexlify
+    try:
+        return siv_decrypt(cipher, [unhexlify(t) for t in hex_tokens])  # type: ignore[arg-type]
+    except (binascii.Error, ValueError, TypeError, InvalidTag):
+        return None
+
+
 def _reverse(cipher: AESSIV, token: bytes) -> tuple[str | None, bytes]:
     """(problem, plaintext) for one token's ASCII hex bytes."""
     try:
@@ -266,6 +293,6 @@ def _reverse(cipher: AESSIV, token: bytes) -> tuple[str | None, bytes]:
             b"",
         )
     try:
-        return None, siv_decrypt(cipher, raw)
+        return None, siv_decrypt(cipher, [raw])[0]
     except InvalidTag:
         return "does not authenticate with this key (wrong key, or an altered token)", b""

@@ -95,10 +95,10 @@ RFC5297 = [
 def test_rfc5297_vectors(key: str, ad: list[str], plaintext: str, output: str) -> None:
     cipher = AESSIV(bytes.fromhex(key))
     components = [bytes.fromhex(a) for a in ad]
-    assert siv_encrypt(cipher, bytes.fromhex(plaintext), components).hex() == output
-    assert siv_decrypt(cipher, bytes.fromhex(output), components).hex() == plaintext
+    assert siv_encrypt(cipher, [bytes.fromhex(plaintext)], components)[0].hex() == output
+    assert siv_decrypt(cipher, [bytes.fromhex(output)], components)[0].hex() == plaintext
     with pytest.raises(InvalidTag):
-        siv_decrypt(cipher, bytes.fromhex(output), components[:-1])
+        siv_decrypt(cipher, [bytes.fromhex(output)], components[:-1])
 
 
 # -- cape-python compatibility -------------------------------------------------------------
