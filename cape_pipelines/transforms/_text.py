@@ -23,7 +23,7 @@ once so that every engine gives the same token for the same value:
   the shortest decimal that round-trips at *their* precision, written in the
   same style (``float32(0.1)`` gives ``0.1``, not ``0.10000000149011612``);
 * decimals: fixed-point with exactly the type's scale digits after the point
-  (``decimal128(10, 2)`` 1.5 gives ``1.50``; a negative scale gives an integer);
+  (``decimal128(10, 2)`` 1.5 gives ``1.50``; scale 0 gives no point);
 * dates (``date32``, ``date64``): ISO-8601 ``YYYY-MM-DD``;
 * timestamps: ISO-8601 ``YYYY-MM-DDTHH:MM:SS`` plus, when the sub-second part
   is not zero, ``.`` and its digits with trailing zeros removed (so one instant
@@ -105,7 +105,11 @@ def distinct(array: pa.Array | pa.ChunkedArray) -> Distinct:
         array = array.combine_chunks() if array.num_chunks != 1 else array.chunk(0)
     t = array.type
     if pa.types.is_dictionary(t):
-        return Distinct(array.dictionary, array.indices)
+        if len(array.dictionary) <= len(array):
+            return Distinct(array.dictionary, array.indices)
+        # A small slice of a large dictionary (a pandas categorical cut into batches):
+        # work on the values the slice uses, not on the whole dictionary.
+        return distinct(array.dictionary_decode())
     if pa.types.is_float16(t):
         # Arrow has no hash kernel for half floats: group their bit patterns instead.
         enc = pc.dictionary_encode(array.view(pa.uint16()))

@@ -399,6 +399,12 @@ def test_dictionary_with_a_null_in_its_dictionary() -> None:
     assert direct(arr).to_pylist() == [hmac_hex("a"), None, hmac_hex("b"), None, hmac_hex("a")]
 
 
+def test_slice_of_a_large_dictionary() -> None:
+    big = pa.array([f"v{i}" for i in range(1000)] * 2).dictionary_encode()
+    piece = big.slice(1500, 3)
+    assert direct(piece).to_pylist() == [hmac_hex(f"v{i}") for i in (500, 501, 502)]
+
+
 @pytest.mark.parametrize(
     "typ",
     [
