@@ -173,6 +173,9 @@ def _check_index(df: pd.DataFrame, out: pd.DataFrame) -> None:
 RUNNERS: dict[str, Runner] = {"pyarrow": run_pyarrow, "pandas": run_pandas}
 VIA_PANDAS: set[str] = {"pandas"}
 UNORDERED: set[str] = set()
+# Engines that hold timestamps in microseconds (Spark): their expectation is the
+# case's expectation for the input floored to the microsecond at the boundary.
+MICROS_ONLY: set[str] = set()
 MARKS: dict[str, str] = {}
 
 if importlib.util.find_spec("dask") is not None:
@@ -195,6 +198,7 @@ def _load_engine_runners(module: str, engine_package: str, marker: str) -> None:
         MARKS[name] = marker
     VIA_PANDAS.update(getattr(mod, "VIA_PANDAS", ()))
     UNORDERED.update(getattr(mod, "UNORDERED", ()))
+    MICROS_ONLY.update(getattr(mod, "MICROS_ONLY", ()))
 
 
 _load_engine_runners("runner_beam", "apache_beam", "beam")
