@@ -95,6 +95,22 @@ class MemorySink:
         return None
 
 
+class NullSink:
+    """Discards every record: for a caller that records the run itself.
+
+    ``cape apply --engine beam|dask|spark`` records one run of its own and
+    passes this sink as the engine adapter's ``audit=``, so the adapter's
+    records are switched off rather than written twice. Picklable, so Beam can
+    ship it to workers.
+    """
+
+    def emit(self, record: Mapping[str, Any]) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
 class MultiSink:
     """Sends each record to several sinks."""
 

@@ -34,7 +34,7 @@ import yaml
 
 from . import __version__
 from .errors import CapeError, KeyMissingError
-from .io import DEFAULT_BATCH_SIZE, ENGINES, CsvOptions, apply_files, parse_arrow_type
+from .io import DEFAULT_BATCH_SIZE, CsvOptions, apply_files, parse_arrow_type
 from .keys import KeyRef, KeyResolver, decode_key_text
 
 EXIT_OK = 0
@@ -539,7 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--engine",
         default="pandas",
         metavar="NAME",
-        help=f"engine (default pandas; available: {', '.join(sorted(ENGINES))})",
+        help="engine: pandas (default, in this process), or beam, dask, spark (their extras)",
     )
     p.add_argument(
         "--timestamp-unit",

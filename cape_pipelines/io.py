@@ -45,6 +45,7 @@ from .errors import CapeError, DataError, TransformError
 from .keys import KeyResolver
 from .plan import Plan, build_plan
 from .policy.load import PolicySource, load_policy
+from .policy.models import Policy
 
 Format = Literal["csv", "parquet"]
 TimestampUnit = Literal["us", "ns"]
@@ -193,6 +194,33 @@ class InputSet:
             yield from self._parquet_batches(path, batch_size)
         else:
             yield from self._csv_batches(path, batch_size)
+
+    def check_columns(self) -> None:
+        """Check every file's column names against the first file's (footers and CSV headers
+        only), so an engine that reads files in parallel fails before any data work."""
+        for path in self.files[1:]:
+            if self.format == "parquet":
+                try:
+                    names = _parquet_file(path).schema_arrow.names
+                except (pa.ArrowInvalid, OSError) as exc:
+                    raise DataError(
+                        f"{path}: not a readable Parquet file: {_first_line(exc)}"
+                    ) from None
+            else:
+                try:
+                    reader = pacsv.open_csv(
+                        path,
+                        read_options=pacsv.ReadOptions(use_threads=False),
+                        parse_options=_parse_options(self.csv),
+                        convert_options=pacsv.ConvertOptions(
+                            column_types={f.name: f.type for f in self.schema}
+                        ),
+                    )
+                except pa.ArrowInvalid as exc:
+                    raise _csv_error(path, exc, self.csv, self.schema) from None
+                with contextlib.closing(reader):
+                    names = reader.schema.names
+            self._check_names(path, names)
 
     def _check_names(self, path: Path, names: Sequence[str]) -> None:
         expected = self.schema.names
@@ -536,10 +564,22 @@ def atomic_path(path: Path, *, overwrite: bool = False) -> Iterator[Path]:
 # -- engines --------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class EnginePolicy:
+    """What an engine adapter needs to build its own plan: the policy, the run's key
+    resolver (the very one ``plan`` was built with, so every key, and a per-run random
+    key, resolves to the same bytes) and the column tags."""
+
+    policy: Policy
+    resolver: KeyResolver
+    column_tags: Mapping[str, Sequence[str]] = field(default_factory=dict)
+
+
 class EngineFn(Protocol):
     """An engine: applies ``plan`` to every batch of ``inputs`` and yields the output batches
     in input order, adding each batch's counts into ``counters`` and its input rows into
-    ``progress``. The caller writes the batches (so every engine gives the same file)."""
+    ``progress``. The caller writes the batches (so every engine gives the same file).
+    ``policy`` is for engines that run the policy through their own adapter."""
 
     def __call__(
         self,
@@ -549,6 +589,7 @@ class EngineFn(Protocol):
         batch_size: int,
         counters: Counters,
         progress: Progress,
+        policy: EnginePolicy,
     ) -> Iterator[pa.RecordBatch]: ...
 
 
@@ -559,6 +600,7 @@ def _apply_files_local(
     batch_size: int,
     counters: Counters,
     progress: Progress,
+    policy: EnginePolicy | None = None,
 ) -> Iterator[pa.RecordBatch]:
     """The built-in engine: the core over the input's batches, in this process."""
     for path in inputs.files:
@@ -690,7 +732,8 @@ def apply_files(
         run_engine = get_engine(engine)
         inputs = open_inputs(src, format=input_format, csv_options=csv_options)
         _refuse_overlap(inputs, dst)
-        plan = build_plan(pol, inputs.schema, keys=keys, resolver=resolver, column_tags=column_tags)
+        resolver = resolver or KeyResolver(keys)
+        plan = build_plan(pol, inputs.schema, resolver=resolver, column_tags=column_tags)
         counters = Counters.empty_for(plan)
         bar = Progress.auto(inputs.total_rows(), progress)
         metadata = {
@@ -710,7 +753,12 @@ def apply_files(
                 writer = CsvOut(tmp, plan.output_schema, delim)
             try:
                 for out in run_engine(
-                    plan, inputs, batch_size=batch_size, counters=counters, progress=bar
+                    plan,
+                    inputs,
+                    batch_size=batch_size,
+                    counters=counters,
+                    progress=bar,
+                    policy=EnginePolicy(pol, resolver, dict(column_tags or {})),
                 ):
                     writer.write(out)
                 writer.close()
@@ -751,6 +799,7 @@ __all__ = [
     "CsvOptions",
     "CsvOut",
     "EngineFn",
+    "EnginePolicy",
     "InputSet",
     "ParquetOut",
     "Progress",
