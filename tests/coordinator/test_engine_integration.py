@@ -201,8 +201,10 @@ def test_explicit_audit_wins_over_the_client_sink(published, tmp_path):
     assert pub.records() == []
 
 
-def test_cli_apply_by_label(published, tmp_path, monkeypatch, capsys):
-    pub = published("cli")
+@pytest.mark.parametrize("engine", ["pandas", "dask"])
+def test_cli_apply_by_label(engine, published, tmp_path, monkeypatch, capsys):
+    _needs(engine)
+    pub = published(f"cli-{engine}")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setenv("CAPE_COORDINATOR_URL", pub.server.url)
     monkeypatch.setenv("CAPE_TOKEN", pub.token)
@@ -211,15 +213,27 @@ def test_cli_apply_by_label(published, tmp_path, monkeypatch, capsys):
     FRAME.to_csv(source, index=False)
     output = tmp_path / "out.parquet"
     code = cape_main(
-        ["apply", "--policy-label", pub.label, "--input", str(source), "--output", str(output)]
+        [
+            "apply",
+            "--policy-label",
+            pub.label,
+            "--engine",
+            engine,
+            "--input",
+            str(source),
+            "--output",
+            str(output),
+        ]
     )
     err = capsys.readouterr().err
     assert code == 0, err
     written = pd.read_parquet(output)
     assert list(written.columns) == ["id", "email"]
     run_id = err.strip().rsplit(" ", 1)[-1]
-    events = [r["event"] for r in pub.records() if r["run_id"] == run_id]
-    assert events == ["run.started", "policy.fetched", "run.completed"]
+    records = pub.records()
+    assert [r["event"] for r in records] == ["run.started", "policy.fetched", "run.completed"]
+    assert {(r["run_id"], r["engine"]) for r in records} == {(run_id, engine)}
+    assert records[-1]["rows_out"] == len(FRAME)
 
 
 def _wrong_key() -> str:
