@@ -41,6 +41,7 @@ Lists, structs, maps, unions, durations and intervals have no canonical text.
 from __future__ import annotations
 
 import binascii
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -312,3 +313,44 @@ def strings_from_parts(parts: list[bytes], like: pa.Array, *, as_hex: bool = Fal
         ],
         null_count=like.null_count,
     )
+
+
+class ValueCache:
+    """A bounded per-process memo of value bytes -> result bytes, across batches.
+
+    Engines hand the core small batches (Spark: 10,000 rows), so a column with
+    few distinct values meets the same values again and again; remembering
+    their tokens saves a keyed hash or an encryption each time. The memo holds
+    at most ``limit`` entries (cleared when full) and switches itself off for
+    good once it has seen ``limit`` lookups with fewer than one in five
+    hits, so a high-cardinality column pays for it only briefly. It lives in
+    ``ColumnContext.state``: never pickled, one per plan step and process.
+    """
+
+    def __init__(self, limit: int = 100_000):
+        self.limit = limit
+        self.enabled = True
+        self._map: dict[bytes, bytes] = {}
+        self._lookups = 0
+        self._hits = 0
+
+    def compute(self, values: list[bytes], fn: Callable[[list[bytes]], list[bytes]]) -> list[bytes]:
+        """``fn(values)``, computing only the values not already remembered."""
+        if not self.enabled:
+            return fn(values)
+        memo = self._map
+        out = [memo.get(v) for v in values]
+        missing = [i for i, r in enumerate(out) if r is None]
+        if missing:
+            computed = fn([values[i] for i in missing])
+            for i, result in zip(missing, computed, strict=True):
+                out[i] = result
+            if len(memo) + len(missing) > self.limit:
+                memo.clear()
+            memo.update(zip((values[i] for i in missing[: self.limit]), computed, strict=False))
+        self._lookups += len(values)
+        self._hits += len(values) - len(missing)
+        if self._lookups >= self.limit and self._hits * 5 < self._lookups:
+            self.enabled = False
+            memo.clear()
+        return out  # type: ignore[return-value]

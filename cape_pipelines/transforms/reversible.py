@@ -40,6 +40,7 @@ from ..errors import KeyFormatError, TransformError
 from ..keys import KeyRef, KeyResolver
 from ._text import (
     Distinct,
+    ValueCache,
     bytes_of,
     canonical_text,
     distinct,
@@ -163,7 +164,9 @@ class ReversibleTokenizer(_SivTransformation):
         if is_binary(text.type):
             raise TransformError(f"{self.type_name} cannot take binary values")
         data = self._encode(text, parts)
-        tokens = strings_from_parts(siv_encrypt(cipher, data), text, as_hex=True)
+        cache = ctx.state.setdefault("tokens", ValueCache())
+        sealed = cache.compute(data, lambda values: siv_encrypt(cipher, values))
+        tokens = strings_from_parts(sealed, text, as_hex=True)
         return pc.take(tokens, parts.indices)
 
     def _encode(self, text: pa.Array, parts: Distinct) -> list[bytes]:

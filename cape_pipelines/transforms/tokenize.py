@@ -33,7 +33,14 @@ from cryptography.hazmat.primitives import hmac as crypto_hmac
 from pydantic import ConfigDict, Field
 
 from ..errors import TransformError
-from ._text import bytes_of, canonical_text, distinct, gather_fixed_width, has_canonical_text
+from ._text import (
+    ValueCache,
+    bytes_of,
+    canonical_text,
+    distinct,
+    gather_fixed_width,
+    has_canonical_text,
+)
 from ._text import hex_fixed_width as _hex
 from .base import ColumnContext, KeyedTransformation, register
 
@@ -117,8 +124,9 @@ class Tokenizer(KeyedTransformation):
         digester = ctx.state.get(memo)
         if digester is None:
             digester = ctx.state[memo] = _DIGESTERS[self.algorithm](key)
+        cache = ctx.state.setdefault("tokens", ValueCache())
         parts = distinct(array)
         text = canonical_text(parts.values)
         data = [b"" if v is None else v for v in bytes_of(text)]
-        blob = _hex(digester(data), self.token_len)
+        blob = _hex(cache.compute(data, digester), self.token_len)
         return gather_fixed_width(blob, self.token_len, text, parts.indices)
