@@ -218,10 +218,10 @@ def _coordinator_client(args: argparse.Namespace) -> Any:
     return Client(url, token, public_key=args.public_key)
 
 
-def _close_client(client: Any) -> None:
-    """Deliver the run's records (up to 10 s); say so if some wait in the spool."""
-    sink = client.default_audit_sink()
-    delivered = sink.flush(10.0)
+def _close_client(client: Any, sink: Any) -> None:
+    """Deliver the run's records to the coordinator (up to 10 s); say so if some wait in the
+    spool. ``sink`` is None when the records went elsewhere or the run never started."""
+    delivered = sink.flush(10.0) if sink is not None else True
     client.close()
     if not delivered:
         print(
@@ -236,7 +236,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     if args.policy and (args.coordinator or args.token or args.public_key):
         raise CapeError("--coordinator, --token and --public-key go with --policy-label")
     policy: Any = Path(args.policy) if args.policy else None
-    client = None
+    client = sink = None
     run_from: dict[str, Any] = {"audit": _audit_target(args)}
     try:
         if args.policy_label:
@@ -248,11 +248,12 @@ def _cmd_apply(args: argparse.Namespace) -> int:
                 args.policy_label, client=client, keys=keys, audit=_audit_target(args)
             )
             policy = src.policy
+            sink = None if args.audit_file else src.audit
             run_from = {"audit": src.audit, "resolver": src.resolver, "policy_source": src.source}
         result = _apply_files_from(policy, args, keys, run_from)
     finally:
         if client is not None:
-            _close_client(client)
+            _close_client(client, sink)
     c = result.counters
     print(
         f"wrote {result.output}: {c.rows_out:,} rows ({c.rows_redacted:,} redacted), "

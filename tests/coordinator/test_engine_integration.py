@@ -242,12 +242,15 @@ def _wrong_key() -> str:
 
 
 @pytest.mark.parametrize("engine", [*ENGINES, "cli"])
-def test_wrong_pinned_key_refused_before_any_data(engine, published, tmp_path, request, capsys):
+def test_wrong_pinned_key_refused_before_any_data(
+    engine, published, tmp_path, request, capsys, monkeypatch
+):
     if engine != "cli":
         _needs(engine)
     pub = published(f"tamper-{engine}")
     client = pub.client(tmp_path / "spool", public_key=_wrong_key())
     if engine == "cli":
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "spool"))
         # The input does not exist: had it been opened first, the error would say so.
         output = tmp_path / "out.parquet"
         code = cape_main(
