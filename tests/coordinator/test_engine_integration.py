@@ -301,3 +301,42 @@ def test_sink_copy_delivers_from_a_worker(published, tmp_path):
     assert [r["event"] for r in pub.records()] == ["run.started"]
     copy.close()
     client.close()
+
+
+def test_dask_run_while_coordinator_down_is_delivered_once_after(fresh_server, tmp_path):
+    """The plan (policy, keys) is made while the coordinator is up; the run itself happens while
+    it is down: the run completes, its records wait in the spool and arrive once after restart."""
+    pytest.importorskip("dask.dataframe")
+    import dask.dataframe as dd
+
+    import cape_pipelines.dask as cdask
+
+    srv = fresh_server
+    admin = srv.client(srv.admin_token)
+    roles = {"admin": srv.admin_token}
+    for role in ("author", "reviewer", "auditor"):
+        roles[role] = admin.create_token(f"{role}-person", role)["token"]
+    pub = Published(srv, roles, "down")
+    client = pub.client(tmp_path / "spool")
+    lazy = cdask.apply_policy(dd.from_pandas(FRAME, npartitions=2), pub.label, client=client)
+
+    srv.stop()
+    out = cdask.compute(lazy, scheduler="threads")
+    assert len(out) == len(FRAME)
+    sink = client.default_audit_sink()
+    assert sink.pending_count() == 3
+    assert not sink.flush(1.0)
+    sink.close(timeout=0.5)  # the process ends with its records still spooled
+    client.close()
+
+    srv.start()
+    again = pub.client(tmp_path / "spool")
+    assert again.default_audit_sink().flush(60)
+    again.close()
+    records = pub.records()
+    assert sorted(r["event"] for r in records) == sorted(
+        ["run.started", "policy.fetched", "run.completed"]
+    )
+    assert len({r["record_id"] for r in records}) == 3
+    (run,) = pub.auditor.list_runs(label=pub.label)
+    assert run["status"] == "succeeded"
