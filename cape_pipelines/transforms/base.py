@@ -123,6 +123,9 @@ class Transformation(BaseModel):
 class KeyedTransformation(Transformation):
     """A transformation with a ``key`` parameter in any of the forms POLICY.md accepts."""
 
+    # A rejected inline key must not be echoed back in a validation message.
+    model_config = ConfigDict(hide_input_in_errors=True)
+
     key: KeyRef
 
     @field_validator("key", mode="before")
