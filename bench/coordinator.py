@@ -4,9 +4,12 @@ Starts ``cape coordinator serve`` on a fresh SQLite database in a temporary
 directory (127.0.0.1, an ephemeral port), runs N client threads that each post
 batches of run records for D seconds, then reports records/s, request latency
 p50/p99, and checks that the database holds exactly the records sent (none
-lost, none duplicated) and that the hash chain verifies.
+lost, none duplicated) and that the hash chain verifies. It also prints the
+server's CPU use and the machine's load average, since on a shared machine the
+numbers depend on what else runs.
 
     python bench/coordinator.py --clients 20 --seconds 30 --batch 100
+    python bench/coordinator.py --sqlite-synchronous NORMAL   # the weaker setting
 """
 
 from __future__ import annotations
@@ -74,6 +77,15 @@ def _start(db: Path, port: int) -> subprocess.Popen[bytes]:
     raise RuntimeError("coordinator did not start")
 
 
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process (Linux /proc), or None elsewhere."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _batch(run_id: str, size: int) -> tuple[bytes, int]:
     now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
     records = [
@@ -123,6 +135,12 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--batch", type=int, default=100, help="records per request")
+    parser.add_argument(
+        "--sqlite-synchronous",
+        choices=["FULL", "EXTRA", "NORMAL"],
+        default=None,
+        help="the server's sqlite_synchronous setting (default: the coordinator's, FULL)",
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -135,6 +153,12 @@ def main() -> int:
             check=True,
         )
         admin_token = init.stdout.strip().splitlines()[-1]
+        config = Path(tmp) / "bench.db.config.json"
+        if args.sqlite_synchronous:
+            settings = json.loads(config.read_text())
+            settings["sqlite_synchronous"] = args.sqlite_synchronous
+            config.write_text(json.dumps(settings))
+        synchronous = json.loads(config.read_text()).get("sqlite_synchronous", "NORMAL")
         port = _free_port()
         proc = _start(db, port)
         url = f"http://127.0.0.1:{port}"
@@ -145,6 +169,8 @@ def main() -> int:
             latencies: list[float] = []
             sent: list[int] = []
             errors: list[str] = []
+            load_before = os.getloadavg()[0]
+            cpu_before = _cpu_seconds(proc.pid)
             start = time.monotonic()
             stop = start + args.seconds
             threads = [
@@ -159,6 +185,8 @@ def main() -> int:
             for t in threads:
                 t.join()
             elapsed = time.monotonic() - start
+            cpu_after = _cpu_seconds(proc.pid)
+            load_after = os.getloadavg()[0]
             verify = Client(url, auditor, timeout=(3, 600)).verify_audit()
         finally:
             proc.terminate()
@@ -173,11 +201,15 @@ def main() -> int:
     total = sum(sent)
     qs = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [0.0] * 99
     print(f"clients {args.clients}, batch {args.batch} records, {elapsed:.1f} s")
+    print(f"sqlite synchronous {synchronous}")
     print(f"requests {len(latencies)}, errors {len(errors)}")
     print(f"records sent {total}, stored {stored} (distinct {distinct})")
     print(f"throughput {total / elapsed:,.0f} records/s")
     print(f"latency p50 {qs[49] * 1000:.1f} ms, p99 {qs[98] * 1000:.1f} ms")
     print(f"chain intact: {verify['intact']} ({verify['count']} entries)")
+    if cpu_before is not None and cpu_after is not None:
+        print(f"server CPU {(cpu_after - cpu_before) / elapsed:.2f} cores", end="; ")
+    print(f"machine: {os.cpu_count()} CPUs, load average {load_before:.1f} -> {load_after:.1f}")
     for e in errors[:5]:
         print(f"error: {e}")
     ok = stored == total == distinct and not errors and verify["intact"]

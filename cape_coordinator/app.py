@@ -10,8 +10,9 @@ bodies are limited in size before they are read. The OpenAPI spec is at
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -20,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -322,16 +324,22 @@ def _coordinator(request: Request) -> Coordinator:
     return request.app.state.coordinator
 
 
-def require(*roles: str) -> Callable[..., Principal]:
-    """A dependency admitting tokens of ``roles`` only (401 without a valid token, else 403)."""
+def require(*roles: str) -> Callable[..., Awaitable[Principal]]:
+    """A dependency admitting tokens of ``roles`` only (401 without a valid token, else 403).
 
-    def dependency(
+    A token verified in the last second is answered from memory on the event loop;
+    otherwise the database is asked from the thread pool (it may block)."""
+
+    async def dependency(
         request: Request,
         creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     ) -> Principal:
         if creds is None:
             raise ApiError(401, "unauthenticated", "send Authorization: Bearer <token>")
-        principal = _coordinator(request).authenticate(creds.credentials)
+        coord = _coordinator(request)
+        principal = coord.cached_principal(creds.credentials)
+        if principal is None:
+            principal = await run_in_threadpool(coord.authenticate, creds.credentials)
         if principal.role not in roles:
             raise ApiError(403, "forbidden", f"role {principal.role} may not do this")
         return principal
@@ -578,14 +586,20 @@ def _routes(app: FastAPI, coord: Coordinator) -> None:
 
     # audit
     @app.post("/v1/audit", tags=["audit"])
-    def post_audit(body: AuditBatch, p: Principal = Depends(require("pipeline"))) -> AuditAccepted:
-        """Append run records; a record_id already stored is skipped (idempotent)."""
+    async def post_audit(
+        body: AuditBatch, p: Principal = Depends(require("pipeline"))
+    ) -> AuditAccepted:
+        """Append run records; a record_id already stored is skipped (idempotent).
+        Answered only after the transaction holding them has committed."""
         if len(body.records) > coord.settings.max_batch_records:
             raise ApiError(
                 413, "batch_too_large", f"at most {coord.settings.max_batch_records} records"
             )
         records = [r.model_dump(mode="json", exclude_unset=True) for r in body.records]
-        return AuditAccepted(**coord.post_audit(p, records))
+        # Preparing the batch is CPU work (no I/O): it stays on the loop, and the commit
+        # is awaited without holding a thread.
+        done = coord.submit_audit(p, records)
+        return AuditAccepted(**await asyncio.wrap_future(done))
 
     auditors = Depends(require("admin", "auditor"))
 

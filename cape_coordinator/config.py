@@ -27,6 +27,8 @@ class Settings:
     lost_after_seconds: int = 3600
     max_body_bytes: int = 4 * 1024 * 1024
     max_batch_records: int = 1000
+    # FULL: an acknowledged audit record survives power loss; NORMAL trades that for speed.
+    sqlite_synchronous: str = "FULL"
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Settings:

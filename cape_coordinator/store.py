@@ -11,15 +11,21 @@ chain anchor (other databases).
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import json
 import logging
+import operator
 import os
+import queue
 import re
+import sqlite3
 import sys
 import threading
+import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -62,13 +68,32 @@ PRINCIPAL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:-]{0,127}")
 SCHEMA_VERSION = "1"
 _ANCHOR_DOMAIN = b"cape-audit-anchor\x00"
 _AUDIT_COLS = [c.name for c in db.audit.columns]
-_SQLITE_INSERT_AUDIT = (
-    f"INSERT INTO audit ({', '.join(_AUDIT_COLS)}) "  # noqa: S608 - our own column names
-    f"VALUES ({', '.join('?' for _ in _AUDIT_COLS)})"
-)
+_AUDIT_VALUES = operator.itemgetter(*_AUDIT_COLS)
+# Rows per multi-row INSERT on SQLite, within its bound-parameter limit (999 before 3.32).
+_SQLITE_ROWS_PER_INSERT = 256 if sqlite3.sqlite_version_info >= (3, 32, 0) else 90
+
+
+@functools.lru_cache(maxsize=64)
+def _sqlite_insert_audit(n_rows: int) -> str:
+    """``INSERT INTO audit ... VALUES (...), ...`` for ``n_rows`` rows."""
+    group = f"({', '.join('?' for _ in _AUDIT_COLS)})"
+    return (
+        f"INSERT INTO audit ({', '.join(_AUDIT_COLS)}) "  # noqa: S608 - our own column names
+        f"VALUES {', '.join([group] * n_rows)}"
+    )
+
+
 _KNOWN_IDS = select(db.audit.c.record_id).where(
     db.audit.c.record_id.in_(bindparam("ids", expanding=True))
 )
+_UPDATE_RUN = update(db.runs).where(db.runs.c.run_id == bindparam("key"))
+# A verified token is trusted this long without asking the database again, so a
+# revocation made elsewhere (another serving process, or the database directly)
+# takes effect within this time; one made through this process takes effect at once.
+TOKEN_CACHE_SECONDS = 1.0
+_TOKEN_CACHE_MAX = 4096
+# The most run records one group commit carries (several callers' batches).
+GROUP_MAX_RECORDS = 5000
 
 
 @dataclass(frozen=True)
@@ -89,6 +114,38 @@ class VerifyResult:
     count: int
     last_hash: str
     problems: list[str] = field(default_factory=list)
+
+
+_CANON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def _run_rows(source: str, stamp: str, records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """:func:`_entry_row` for many run records of one request: the entry's other keys are
+    encoded once, and the bodies are byte for byte what ``canonical_json`` makes."""
+    head = f'{{"kind":"run","received_at":{_CANON.encode(stamp)},"record":'
+    tail = f',"source":{_CANON.encode(source)}}}'
+    rows = []
+    for rec in records:
+        rows.append(
+            {
+                "record_id": rec["record_id"],
+                "kind": "run",
+                "run_id": rec.get("run_id"),
+                "event": rec["event"],
+                "label": _run_label(rec),
+                "time": db.normalize_time(rec["time"]),
+                "received_at": stamp,
+                "body": head + _CANON.encode(rec) + tail,
+            }
+        )
+    return rows
+
+
+@functools.lru_cache(maxsize=16)
+def _sqlite_known_ids(n_ids: int) -> str:
+    """``SELECT record_id FROM audit WHERE record_id IN (?, ...)`` for ``n_ids`` ids."""
+    marks = ", ".join("?" for _ in range(n_ids))
+    return f"SELECT record_id FROM audit WHERE record_id IN ({marks})"  # noqa: S608
 
 
 class _Copies:
@@ -134,6 +191,23 @@ def _anchor_message(count: int, last_hash: str) -> bytes:
     return _ANCHOR_DOMAIN + f"{count}:{last_hash}".encode("ascii")
 
 
+def _entry_row(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """An audit row for a chain entry, all but ``seq`` and the hashes (which need the chain's
+    tail): the canonical body and the indexed columns derived from it. Costly enough (the
+    canonical JSON) to be done before the chain is locked."""
+    rec = entry["record"]
+    return {
+        "record_id": rec["record_id"],
+        "kind": entry["kind"],
+        "run_id": rec.get("run_id"),
+        "event": rec["event"],
+        "label": _record_label(entry),
+        "time": db.normalize_time(rec["time"]),
+        "received_at": entry["received_at"],
+        "body": _canon(entry).decode("utf-8"),
+    }
+
+
 def _loc(path: Sequence[str | int]) -> str:
     out = ""
     for p in path:
@@ -169,6 +243,97 @@ def canonical_yaml(document: Any) -> str:
     )
 
 
+@dataclass
+class _PendingBatch:
+    """A caller's audit batch waiting for the writer: prepared rows, their records, and
+    how many records the caller sent (in-batch repeats count as duplicates)."""
+
+    rows: list[dict[str, Any]]
+    records: list[dict[str, Any]]
+    sent: int
+    future: Future[dict[str, int]] = field(default_factory=Future)
+
+
+class _GroupWriter:
+    """One thread committing queued audit batches, all that are waiting in one transaction.
+
+    Callers wait on their batch's future, which is resolved only after the commit that
+    holds it. Batches queue while a commit is in progress, so under load each commit
+    (one fsync, one anchor signature) carries many batches, and at low load a batch is
+    committed at once, never held back to wait for company.
+    """
+
+    def __init__(self, commit: Callable[[Sequence[_PendingBatch]], list[dict[str, int]]]):
+        self._commit = commit
+        self._queue: queue.SimpleQueue[_PendingBatch | None] = queue.SimpleQueue()
+        self._gate = threading.Lock()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="cape-audit-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, batch: _PendingBatch) -> None:
+        with self._gate:
+            if self._stopped:
+                raise ApiError(503, "shutting_down", "the coordinator is shutting down")
+            self._queue.put(batch)
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Commit what is queued, then end the thread."""
+        with self._gate:
+            if self._stopped:
+                return
+            self._stopped = True
+            self._queue.put(None)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            group, size, stopping = [first], len(first.rows), False
+            while size < GROUP_MAX_RECORDS:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stopping = True
+                    break
+                group.append(nxt)
+                size += len(nxt.rows)
+            try:
+                self._flush(group)
+            except Exception as exc:
+                # A fault here must neither strand the callers nor end the writer.
+                log.error("audit writer fault: %s", type(exc).__name__)
+                for batch in group:
+                    if not batch.future.done():
+                        batch.future.set_exception(exc)
+            if stopping:
+                return
+
+    def _flush(self, group: list[_PendingBatch]) -> None:
+        live = [b for b in group if b.future.set_running_or_notify_cancel()]
+        if not live:
+            return
+        try:
+            results = self._commit(live)
+        except Exception as exc:
+            if len(live) == 1:
+                live[0].future.set_exception(exc)
+                return
+            # The whole group rolled back; alone, only a faulty batch fails again.
+            for batch in live:
+                try:
+                    batch.future.set_result(self._commit([batch])[0])
+                except Exception as one:
+                    batch.future.set_exception(one)
+            return
+        for batch, result in zip(live, results, strict=True):
+            batch.future.set_result(result)
+
+
 class Coordinator:
     """The coordinator's state behind one database, with its keys unsealed in memory."""
 
@@ -178,6 +343,12 @@ class Coordinator:
         self._master = master
         self._lock = threading.Lock()
         self._sqlite = engine.dialect.name == "sqlite"
+        self._writer: _GroupWriter | None = None
+        self._writer_lock = threading.Lock()
+        self._closed = False
+        self._token_cache: dict[str, tuple[float, str, Principal, float | None]] = {}
+        self._token_cache_lock = threading.Lock()
+        self._revocations = 0
         self._copies = _Copies(settings.audit_jsonl, settings.audit_stdout)
         with engine.connect() as conn:
             values = dict(conn.execute(select(db.settings.c.name, db.settings.c.value)).all())
@@ -201,7 +372,12 @@ class Coordinator:
                 f"no coordinator database at {paths.sqlite_file}; run `cape coordinator init`"
             )
         master = load_master_key(paths.key_file)
-        engine = db.make_engine(paths.url, **engine_kwargs)
+        sync = str(settings.sqlite_synchronous).upper()
+        if sync not in db.SYNCHRONOUS:
+            raise CoordinatorSetupError(
+                f"sqlite_synchronous must be one of {', '.join(db.SYNCHRONOUS)}"
+            )
+        engine = db.make_engine(paths.url, sqlite_synchronous=sync, **engine_kwargs)
         if not inspect(engine).has_table("settings"):
             raise CoordinatorSetupError("database is not an initialised Cape coordinator")
         return cls(engine, master, settings)
@@ -250,7 +426,12 @@ class Coordinator:
         return coord, token
 
     def close(self) -> None:
-        """Release database connections."""
+        """Commit queued audit batches, stop the audit writer and release connections."""
+        with self._writer_lock:
+            self._closed = True
+            writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.stop()
         self.engine.dispose()
 
     # ---- transactions and the chain -----------------------------------------------------
@@ -280,39 +461,35 @@ class Coordinator:
         entries: Sequence[dict[str, Any]],
     ) -> None:
         """Append chain entries (``{kind, source, received_at, record}``) and move the anchor."""
-        if not entries:
+        self._append_rows(conn, appended, [_entry_row(entry) for entry in entries])
+
+    def _append_rows(
+        self,
+        conn: Connection,
+        appended: list[dict[str, Any]],
+        rows: Sequence[dict[str, Any]],
+    ) -> None:
+        """Chain rows made by :func:`_entry_row` (seq and hashes filled here, in order) and
+        move the signed anchor once for all of them."""
+        if not rows:
             return
         count, prev = self._anchor(conn)
-        rows = []
-        for entry in entries:
-            rec = entry["record"]
-            body = _canon(entry)
-            digest = _chain_hash(prev, body)
+        for row in rows:
             count += 1
-            rows.append(
-                {
-                    "seq": count,
-                    "record_id": rec["record_id"],
-                    "kind": entry["kind"],
-                    "run_id": rec.get("run_id"),
-                    "event": rec["event"],
-                    "label": _record_label(entry),
-                    "time": db.normalize_time(rec["time"]),
-                    "received_at": entry["received_at"],
-                    "body": body.decode("utf-8"),
-                    "prev_hash": prev,
-                    "hash": digest,
-                }
-            )
-            prev = digest
+            row["seq"] = count
+            row["prev_hash"] = prev
+            prev = row["hash"] = _chain_hash(prev, row["body"].encode("utf-8"))
         if self._sqlite:
-            # The driver's executemany directly: SQLAlchemy's per-row parameter handling
-            # costs more than the insert itself on the audit hot path.
-            conn.exec_driver_sql(
-                _SQLITE_INSERT_AUDIT, [tuple(r[c] for c in _AUDIT_COLS) for r in rows]
-            )
+            # Multi-row INSERTs through the driver: SQLAlchemy's per-row parameter handling
+            # costs more than the insert itself, and the driver's executemany gives up and
+            # retakes the GIL for every row, which stalls behind the event loop under load.
+            step = _SQLITE_ROWS_PER_INSERT
+            for i in range(0, len(rows), step):
+                chunk = rows[i : i + step]
+                params = tuple(v for r in chunk for v in _AUDIT_VALUES(r))
+                conn.exec_driver_sql(_sqlite_insert_audit(len(chunk)), params)
         else:
-            conn.execute(insert(db.audit), rows)
+            conn.execute(insert(db.audit), [{c: r[c] for c in _AUDIT_COLS} for r in rows])
         anchor = {
             "count": count,
             "hash": prev,
@@ -425,6 +602,9 @@ class Coordinator:
                 appended,
                 [self._own_record(actor, "token.revoked", token_id=token_id, name=row["name"])],
             )
+        with self._token_cache_lock:
+            self._revocations += 1
+            self._token_cache.pop(token_id, None)
         return {**_token_info(row), "revoked_at": stamp}
 
     def list_tokens(self) -> list[dict[str, Any]]:
@@ -434,11 +614,15 @@ class Coordinator:
             return [_token_info(r) for r in rows]
 
     def authenticate(self, token: str) -> Principal:
-        """The principal a bearer token stands for, or 401."""
+        """The principal a bearer token stands for, or 401 (see :meth:`cached_principal`)."""
+        cached = self.cached_principal(token)
+        if cached is not None:
+            return cached
         parts = split_token(token)
         if parts is None:
             raise ApiError(401, "unauthenticated", "invalid token")
         token_id, secret = parts
+        revocations, read_at = self._revocations, time.monotonic()
         with self.engine.connect() as conn:
             row = (
                 conn.execute(select(db.tokens).where(db.tokens.c.id == token_id)).mappings().first()
@@ -451,12 +635,42 @@ class Coordinator:
             raise ApiError(401, "token_revoked", "token has been revoked")
         if row["expires_at"] is not None and row["expires_at"] <= db.now():
             raise ApiError(401, "token_expired", "token has expired")
-        return Principal(
+        principal = Principal(
             token_id=row["id"],
             name=row["name"],
             role=row["role"],
             labels=tuple(json.loads(row["labels"])),
         )
+        expires = None
+        if row["expires_at"] is not None:
+            expires = db.parse_time(row["expires_at"]).timestamp()
+        with self._token_cache_lock:
+            # A revocation committed while this row was read must not be cached over.
+            if self._revocations == revocations:
+                if len(self._token_cache) >= _TOKEN_CACHE_MAX:
+                    self._token_cache.clear()
+                self._token_cache[token_id] = (read_at, stored, principal, expires)
+        return principal
+
+    def cached_principal(self, token: str) -> Principal | None:
+        """The principal of a token verified against the database less than
+        ``TOKEN_CACHE_SECONDS`` ago and not expired since, else None (ask the database).
+        Saves a database read per request; revocation through this process evicts at once."""
+        parts = split_token(token)
+        if parts is None:
+            return None
+        hit = self._token_cache.get(parts[0])
+        if hit is None:
+            return None
+        verified_at, stored, principal, expires = hit
+        if time.monotonic() - verified_at > TOKEN_CACHE_SECONDS:
+            self._token_cache.pop(parts[0], None)
+            return None
+        if not secret_matches(parts[1], stored):
+            return None
+        if expires is not None and expires <= time.time():
+            return None
+        return principal
 
     # ---- policies -----------------------------------------------------------------------
 
@@ -808,7 +1022,16 @@ class Coordinator:
     # ---- audit --------------------------------------------------------------------------
 
     def post_audit(self, actor: Principal, records: Sequence[Mapping[str, Any]]) -> dict[str, int]:
-        """Append a batch of run records; a record id already stored is skipped (idempotent)."""
+        """Append a batch of run records; a record id already stored is skipped (idempotent).
+        Returns once the transaction holding the batch has committed."""
+        return self.submit_audit(actor, records).result()
+
+    def submit_audit(
+        self, actor: Principal, records: Sequence[Mapping[str, Any]]
+    ) -> Future[dict[str, int]]:
+        """Queue a batch of run records for the audit writer; the future holds
+        ``{accepted, duplicates}`` once the batch is committed (group commit: one
+        transaction may carry several callers' batches, each chained in arrival order)."""
         unique: dict[str, dict[str, Any]] = {}
         for rec in records:
             unique.setdefault(rec["record_id"], dict(rec))
@@ -816,33 +1039,64 @@ class Coordinator:
             label = _run_label(rec)
             if label is not None and actor.labels and label not in actor.labels:
                 raise ApiError(403, "label_forbidden", "token is not allowed for this policy label")
-        stamp = db.now()
+        rows = _run_rows(actor.name, db.now(), unique.values())
+        pending = _PendingBatch(rows, list(unique.values()), len(records))
+        self._audit_writer().submit(pending)
+        return pending.future
+
+    def _audit_writer(self) -> _GroupWriter:
+        with self._writer_lock:
+            if self._writer is None:
+                if self._closed:
+                    raise ApiError(503, "shutting_down", "the coordinator is shutting down")
+                self._writer = _GroupWriter(self._commit_audit_group)
+            return self._writer
+
+    def _commit_audit_group(self, group: Sequence[_PendingBatch]) -> list[dict[str, int]]:
+        """One transaction for several batches: duplicates are checked against the database
+        and against earlier batches of the group, then every fresh record is chained."""
         with self._write() as (conn, appended):
             if not self._sqlite:
                 # Take the chain's row lock before the duplicate check, so two servers
                 # given the same record cannot both decide it is new.
                 self._anchor(conn)
-            ids = list(unique)
-            seen: set[str] = set()
-            for i in range(0, len(ids), 500):
-                chunk = ids[i : i + 500]
-                seen.update(conn.execute(_KNOWN_IDS, {"ids": chunk}).scalars())
-            fresh = [rec for rid, rec in unique.items() if rid not in seen]
-            self._append(
-                conn,
-                appended,
-                [
-                    {"kind": "run", "source": actor.name, "received_at": stamp, "record": rec}
-                    for rec in fresh
-                ],
-            )
-            self._update_runs(conn, fresh, stamp)
-        return {"accepted": len(fresh), "duplicates": len(records) - len(fresh)}
+            ids = [row["record_id"] for batch in group for row in batch.rows]
+            seen = self._known_ids(conn, ids)
+            results = []
+            fresh_rows: list[dict[str, Any]] = []
+            fresh_records: list[tuple[dict[str, Any], str]] = []
+            for batch in group:
+                accepted = 0
+                for row, rec in zip(batch.rows, batch.records, strict=True):
+                    if row["record_id"] in seen:
+                        continue
+                    seen.add(row["record_id"])
+                    fresh_rows.append(row)
+                    fresh_records.append((rec, row["received_at"]))
+                    accepted += 1
+                results.append({"accepted": accepted, "duplicates": batch.sent - accepted})
+            self._append_rows(conn, appended, fresh_rows)
+            self._update_runs(conn, fresh_records)
+        return results
 
-    def _update_runs(self, conn: Connection, records: Sequence[dict[str, Any]], stamp: str) -> None:
-        by_run: dict[str, list[dict[str, Any]]] = {}
-        for rec in records:
-            by_run.setdefault(rec["run_id"], []).append(rec)
+    def _known_ids(self, conn: Connection, ids: Sequence[str]) -> set[str]:
+        """Which of ``ids`` the chain already holds."""
+        seen: set[str] = set()
+        for i in range(0, len(ids), 500):
+            chunk = ids[i : i + 500]
+            if self._sqlite:
+                # Plain SQL: compiling SQLAlchemy's expanding IN costs more than the lookups.
+                rows = conn.exec_driver_sql(_sqlite_known_ids(len(chunk)), tuple(chunk))
+                seen.update(r[0] for r in rows)
+            else:
+                seen.update(conn.execute(_KNOWN_IDS, {"ids": chunk}).scalars())
+        return seen
+
+    def _update_runs(self, conn: Connection, records: Sequence[tuple[dict[str, Any], str]]) -> None:
+        """Fold (record, received_at) pairs into the runs' summary rows."""
+        by_run: dict[str, list[tuple[dict[str, Any], str]]] = {}
+        for rec, stamp in records:
+            by_run.setdefault(rec["run_id"], []).append((rec, stamp))
         if not by_run:
             return
         existing = {
@@ -851,19 +1105,22 @@ class Coordinator:
                 select(db.runs).where(db.runs.c.run_id.in_(list(by_run)))
             ).mappings()
         }
+        inserts, updates = [], []
         for run_id, recs in by_run.items():
             run = existing.get(run_id)
-            new = run is None
             if run is None:
                 run = {c.name: None for c in db.runs.columns}
                 run.update(run_id=run_id, status="running", records=0)
-            for rec in recs:
-                _merge_run(run, rec)
-            run["last_seen"] = stamp
-            if new:
-                conn.execute(insert(db.runs), run)
+                inserts.append(run)
             else:
-                conn.execute(update(db.runs).where(db.runs.c.run_id == run_id).values(**run))
+                updates.append(run)
+            for rec, _ in recs:
+                _merge_run(run, rec)
+            run["last_seen"] = max(stamp for _, stamp in recs)
+        if inserts:
+            conn.execute(insert(db.runs), inserts)
+        if updates:
+            conn.execute(_UPDATE_RUN, [{"key": r["run_id"], **r} for r in updates])
 
     def list_audit(
         self,
