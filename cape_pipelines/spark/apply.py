@@ -10,9 +10,16 @@ and shipped to the executors.
 
 A run on Spark is one action. :func:`write` and :func:`collect` are the
 audited actions: each emits ``run.started``, runs the action, then
-``run.completed`` with counts taken from the data the action produced (the
-collected table, or the written files read back) — never from accumulators,
-which a retried task or a recomputed stage counts twice — or ``run.failed``.
+``run.completed`` with counts of the data the action produced, or
+``run.failed``. :func:`collect` counts the collected table. :func:`write`
+counts the rows flowing into Spark's writer with observed metrics
+(``DataFrame.observe``), computed in the write's own job: the observation sits
+in the write's result stage, where Spark merges the metrics of one successful
+attempt per partition (and, by default since Spark 4, of the last successful
+attempt of each partition in any stage), so a failed and retried task or a
+speculative copy is not counted twice. Where Spark does not report the
+metrics, or the session asked for the legacy all-attempts metrics, the written
+files are read back and counted instead.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
-from pyspark.sql import DataFrame
+from pyspark.sql import DataFrame, Observation
 from pyspark.sql import functions as F
 
 from ..audit import AuditTarget, RunContext
@@ -141,13 +148,21 @@ def apply_policy(
             run.policy_fetched(src.source)
         run.failed(exc)
         raise
-    if all(not isinstance(s, ColumnStep | FilterStep) for s in plan.steps):
-        # Only columns removed: Spark's own projection is exactly that, and costs nothing.
-        out = sdf.select(*[F.col(f"`{c}`") for c in plan.output_schema.names])
-    else:
-        out = sdf.mapInArrow(PolicyFunction(plan), schema_to_spark(plan.output_schema))
+    out = _policy_frame(plan, sdf)
     _BINDINGS[out] = _Binding(plan, sdf, audit, src.source)
     return out
+
+
+def _quoted(name: str) -> str:
+    return "`" + name.replace("`", "``") + "`"
+
+
+def _policy_frame(plan: Plan, sdf: DataFrame) -> DataFrame:
+    """``sdf`` with ``plan`` applied: the lazy DataFrame :func:`apply_policy` returns."""
+    if all(not isinstance(s, ColumnStep | FilterStep) for s in plan.steps):
+        # Only columns removed: Spark's own projection is exactly that, and costs nothing.
+        return sdf.select(*[F.col(_quoted(c)) for c in plan.output_schema.names])
+    return sdf.mapInArrow(PolicyFunction(plan), schema_to_spark(plan.output_schema))
 
 
 def plan_of(out: DataFrame) -> Plan:
@@ -165,11 +180,97 @@ def _binding(out: DataFrame) -> _Binding:
         ) from None
 
 
-def _rows_in(binding: _Binding, rows_out: int) -> int:
-    """Rows read: ``rows_out`` unless the plan removes rows, then a count of the input."""
-    if not binding.plan.filters_rows:
-        return rows_out
-    return int(binding.source.count())
+LEGACY_ALL_ATTEMPTS = "spark.sql.legacy.observeMetricsAggregateAllAttempts"
+"""Spark's switch back to observed metrics summed over every successful task attempt."""
+
+
+class _Observed:
+    """The DataFrame an audited action runs, with its counts observed in that same action.
+
+    ``frame`` returns the same rows as the DataFrame :func:`apply_policy` made.
+    With ``output``, the rows it produces and their non-null values per
+    transformed column are observed on top of it. When the plan removes rows,
+    the rows going into the policy are observed too, below ``mapInArrow`` and
+    so in the same stage: ``frame`` is then a fresh copy of the policy over
+    the source (an observation can be attached only once), unless the
+    DataFrame is cached, whose cache a copy would miss. Nothing is observed
+    when ``trusted`` is false; the caller then counts another way.
+    """
+
+    def __init__(self, binding: _Binding, out: DataFrame, *, output: bool, trusted: bool = True):
+        self.plan = binding.plan
+        self.source = binding.source
+        self.columns = list(self.plan.transformed_columns)
+        self.into: Observation | None = None
+        self.out: Observation | None = None
+        self.frame = out
+        if not trusted:
+            return
+        if self.plan.filters_rows and not getattr(out, "is_cached", False):
+            self.into = Observation()
+            observed_in = self.source.observe(self.into, F.count(F.lit(1)).alias("rows"))
+            self.frame = _policy_frame(self.plan, observed_in)
+        if output:
+            self.out = Observation()
+            counts = [F.count(F.col(_quoted(c))).alias(f"v{i}") for i, c in enumerate(self.columns)]
+            self.frame = self.frame.observe(self.out, F.count(F.lit(1)).alias("rows"), *counts)
+
+    def rows_in(self, rows_out: int) -> int:
+        """Rows read: ``rows_out`` unless the plan removes rows, then observed (or counted)."""
+        if not self.plan.filters_rows:
+            return rows_out
+        seen = _metrics(self.into, ["rows"]) if self.into is not None else None
+        return seen["rows"] if seen is not None else int(self.source.count())
+
+    def output_counters(self) -> Counters | None:
+        """The output counts observed in the action, or None if there are none."""
+        names = [f"v{i}" for i in range(len(self.columns))]
+        seen = _metrics(self.out, ["rows", *names]) if self.out is not None else None
+        if seen is None:
+            return None
+        rows = seen["rows"]
+        counters = Counters(rows_out=rows)
+        for c, name in zip(self.columns, names, strict=True):
+            types = self.plan.transformed_columns[c]
+            counters.columns[c] = ColumnCounter(types, seen[name], rows - seen[name])
+        return counters
+
+
+def _legacy_all_attempts(sdf: DataFrame) -> bool:
+    """Whether the session sums observed metrics over all successful attempts (legacy mode).
+
+    The write's observation is in its result stage, where even that mode
+    merges one attempt per partition; but a writer that adds a shuffle above
+    it (some table formats' optimised writes) would put it in a map stage, in
+    which a recomputed stage is counted again. Reading back is exact there.
+    """
+    value = sdf.sparkSession.conf.get(LEGACY_ALL_ATTEMPTS, "false")
+    return str(value).strip().lower() == "true"
+
+
+def _metrics(obs: Observation, names: Sequence[str]) -> dict[str, int] | None:
+    """The integer metrics ``names`` that ``obs`` saw in the action just run, or None.
+
+    ``Observation.get`` blocks until the action reports the metrics; a
+    command that does not report them would block forever. Classic PySpark
+    exposes the JVM side's future, which is checked first; Spark completes it
+    before the action returns. Spark reports an empty row for an observation
+    its plan did not hold.
+    """
+    jo = getattr(obs, "_jo", None)
+    if jo is not None:
+        try:
+            if not jo.future().isCompleted():
+                return None
+        except Exception:  # an internal API: without it, do not risk blocking
+            return None
+    try:
+        seen = obs.get
+    except Exception:
+        return None
+    if any(not isinstance(seen.get(n), int) for n in names):
+        return None
+    return {n: int(seen[n]) for n in names}
 
 
 def counters_from_table(plan: Plan, table: pa.Table) -> Counters:
@@ -185,7 +286,7 @@ def counters_from_dataframe(plan: Plan, produced: DataFrame) -> Counters:
     """The same counts as :func:`counters_from_table`, by one aggregation over ``produced``."""
     cols = list(plan.transformed_columns)
     aggs = [F.count(F.lit(1)).alias("rows")]
-    aggs += [F.count(F.col(f"`{c}`")).alias(f"v{i}") for i, c in enumerate(cols)]
+    aggs += [F.count(F.col(_quoted(c))).alias(f"v{i}") for i, c in enumerate(cols)]
     row = produced.agg(*aggs).collect()[0]
     rows = int(row["rows"])
     counters = Counters(rows_out=rows)
@@ -196,15 +297,20 @@ def counters_from_dataframe(plan: Plan, produced: DataFrame) -> Counters:
 
 
 def collect(out: DataFrame) -> pa.Table:
-    """Run ``out`` and return it as a pyarrow Table in the plan's output types: one audited run."""
+    """Run ``out`` and return it as a pyarrow Table in the plan's output types: one audited run.
+
+    The output counts come from the table; when the plan removes rows, the
+    rows read are observed in the same job.
+    """
     binding = _binding(out)
     run = binding.new_run()
     binding.start(run)
     try:
-        table = _to_arrow(out)
+        observed = _Observed(binding, out, output=False)
+        table = _to_arrow(observed.frame)
         table = table.cast(binding.plan.output_schema)
         counters = counters_from_table(binding.plan, table)
-        counters.rows_in = _rows_in(binding, counters.rows_out)
+        counters.rows_in = observed.rows_in(counters.rows_out)
     except BaseException as exc:
         run.failed(exc)
         raise
@@ -234,11 +340,13 @@ def write(
 ) -> Counters:
     """Write ``out`` to ``path`` with Spark's writer: one audited run; returns its counts.
 
-    After the write, the counts come from the files just written, read back in
-    one aggregation (for ``mode="append"`` the path also holds older data, so
-    ``out`` is aggregated again instead; the policy is deterministic, so that
-    recomputation yields the same rows). ``mode="ignore"`` is refused: it may
-    write nothing, and the run could not say so.
+    The counts are observed on the rows Spark's writer receives, in the
+    write's own job (see the module docstring). If Spark does not report them,
+    the files just written are read back in one aggregation instead (for
+    ``mode="append"`` the path also holds older data, so ``out`` is aggregated
+    again; the policy is deterministic, so that recomputation yields the same
+    rows). ``mode="ignore"`` is refused: it may write nothing, and the run
+    could not say so.
     """
     if mode == "ignore":
         raise ValueError("write(mode='ignore') is not supported: a run must know what it wrote")
@@ -246,16 +354,19 @@ def write(
     run = binding.new_run()
     binding.start(run)
     try:
-        writer = out.write.format(format).mode(mode).options(**options)
+        observed = _Observed(binding, out, output=True, trusted=not _legacy_all_attempts(out))
+        writer = observed.frame.write.format(format).mode(mode).options(**options)
         if partition_by:
             writer = writer.partitionBy(*partition_by)
         writer.save(path)
-        if mode in _READ_BACK_MODES:
-            produced = out.sparkSession.read.format(format).options(**options).load(path)
-        else:
-            produced = out
-        counters = counters_from_dataframe(binding.plan, produced)
-        counters.rows_in = _rows_in(binding, counters.rows_out)
+        counters = observed.output_counters()
+        if counters is None:
+            if mode in _READ_BACK_MODES:
+                produced = out.sparkSession.read.format(format).options(**options).load(path)
+            else:
+                produced = out
+            counters = counters_from_dataframe(binding.plan, produced)
+        counters.rows_in = observed.rows_in(counters.rows_out)
     except BaseException as exc:
         run.failed(exc)
         raise

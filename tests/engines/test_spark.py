@@ -303,6 +303,237 @@ def test_actions_need_the_dataframe_apply_policy_returned(people: Any) -> None:
         collect(out.limit(1))
 
 
+# --- audit: counts observed in the action's own job ---------------------------------------------
+
+ROUND_SALARY = on("salary", {"type": "numeric-rounding", "precision": 0})
+# PEOPLE through ADULTS + ROUND_SALARY: ages 34, 50, 18, 70 stay, one of their salaries is null
+ADULT_COUNTS = {"rows_in": 6, "rows_out": 4, "salary": (3, 1)}
+
+
+def _counted(counters: Any) -> dict[str, Any]:
+    c = counters.columns["salary"]
+    return {
+        "rows_in": counters.rows_in,
+        "rows_out": counters.rows_out,
+        "salary": (c.values, c.nulls),
+    }
+
+
+def _recording(people: Any, directory: Any) -> Any:
+    """``people`` through a Python step that leaves one file in ``directory`` per task it runs."""
+    directory.mkdir(exist_ok=True)
+    where = str(directory)
+
+    def record(batches: Any) -> Any:
+        import uuid
+
+        with open(os.path.join(where, uuid.uuid4().hex), "w"):
+            pass
+        yield from batches
+
+    return people.repartition(3).mapInArrow(record, people.schema)
+
+
+def _source_tasks(directory: Any) -> int:
+    return len(list(directory.iterdir()))
+
+
+def test_write_counts_come_from_its_own_job_not_the_files(people: Any) -> None:
+    # The noop format writes nothing that could be read back: the counts must be observed.
+    sink = MemorySink()
+    out = apply_policy(people, policy(ADULTS, ROUND_SALARY), audit=sink)
+    counters = write(out, "unused", format="noop", mode="overwrite")
+    assert _counted(counters) == ADULT_COUNTS
+    assert _events(sink) == ["run.started", "run.completed"]
+    assert sink.records[1]["rows_redacted"] == 2
+
+
+AUDITED_ACTIONS = [
+    ("collect", lambda out, path: collect(out)),
+    ("write parquet", lambda out, path: write(out, str(path))),
+    ("write noop", lambda out, path: write(out, str(path), format="noop", mode="overwrite")),
+]
+
+
+@pytest.mark.parametrize(("what", "action"), AUDITED_ACTIONS, ids=[a[0] for a in AUDITED_ACTIONS])
+def test_a_row_removing_policy_reads_its_source_once(
+    people: Any, tmp_path: Any, what: str, action: Any
+) -> None:
+    # rows_in is observed below mapInArrow in the same job, not a second count() job
+    tasks = tmp_path / "tasks"
+    source = _recording(people, tasks)
+    source.write.format("noop").mode("overwrite").save()
+    once = _source_tasks(tasks)
+    sink = MemorySink()
+    action(apply_policy(source, policy(ADULTS, ROUND_SALARY), audit=sink), tmp_path / "out")
+    assert _source_tasks(tasks) == 2 * once
+    done = sink.records[1]
+    assert (done["rows_in"], done["rows_out"]) == (6, 4)
+    assert done["columns"]["salary"] == {"transform": "numeric-rounding", "values": 3, "nulls": 1}
+
+
+def test_append_counts_only_what_this_write_added(people: Any, tmp_path: Any) -> None:
+    path = str(tmp_path / "out")
+    out = apply_policy(people, policy(ADULTS, ROUND_SALARY), audit=MemorySink())
+    first = write(out, path, mode="append")
+    second = write(out, path, mode="append")
+    assert _counted(first) == _counted(second) == ADULT_COUNTS
+    assert pq.read_table(path).num_rows == 8
+
+
+def test_partitioned_write_counts_every_partition(people: Any, tmp_path: Any) -> None:
+    path = tmp_path / "out"
+    out = apply_policy(people, policy(ADULTS, ROUND_SALARY), audit=MemorySink())
+    counters = write(out, str(path), partition_by=["born"])
+    assert _counted(counters) == ADULT_COUNTS
+    assert len(list(path.glob("born=*"))) == 4
+    assert sum(pq.read_metadata(f).num_rows for f in path.rglob("*.parquet")) == 4
+
+
+def test_cached_output_is_counted_from_the_cache(people: Any, tmp_path: Any) -> None:
+    out = apply_policy(people, policy(ADULTS, ROUND_SALARY), audit=MemorySink()).cache()
+    try:
+        assert _counted(write(out, "unused", format="noop", mode="overwrite")) == ADULT_COUNTS
+        assert collect(out).num_rows == 4
+    finally:
+        out.unpersist()
+
+
+@pytest.fixture
+def session_conf(spark: Any) -> Any:
+    """Set SQL settings on the shared session for one test; restored after it."""
+    saved: dict[str, str | None] = {}
+
+    def set_conf(key: str, value: str) -> None:
+        saved.setdefault(key, spark.conf.get(key, None))
+        spark.conf.set(key, value)
+
+    yield set_conf
+    for key, value in saved.items():
+        if value is None:
+            spark.conf.unset(key)
+        else:
+            spark.conf.set(key, value)
+
+
+def test_counts_under_adaptive_execution_with_a_shuffle(people: Any, session_conf: Any) -> None:
+    session_conf("spark.sql.adaptive.enabled", "true")
+    out = apply_policy(
+        people.repartition(5, "ssn"), policy(ADULTS, ROUND_SALARY), audit=MemorySink()
+    )
+    assert _counted(write(out, "unused", format="noop", mode="overwrite")) == ADULT_COUNTS
+
+
+def test_legacy_all_attempts_metrics_are_not_trusted(
+    people: Any, tmp_path: Any, session_conf: Any
+) -> None:
+    # With Spark's legacy mode, write counts the files it wrote and the source itself.
+    session_conf("spark.sql.legacy.observeMetricsAggregateAllAttempts", "true")
+    tasks = tmp_path / "tasks"
+    source = _recording(people, tasks)
+    source.write.format("noop").mode("overwrite").save()
+    once = _source_tasks(tasks)
+    out = apply_policy(source, policy(ADULTS, ROUND_SALARY), audit=MemorySink())
+    assert _counted(write(out, str(tmp_path / "out"))) == ADULT_COUNTS
+    assert _source_tasks(tasks) == 3 * once  # the write, then count() for rows_in
+
+
+RETRY_SCRIPT = r"""
+import json, os, sys
+from pyspark import TaskContext
+from pyspark.sql import SparkSession
+from cape_pipelines.audit import MemorySink
+from cape_pipelines.spark import apply_policy, collect, write
+
+work = sys.argv[1]
+spark = (
+    SparkSession.builder.master("local[2,2]")  # two attempts per task
+    .config("spark.ui.enabled", "false")
+    .config("spark.sql.adaptive.enabled", "false")
+    .config("spark.sql.session.timeZone", "UTC")
+    .config("spark.sql.execution.arrow.maxRecordsPerBatch", "10")
+    .getOrCreate()
+)
+spark.sparkContext.setLogLevel("OFF")
+base = spark.range(0, 1000, numPartitions=4).selectExpr(
+    "id", "id % 50 AS age", "CASE WHEN id % 3 = 0 THEN NULL ELSE id * 1.5D END AS salary"
+)
+POLICY = {
+    "label": "retry",
+    "rules": [
+        {"actions": [{"transform": {"type": "row-redact", "condition": "age < 10"}}]},
+        {"match": {"name": "salary"},
+         "actions": [{"transform": {"type": "numeric-rounding", "precision": -1}}]},
+    ],
+}
+
+
+def flaky(name):
+    marker = os.path.join(work, name + ".failed")
+
+    def run(batches):
+        ctx = TaskContext.get()
+        for i, batch in enumerate(batches):
+            # The first attempt of partition 1 fails after 3 batches went on down the plan.
+            if i == 3 and ctx.partitionId() == 1 and ctx.attemptNumber() == 0:
+                with open(marker, "a") as f:
+                    f.write("failed once\n")
+                raise RuntimeError("first attempt fails")
+            yield batch
+
+    return base.mapInArrow(run, base.schema)
+
+
+def counts(c):
+    col = c.columns["salary"]
+    return [c.rows_in, c.rows_out, col.values, col.nulls]
+
+
+result = {}
+sink = MemorySink()
+out = apply_policy(flaky("write"), POLICY, audit=sink)
+result["write"] = counts(write(out, os.path.join(work, "written")))
+collect(apply_policy(flaky("collect"), POLICY, audit=sink))
+done = sink.records[-1]
+result["collect"] = [done["rows_in"], done["rows_out"],
+                     done["columns"]["salary"]["values"], done["columns"]["salary"]["nulls"]]
+spark.conf.set("spark.sql.legacy.observeMetricsAggregateAllAttempts", "true")
+out = apply_policy(flaky("legacy"), POLICY, audit=sink)
+result["legacy"] = counts(write(out, os.path.join(work, "legacy")))
+result["events"] = [r["event"] for r in sink.records]
+spark.stop()
+print(json.dumps(result))
+"""
+
+
+@pytest.mark.slow
+def test_counts_are_exact_when_a_task_fails_and_is_retried(tmp_path: Any) -> None:
+    import json
+    import subprocess
+    import sys
+
+    # Its own Spark: the shared local[2] session never retries a task.
+    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
+    proc = subprocess.run(
+        [sys.executable, "-c", RETRY_SCRIPT, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    kept = [i for i in range(1000) if i % 50 >= 10]
+    want = [1000, len(kept), sum(1 for i in kept if i % 3), sum(1 for i in kept if i % 3 == 0)]
+    # one failed first attempt per job over the source: legacy mode runs count() for rows_in
+    for action, jobs in [("write", 1), ("collect", 1), ("legacy", 2)]:
+        assert (tmp_path / f"{action}.failed").read_text() == "failed once\n" * jobs, action
+        assert got[action] == want, action
+    assert got["events"] == ["run.started", "run.completed"] * 3
+    for written in ("written", "legacy"):
+        assert pq.read_table(str(tmp_path / written)).num_rows == len(kept)
+
+
 # --- bad input: errors at apply_policy, before any job ------------------------------------------
 
 BAD_INPUT = [
