@@ -1,23 +1,26 @@
-"""The DoFns and CombineFn that :class:`~cape_pipelines.beam.ApplyPolicy` wires together.
+"""The DoFns that :class:`~cape_pipelines.beam.ApplyPolicy` wires together.
 
 Everything here is picklable and holds no driver state: the plan (with its
 resolved keys) and the audit sink travel inside the DoFns; per-process state
 (the transformations' memo, metric handles) is rebuilt in ``setup``. Counts for
 the audit record leave :class:`ApplyPlanFn` as a tagged output, so Beam commits
 them together with the bundle's data (a retried bundle's counts are discarded
-with its data), and are merged inside the pipeline by :class:`MergeCounters`.
+with its data), once per bundle and window; :class:`FinishRunFn` reads them all
+as a side input and merges them.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, NoReturn
 
 import apache_beam as beam
 import pyarrow as pa
 from apache_beam.metrics import Metrics
-from apache_beam.pvalue import Row
+from apache_beam.pvalue import Row, TaggedOutput
+from apache_beam.transforms.window import BoundedWindow
+from apache_beam.utils.windowed_value import WindowedValue
 
 from ..audit import RunContext, Sink, error_info
 from ..core import Counters, apply_batch
@@ -65,7 +68,7 @@ class RunAudit:
 
 class StartRunFn(beam.DoFn):
     """On the run's single Impulse element: make the run id and emit ``run.started``
-    (and ``policy.fetched`` for a policy from a coordinator)."""
+    (and ``policy.fetched`` for a policy from a coordinator). Yields the run id."""
 
     def __init__(self, audit: RunAudit):
         self.audit = audit
@@ -84,11 +87,18 @@ class StartRunFn(beam.DoFn):
 
 
 class ApplyPlanFn(beam.DoFn):
-    """Apply the plan to one batch (a list of dicts, of Rows, or of Arrow tables).
+    """Apply the plan to Arrow tables as they come, and to batches of dicts or Rows.
 
-    Yields the batch's output in the form it came in (dicts, Rows, tables), and
-    its :class:`~cape_pipelines.core.Counters` as a dict on the ``counters``
-    tag. A :class:`~cape_pipelines.errors.CapeError` (bad data, a failing
+    An element is a ``pyarrow.Table`` or ``RecordBatch``, which is already a
+    batch: it is transformed on its own, with no copy or regrouping, and its
+    output (same type) emitted at once. Or it is a list from ``BatchElements``
+    (used for input not known to be Arrow): of dicts or Rows, turned into one
+    Arrow table, transformed, and emitted as dicts or Rows again; or of tables,
+    each transformed on its own. Each transformed batch adds its
+    :class:`~cape_pipelines.core.Counters` to the Beam metrics (one update per
+    counter per batch); the bundle's counts per window leave at the end of the
+    bundle as one dict on the ``counters`` tag. A
+    :class:`~cape_pipelines.errors.CapeError` (bad data, a failing
     transformation) emits ``run.failed`` before it fails the bundle.
     """
 
@@ -110,72 +120,82 @@ class ApplyPlanFn(beam.DoFn):
             for col in self.plan.transformed_columns
         }
 
-    def process(self, batch: list[Any], run_id: str) -> Iterator[Any]:
-        try:
-            yield from self._process(batch)
-        except CapeError as exc:
-            run = self.audit.context(run_id)
-            run.emit(
-                "run.failed",
-                record_id=record_id(run_id, "run.failed"),
-                error=error_info(exc),
-            )
-            raise
+    def start_bundle(self) -> None:
+        self._counts: dict[BoundedWindow, Counters] = {}
+        self._run_id = ""
 
-    def _process(self, batch: list[Any]) -> Iterator[Any]:
-        if not batch:
+    def process(
+        self, element: Any, run_id: str, window: BoundedWindow = beam.DoFn.WindowParam
+    ) -> Iterator[Any]:
+        self._run_id = run_id
+        if isinstance(element, pa.Table | pa.RecordBatch):
+            yield from self._guarded(self._arrow, element, window)
+            return
+        if not isinstance(element, list):
+            self._refuse(element)
+        if not element:
             # BatchElements flushes an empty list when one element outweighs a batch.
             return
-        total = Counters.empty_for(self.plan)
-        first = batch[0]
+        first = element[0]
         if isinstance(first, pa.Table | pa.RecordBatch):
-            for element in batch:
-                table = _as_table(element)
-                out = self._apply(table, total)
-                if out.num_rows:
-                    yield (
-                        out
-                        if isinstance(element, pa.Table)
-                        else out.combine_chunks().to_batches()[0]
-                    )
-        elif isinstance(first, Mapping):
+            for table in element:
+                yield from self._guarded(self._arrow, table, window)
+        elif isinstance(first, Mapping | Row) or hasattr(first, "_fields"):
+            yield from self._guarded(self._records, element, window)
+        else:
+            self._refuse(first)
+
+    def finish_bundle(self) -> Iterator[TaggedOutput]:
+        counts, self._counts = self._counts, {}
+        for window, total in counts.items():
+            # Outside process() an output needs its window spelled out.
+            counted = WindowedValue(total.to_dict(), window.max_timestamp(), (window,))
+            yield TaggedOutput(COUNTERS_TAG, counted)
+
+    def _refuse(self, element: Any) -> NoReturn:
+        self._fail(
+            DataError(
+                f"ApplyPolicy takes dicts, Beam Rows, or pyarrow Tables/RecordBatches, "
+                f"not {type(element).__name__}"
+            )
+        )
+
+    def _guarded(self, step: Any, arg: Any, window: BoundedWindow) -> Iterator[Any]:
+        total = Counters.empty_for(self.plan)
+        try:
+            yield from step(arg, total)
+        except CapeError as exc:
+            self._fail(exc)
+        self._report(total)
+        self._counts.setdefault(window, Counters()).merge(total)
+
+    def _fail(self, exc: CapeError) -> NoReturn:
+        run = self.audit.context(self._run_id)
+        run.emit(
+            "run.failed",
+            record_id=record_id(self._run_id, "run.failed"),
+            error=error_info(exc),
+        )
+        raise exc
+
+    def _arrow(self, element: pa.Table | pa.RecordBatch, total: Counters) -> Iterator[Any]:
+        if isinstance(element, pa.RecordBatch):
+            out = self._apply_batch(element, total)
+        else:
+            out = self._apply(element, total)
+        if out.num_rows:
+            yield out
+
+    def _records(self, batch: list[Any], total: Counters) -> Iterator[Any]:
+        if isinstance(batch[0], Mapping):
             out = self._apply(table_from_dicts(batch, self.plan.input_schema), total)
             yield from out.to_pylist()
-        elif isinstance(first, Row) or hasattr(first, "_fields"):
+        else:
             out = self._apply(table_from_rows(batch, self.plan.input_schema), total)
             yield from rows_from_table(out)
-        else:
-            raise DataError(
-                f"ApplyPolicy takes dicts, Beam Rows, or pyarrow Tables/RecordBatches, "
-                f"not {type(first).__name__}"
-            )
-        self._report(total)
-        yield beam.pvalue.TaggedOutput(COUNTERS_TAG, total.to_dict())
-
-    def _apply(self, table: pa.Table, total: Counters) -> pa.Table:
-        carried = None
-        if self.carry is not None:
-            carried = table.column(self.carry)
-            table = table.drop_columns([self.carry])
-        extra = [c for c in table.schema.names if c not in self.plan.input_schema.names]
-        if extra:
-            raise DataError(
-                f"column(s) {', '.join(map(repr, extra))} are not in the schema ApplyPolicy was "
-                f"built with ({', '.join(self.plan.input_schema.names)})"
-            )
-        outs = []
-        offset = 0
-        for rb in table.to_batches() or [_empty_batch(self.plan.input_schema)]:
-            out, counters, kept = apply_batch(self.plan, rb, with_indices=carried is not None)
-            total.merge(counters)
-            if carried is not None:
-                ids = carried.slice(offset, rb.num_rows).take(kept)
-                out = out.append_column(self.carry, ids.combine_chunks())
-            offset += rb.num_rows
-            outs.append(out)
-        return pa.Table.from_batches(outs)
 
     def _report(self, total: Counters) -> None:
+        """Add one batch's counts to the Beam metrics."""
         self._rows_in.inc(total.rows_in)
         self._rows_out.inc(total.rows_out)
         self._rows_redacted.inc(total.rows_redacted)
@@ -184,48 +204,47 @@ class ApplyPlanFn(beam.DoFn):
             values.inc(counter.values)
             nulls.inc(counter.nulls)
 
+    def _apply(self, table: pa.Table, total: Counters) -> pa.Table:
+        batches = table.to_batches() or [_empty_batch(table.schema)]
+        return pa.Table.from_batches([self._apply_batch(rb, total) for rb in batches])
 
-def _as_table(element: pa.Table | pa.RecordBatch) -> pa.Table:
-    return element if isinstance(element, pa.Table) else pa.Table.from_batches([element])
+    def _apply_batch(self, rb: pa.RecordBatch, total: Counters) -> pa.RecordBatch:
+        """The plan over one record batch; the carried column (if any) follows the kept rows."""
+        ids = None
+        if self.carry is not None:
+            ids = rb.column(self.carry)
+            rb = rb.drop_columns([self.carry])
+        extra = [c for c in rb.schema.names if c not in self.plan.input_schema.names]
+        if extra:
+            raise DataError(
+                f"column(s) {', '.join(map(repr, extra))} are not in the schema ApplyPolicy was "
+                f"built with ({', '.join(self.plan.input_schema.names)})"
+            )
+        out, counters, kept = apply_batch(self.plan, rb, with_indices=ids is not None)
+        total.merge(counters)
+        if ids is not None:
+            out = out.append_column(self.carry, ids.take(kept))
+        return out
 
 
 def _empty_batch(schema: pa.Schema) -> pa.RecordBatch:
     return pa.RecordBatch.from_pylist([], schema=schema)
 
 
-class MergeCounters(beam.CombineFn):
-    """Merge per-batch counter dicts into the run's totals (Counters as plain dicts)."""
+class FinishRunFn(beam.DoFn):
+    """On the run id, once every bundle's counts are in (a side input): emit ``run.completed``."""
 
-    def __init__(self, empty: dict[str, Any]):
+    def __init__(self, audit: RunAudit, empty: dict[str, Any]):
+        self.audit = audit
         self.empty = empty
 
-    def create_accumulator(self) -> dict[str, Any]:
-        return self.empty
-
-    def add_input(self, acc: dict[str, Any], counters: dict[str, Any]) -> dict[str, Any]:
-        return Counters.from_dict(acc).merge(Counters.from_dict(counters)).to_dict()
-
-    def merge_accumulators(self, accs: Any) -> dict[str, Any]:
+    def process(self, run_id: str, counts: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         total = Counters.from_dict(self.empty)
-        for acc in accs:
-            total.merge(Counters.from_dict(acc))
-        return total.to_dict()
-
-    def extract_output(self, acc: dict[str, Any]) -> dict[str, Any]:
-        return acc
-
-
-class FinishRunFn(beam.DoFn):
-    """On the run's single merged counters element: emit ``run.completed``."""
-
-    def __init__(self, audit: RunAudit):
-        self.audit = audit
-
-    def process(self, totals: dict[str, Any], run_id: str) -> Iterator[dict[str, Any]]:
-        counters = Counters.from_dict(totals)
+        for bundle in counts:
+            total.merge(Counters.from_dict(bundle))
         run = self.audit.context(run_id)
         yield run.emit(
-            "run.completed", record_id=record_id(run_id, "run.completed"), **counters.to_dict()
+            "run.completed", record_id=record_id(run_id, "run.completed"), **total.to_dict()
         )
 
 
@@ -233,7 +252,6 @@ __all__ = [
     "COUNTERS_TAG",
     "ApplyPlanFn",
     "FinishRunFn",
-    "MergeCounters",
     "RunAudit",
     "StartRunFn",
     "element_weight",

@@ -18,7 +18,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.internal import pickler
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.pvalue import AsSingleton, PCollection
+from apache_beam.io.parquetio import ReadFromParquetBatched
+from apache_beam.pvalue import AsList, AsSingleton, PCollection
 from apache_beam.transforms.window import GlobalWindows
 
 from ..audit import AuditTarget, MemorySink, RunContext, Sink, resolve_sink
@@ -28,11 +29,11 @@ from ..keys import KeyResolver
 from ..plan import Plan, build_plan
 from ..policy.load import PolicySource
 from ..source import CoordinatorClient, resolve_policy
+from . import coders
 from .dofns import (
     COUNTERS_TAG,
     ApplyPlanFn,
     FinishRunFn,
-    MergeCounters,
     RunAudit,
     StartRunFn,
     element_weight,
@@ -40,6 +41,8 @@ from .dofns import (
 from .schema import arrow_schema_from_row_type, row_type_from_arrow_schema, row_type_of
 
 DEFAULT_BATCH_SIZE = 10_000
+
+coders.register()
 
 
 def _worker_sink(audit: AuditTarget) -> Sink:
@@ -58,6 +61,18 @@ def _worker_sink(audit: AuditTarget) -> Sink:
             "ship it to the workers; pass a JSONL file path or a LoggingSink"
         ) from None
     return sink
+
+
+def _read_by_parquet_batched(pcoll: PCollection) -> bool:
+    """Whether ``pcoll`` is the output of ``ReadFromParquetBatched``, which yields only
+    ``pa.Table`` but declares ``Any``: the output of ApplyPolicy is then typed ``pa.Table``,
+    so it gets the :class:`~cape_pipelines.beam.coders.ArrowCoder`."""
+    applied = pcoll.producer
+    while applied is not None:
+        if isinstance(applied.transform, ReadFromParquetBatched):
+            return True
+        applied = applied.parent
+    return False
 
 
 class ApplyPolicy(beam.PTransform):
@@ -197,6 +212,8 @@ class ApplyPolicy(beam.PTransform):
             return plan, row_type_from_arrow_schema(plan.output_schema)
         if element_type in (pa.Table, pa.RecordBatch):
             return plan, element_type
+        if _read_by_parquet_batched(pcoll):
+            return plan, pa.Table
         return plan, Any
 
     def expand(self, pcoll: PCollection) -> PCollection:
@@ -212,27 +229,24 @@ class ApplyPolicy(beam.PTransform):
             | "Impulse" >> beam.Impulse()
             | "StartRun" >> beam.ParDo(StartRunFn(audit)).with_output_types(str)
         )
-        results = (
-            pcoll
-            | "Batch"
-            >> beam.BatchElements(
+        batches = pcoll
+        if output_type not in (pa.Table, pa.RecordBatch):
+            # Tables known as such skip this step; it batches dicts and Rows (a
+            # table in an untyped PCollection becomes a batch of its own).
+            batches = pcoll | "Batch" >> beam.BatchElements(
                 min_batch_size=self._batch_size,
                 max_batch_size=self._batch_size,
                 element_size_fn=element_weight,
                 record_metrics=False,
             )
-            | "Apply"
-            >> beam.ParDo(ApplyPlanFn(plan, audit, self._carry), AsSingleton(run_id))
-            .with_output_types(output_type)
-            .with_outputs(COUNTERS_TAG, main="data")
-        )
-        _ = (
-            results[COUNTERS_TAG]
-            | "GlobalWindow" >> beam.WindowInto(GlobalWindows())
-            | "MergeCounters"
-            >> beam.CombineGlobally(MergeCounters(Counters.empty_for(plan).to_dict()))
-            | "FinishRun" >> beam.ParDo(FinishRunFn(audit), AsSingleton(run_id))
-        )
+        results = batches | "Apply" >> beam.ParDo(
+            ApplyPlanFn(plan, audit, self._carry), AsSingleton(run_id)
+        ).with_output_types(output_type).with_outputs(COUNTERS_TAG, main="data")
+        counts = results[COUNTERS_TAG]
+        if not isinstance(counts.windowing.windowfn, GlobalWindows):
+            counts = counts | "GlobalWindow" >> beam.WindowInto(GlobalWindows())
+        empty = Counters.empty_for(plan).to_dict()
+        _ = run_id | "FinishRun" >> beam.ParDo(FinishRunFn(audit, empty), AsList(counts))
         return results.data
 
 

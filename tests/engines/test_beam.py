@@ -22,11 +22,13 @@ import pyarrow.compute as pc  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 from apache_beam.metrics.metric import MetricsFilter  # noqa: E402
 from apache_beam.testing.util import assert_that, equal_to  # noqa: E402
+from apache_beam.transforms.window import FixedWindows, TimestampedValue  # noqa: E402
 from apache_beam.utils.timestamp import Timestamp  # noqa: E402
 from runner_beam import MULTI_PROCESS, run_beam  # noqa: E402
 
 from cape_pipelines.audit import LoggingSink, MemorySink  # noqa: E402
 from cape_pipelines.beam import ApplyPolicy  # noqa: E402
+from cape_pipelines.beam.coders import ArrowCoder  # noqa: E402
 from cape_pipelines.errors import CapeError, PlanError  # noqa: E402
 from cape_pipelines.transforms.base import (  # noqa: E402
     ColumnContext,
@@ -149,29 +151,35 @@ def test_rows_get_an_output_schema_with_dropped_columns_and_changed_types(tmp_pa
 
 
 @pytest.mark.parametrize(
-    "make",
+    ("make", "typed"),
     [
-        pytest.param(lambda rows: pa.Table.from_pylist(rows, schema=SCHEMA), id="table"),
-        pytest.param(lambda rows: pa.RecordBatch.from_pylist(rows, schema=SCHEMA), id="batch"),
+        pytest.param(lambda rows: pa.Table.from_pylist(rows, schema=SCHEMA), True, id="table"),
+        pytest.param(
+            lambda rows: pa.RecordBatch.from_pylist(rows, schema=SCHEMA), True, id="batch"
+        ),
+        # Tables in a PCollection typed Any go through BatchElements, one table a batch.
+        pytest.param(
+            lambda rows: pa.Table.from_pylist(rows, schema=SCHEMA), False, id="untyped-table"
+        ),
     ],
 )
-def test_arrow_elements_in_arrow_elements_out(tmp_path, make):
+def test_arrow_elements_in_arrow_elements_out(tmp_path, make, typed):
     # Two elements, one of which loses every row: only non-empty outputs are emitted.
-    # batch_size=2 is smaller than the first element, which BatchElements then
-    # sends with an empty batch before it.
+    # batch_size=2 is smaller than the first element, which is transformed whole
+    # all the same.
     elements = [make(PEOPLE), make(PEOPLE[2:3])]
     with beam.Pipeline() as p:
-        out = (
-            p
-            | beam.Create(elements)
-            | ApplyPolicy(
-                POLICY, keys=KEYS, schema=SCHEMA, audit=str(tmp_path / "a.jsonl"), batch_size=2
-            )
+        source = p | beam.Create(elements)
+        if not typed:
+            source = source | beam.Map(lambda t: t).with_output_types(Any)
+        out = source | ApplyPolicy(
+            POLICY, keys=KEYS, schema=SCHEMA, audit=str(tmp_path / "a.jsonl"), batch_size=2
         )
         kinds = out | "Kind" >> beam.Map(lambda t: (type(t).__name__, t.schema.names))
         assert_that(kinds, equal_to([(type(elements[0]).__name__, ["name", "age"])]), "kinds")
         rows = out | "Rows" >> beam.FlatMap(lambda t: t.to_pylist())
         assert_that(rows, equal_to(EXPECTED), "rows")
+    assert out.element_type == (type(elements[0]) if typed else beam.typehints.Any)
 
 
 def test_metrics_count_rows_and_columns(tmp_path):
@@ -393,7 +401,97 @@ def test_bad_data_fails_at_the_first_batch_with_no_output_and_a_failed_run(
             )
     # Beam's file sinks write to a temporary directory and rename on success.
     assert not glob.glob(str(tmp_path / "out" / "part*"))
-    events = [r["event"] for r in _records(audit)]
+    records = _records(audit)
+    events = [r["event"] for r in records]
     assert events[0] == "run.started"
     assert "run.completed" not in events
     assert set(events[1:]) == {"run.failed"}
+    assert {r["run_id"] for r in records} == {records[0]["run_id"]}
+
+
+def test_empty_input_still_completes_its_run(tmp_path):
+    audit = str(tmp_path / "audit.jsonl")
+    with beam.Pipeline() as p:
+        out = (
+            p
+            | beam.Create([], reshuffle=False).with_output_types(dict)
+            | ApplyPolicy(POLICY, keys=KEYS, schema=SCHEMA, audit=audit)
+        )
+        assert_that(out, equal_to([]))
+    records = _records(audit)
+    _check_one_run(records, rows_in=0, rows_out=0)
+    assert records[1]["columns"] == {
+        "name": {"transform": "beam-test-keyed-upper", "values": 0, "nulls": 0}
+    }
+
+
+def test_windowed_dicts_keep_their_windows_and_the_run_counts_every_window(tmp_path):
+    # Windows 0-10 and 10-20; batch_size=3 flushes some dicts inside process()
+    # and the rest at the end of the bundle, each in its own window.
+    stamped = [
+        (dict(p, name=f"{p['name'] or 'x'}{i}"), 5 + 10 * (i % 2)) for i, p in enumerate(PEOPLE * 4)
+    ]
+    audit = str(tmp_path / "audit.jsonl")
+    with beam.Pipeline() as p:
+        out = (
+            p
+            | beam.Create(stamped)
+            | "Stamp" >> beam.Map(lambda e: TimestampedValue(*e))
+            | beam.WindowInto(FixedWindows(10))
+            | ApplyPolicy(POLICY, keys=KEYS, schema=SCHEMA, audit=audit, batch_size=3)
+        )
+        placed = out | beam.Map(
+            lambda d, w=beam.DoFn.WindowParam: (d["name"], d["age"], int(w.start))
+        )
+        expected = [
+            (d["name"].upper(), d["age"], ts - 5)
+            for d, ts in stamped
+            if d["age"] is not None and d["age"] >= 18
+        ]
+        assert_that(placed, equal_to(expected))
+    _check_one_run(_records(audit), rows_in=16, rows_out=8)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        pytest.param(pa.Table.from_pylist(PEOPLE, schema=SCHEMA), id="table"),
+        pytest.param(pa.RecordBatch.from_pylist(PEOPLE, schema=SCHEMA), id="batch"),
+    ],
+)
+def test_arrow_coder_round_trips_and_sizes_by_nbytes(value):
+    coder = beam.coders.registry.get_coder(type(value))
+    assert isinstance(coder, ArrowCoder)
+    impl = coder.get_impl()
+    assert impl.decode(impl.encode(value)).equals(value)
+    assert coder.decode(coder.encode(value)).equals(value)
+    # Beam samples element sizes through the coder: no encoding, just nbytes.
+    assert impl.estimate_size(value) == value.nbytes
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        (lambda p, path: p | beam.io.ReadFromParquetBatched(path), pa.Table),
+        (
+            lambda p, _path: (
+                p
+                | beam.Create(
+                    [pa.RecordBatch.from_pylist(PEOPLE, schema=SCHEMA)]
+                ).with_output_types(pa.RecordBatch)
+            ),
+            pa.RecordBatch,
+        ),
+        (lambda p, _path: p | beam.Create(PEOPLE), beam.typehints.Any),
+    ],
+    ids=["parquet-batched", "typed-record-batches", "dicts"],
+)
+def test_output_element_type(tmp_path, source, expected):
+    # Arrow output is typed, so it gets the ArrowCoder; dicts stay Any.
+    path = str(tmp_path / "in.parquet")
+    pq.write_table(pa.Table.from_pylist(PEOPLE, schema=SCHEMA), path)
+    p = beam.Pipeline()
+    out = source(p, path) | ApplyPolicy(
+        POLICY, keys=KEYS, schema=SCHEMA, audit=str(tmp_path / "a.jsonl")
+    )
+    assert out.element_type == expected
