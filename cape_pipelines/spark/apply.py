@@ -13,13 +13,15 @@ audited actions: each emits ``run.started``, runs the action, then
 ``run.completed`` with counts of the data the action produced, or
 ``run.failed``. :func:`collect` counts the collected table. :func:`write`
 counts the rows flowing into Spark's writer with observed metrics
-(``DataFrame.observe``), computed in the write's own job: the observation sits
-in the write's result stage, where Spark merges the metrics of one successful
-attempt per partition (and, by default since Spark 4, of the last successful
-attempt of each partition in any stage), so a failed and retried task or a
-speculative copy is not counted twice. Where Spark does not report the
-metrics, or the session asked for the legacy all-attempts metrics, the written
-files are read back and counted instead.
+(``DataFrame.observe``), computed in the write's own job; the rows read, when
+the policy removes rows, are observed below ``mapInArrow`` in that same job.
+The observations sit in the action's result stage, where Spark merges the
+metrics of one successful attempt per partition and none of a failed attempt
+(and Spark 4.3 by default keeps only the last successful attempt of each
+partition in any stage), so a retried task or a speculative copy is not
+counted twice. Where Spark does not report the metrics, or the session asked
+for the legacy all-attempts metrics, the written files are read back and
+counted instead. See docs/engines/spark.md for the evidence.
 """
 
 from __future__ import annotations
@@ -342,7 +344,8 @@ def write(
 
     The counts are observed on the rows Spark's writer receives, in the
     write's own job (see the module docstring). If Spark does not report them,
-    the files just written are read back in one aggregation instead (for
+    or ``spark.sql.legacy.observeMetricsAggregateAllAttempts`` is on, the
+    files just written are read back in one aggregation instead (for
     ``mode="append"`` the path also holds older data, so ``out`` is aggregated
     again; the policy is deterministic, so that recomputation yields the same
     rows). ``mode="ignore"`` is refused: it may write nothing, and the run
