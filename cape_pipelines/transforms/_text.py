@@ -321,7 +321,8 @@ class ValueCache:
     Engines hand the core small batches (Spark: 10,000 rows), so a column with
     few distinct values meets the same values again and again; remembering
     their tokens saves a keyed hash or an encryption each time. The memo holds
-    at most ``limit`` entries (cleared when full) and switches itself off for
+    at most ``limit`` entries (cleared when full), leaves batches of ``limit``
+    distinct values or more alone, and switches itself off for
     good once it has seen ``limit`` lookups with fewer than one in five
     hits, so a high-cardinality column pays for it only briefly. It lives in
     ``ColumnContext.state``: never pickled, one per plan step and process.
@@ -336,7 +337,9 @@ class ValueCache:
 
     def compute(self, values: list[bytes], fn: Callable[[list[bytes]], list[bytes]]) -> list[bytes]:
         """``fn(values)``, computing only the values not already remembered."""
-        if not self.enabled:
+        if not self.enabled or len(values) >= self.limit:
+            # A batch this large already does its work once per distinct value;
+            # remembering it would only cost lookups and a full memo.
             return fn(values)
         memo = self._map
         out = [memo.get(v) for v in values]

@@ -29,18 +29,30 @@ def test_remembers_values_across_calls() -> None:
 
 def test_stays_within_its_limit() -> None:
     cache = ValueCache(limit=3)
-    values = [bytes([i]) for i in range(10)]
-    assert cache.compute(values, _upper([])) == [v.upper() for v in values]
-    assert len(cache._map) <= 3
+    for i in range(10):
+        values = [bytes([65 + i]), bytes([97 + i])]
+        assert cache.compute(values, _upper([])) == [v.upper() for v in values]
+        assert len(cache._map) <= 3
+
+
+def test_leaves_batches_as_large_as_its_limit_alone() -> None:
+    calls: list[int] = []
+    cache = ValueCache(limit=3)
+    values = [b"a", b"b", b"c"]
+    cache.compute(values, _upper(calls))
+    cache.compute(values, _upper(calls))
+    assert calls == [3, 3]  # nothing remembered: the batch dedupes itself
+    assert not cache._map
 
 
 def test_switches_off_when_few_values_repeat() -> None:
     calls: list[int] = []
     cache = ValueCache(limit=4)
-    cache.compute([b"1", b"2", b"3", b"4"], _upper(calls))  # four lookups, no hit
+    cache.compute([b"1", b"2"], _upper(calls))
+    cache.compute([b"3", b"4"], _upper(calls))  # four lookups, no hit
     assert not cache.enabled
     assert cache.compute([b"1"], _upper(calls)) == [b"1"]
-    assert calls == [4, 1]  # computed again: the memo is off
+    assert calls == [2, 2, 1]  # computed again: the memo is off
 
 
 def test_tokens_equal_with_and_without_repeats_across_batches() -> None:
