@@ -42,7 +42,7 @@ PRF_KEY = bytes(range(32, 64))
 KEYS = {"tok": TOKEN_KEY, "siv": SIV_KEY, "prf": PRF_KEY}
 
 
-def _strings(rng: np.random.Generator, count: int) -> pa.Array:
+def random_strings(rng: np.random.Generator, count: int) -> pa.Array:
     """``count`` random lowercase strings of 12 to 25 characters, as one Arrow array."""
     lengths = rng.integers(12, 26, size=count)
     offsets = np.zeros(count + 1, dtype=np.int32)
@@ -53,10 +53,10 @@ def _strings(rng: np.random.Generator, count: int) -> pa.Array:
     )
 
 
-def _with_distinct(rng: np.random.Generator, rows: int, fraction: float) -> pa.Array:
+def with_distinct(rng: np.random.Generator, rows: int, fraction: float) -> pa.Array:
     """``rows`` strings of which ``fraction`` are distinct values, shuffled."""
     distinct = max(1, int(rows * fraction))
-    pool = _strings(rng, distinct)
+    pool = random_strings(rng, distinct)
     picks = np.concatenate([np.arange(distinct), rng.integers(0, distinct, rows - distinct)])
     rng.shuffle(picks)
     return pool.take(pa.array(picks))
@@ -66,8 +66,8 @@ def make_table(rows: int, nulls: bool, seed: int = 7) -> pa.Table:
     """The benchmark input: two string columns, an int, a float and a timestamp column."""
     rng = np.random.default_rng(seed)
     cols = {
-        "email": _with_distinct(rng, rows, 0.70),
-        "country": _with_distinct(rng, rows, 0.05),
+        "email": with_distinct(rng, rows, 0.70),
+        "country": with_distinct(rng, rows, 0.05),
         "age": pa.array(rng.integers(0, 100, rows), pa.int64()),
         "salary": pa.array(rng.normal(50_000, 15_000, rows), pa.float64()),
         "signup": pa.array(

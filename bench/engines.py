@@ -53,6 +53,10 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+# The string columns come from the same generator as bench/core.py (this folder is on sys.path
+# when the script runs).
+from core import with_distinct
+
 TOKEN_KEY = b"bench-engines-email-key-0123456789"
 SIV_KEY = bytes(range(32))
 KEYS = {"email-key": TOKEN_KEY, "country-key": SIV_KEY}
@@ -117,34 +121,14 @@ ENGINES = ("core", "dask", "beam", "spark")
 # --------------------------------------------------------------------------- data
 
 
-def _strings(rng: np.random.Generator, count: int) -> pa.Array:
-    """``count`` random lowercase strings of 12 to 25 characters, built without a Python loop."""
-    lengths = rng.integers(12, 26, size=count)
-    offsets = np.zeros(count + 1, dtype=np.int32)
-    np.cumsum(lengths, out=offsets[1:])
-    chars = rng.integers(ord("a"), ord("z") + 1, size=int(offsets[-1]), dtype=np.uint8)
-    return pa.StringArray.from_buffers(
-        count, pa.py_buffer(offsets.tobytes()), pa.py_buffer(chars.tobytes())
-    )
-
-
-def _with_distinct(rng: np.random.Generator, rows: int, fraction: float) -> pa.Array:
-    """``rows`` strings of which about ``fraction`` are distinct values, in random order."""
-    distinct = max(1, int(rows * fraction))
-    pool = _strings(rng, distinct)
-    picks = np.concatenate([np.arange(distinct), rng.integers(0, distinct, rows - distinct)])
-    rng.shuffle(picks)
-    return pool.take(pa.array(picks))
-
-
 def make_table(rows: int, seed: int = 11) -> pa.Table:
     """The benchmark's input rows (deterministic for a given ``rows`` and ``seed``)."""
     rng = np.random.default_rng(seed)
     signup = rng.integers(1_500_000_000_000_000, 1_700_000_000_000_000, rows)
     return pa.table(
         {
-            "email": _with_distinct(rng, rows, 0.70),
-            "country": _with_distinct(rng, rows, 0.05),
+            "email": with_distinct(rng, rows, 0.70),
+            "country": with_distinct(rng, rows, 0.05),
             "salary": pa.array(rng.normal(50_000, 15_000, rows), pa.float64()),
             "signup": pa.array(signup.astype("datetime64[us]"), pa.timestamp("us")),
             "age": pa.array(rng.integers(18, 90, rows), pa.int64()),
