@@ -746,14 +746,18 @@ class Coordinator:
             raise not_found(f"policy {label} version {version}")
         return row
 
+    def _policy_in_state(self, conn: Any, label: str, version: int, state: str) -> Any:
+        """The version's row, or a 409 if it is not in ``state`` (the workflow's one check)."""
+        row = self._policy_row(conn, label, version)
+        if row["state"] != state:
+            message = f"version {version} is {row['state']}, not {state}"
+            raise ApiError(409, "invalid_state", message)
+        return row
+
     def submit_policy(self, actor: Principal, label: str, version: int) -> dict[str, Any]:
         """draft -> in_review; the version is immutable from here on."""
         with self._write() as (conn, appended):
-            row = self._policy_row(conn, label, version)
-            if row["state"] != "draft":
-                raise ApiError(
-                    409, "invalid_state", f"version {version} is {row['state']}, not draft"
-                )
+            row = self._policy_in_state(conn, label, version, "draft")
             conn.execute(
                 update(db.policies)
                 .where(db.policies.c.id == row["id"])
@@ -769,11 +773,7 @@ class Coordinator:
     def approve_policy(self, actor: Principal, label: str, version: int) -> dict[str, Any]:
         """in_review -> active (approving activates; the previous active is superseded)."""
         with self._write() as (conn, appended):
-            row = self._policy_row(conn, label, version)
-            if row["state"] != "in_review":
-                raise ApiError(
-                    409, "invalid_state", f"version {version} is {row['state']}, not in_review"
-                )
+            row = self._policy_in_state(conn, label, version, "in_review")
             if row["author"] == actor.name:
                 raise ApiError(403, "self_approval", "the author of a policy cannot approve it")
             signature = b64e(self._signer.sign(row["document"].encode("utf-8")))
@@ -813,11 +813,7 @@ class Coordinator:
         if not reason:
             raise ApiError(422, "reason_required", "a rejection needs a reason")
         with self._write() as (conn, appended):
-            row = self._policy_row(conn, label, version)
-            if row["state"] != "in_review":
-                raise ApiError(
-                    409, "invalid_state", f"version {version} is {row['state']}, not in_review"
-                )
+            row = self._policy_in_state(conn, label, version, "in_review")
             conn.execute(
                 update(db.policies)
                 .where(db.policies.c.id == row["id"])
