@@ -89,22 +89,80 @@ class Distinct:
     """An array split into its distinct ``values`` and, per row, an index into them.
 
     ``indices`` is null where the row is null. ``values`` may still hold a null
-    (a dictionary array's dictionary may), which the caller keeps null.
+    (a dictionary array's dictionary may), which the caller keeps null. When
+    ``indices`` is None the split was not worth making: ``values`` is the array
+    itself, row for row (see :func:`distinct`'s ``max_fraction``).
     """
 
     values: pa.Array
-    indices: pa.Array
+    indices: pa.Array | None
 
     def first_row(self, position: int) -> int:
         """The first row whose value is ``values[position]`` (for error messages)."""
+        if self.indices is None:
+            return position
         return int(pc.index(self.indices, pa.scalar(position, self.indices.type)).as_py())
 
+    def gather(self, per_value: pa.Array) -> pa.Array:
+        """``per_value`` (one result per entry of ``values``) put back in row order."""
+        if self.indices is None:
+            return per_value
+        return pc.take(per_value, self.indices)
 
-def distinct(array: pa.Array | pa.ChunkedArray) -> Distinct:
-    """Split ``array`` into its distinct values and per-row indices (one hash pass)."""
+
+# Rows sampled to estimate how many distinct values a batch has; a few thousand
+# make the estimate cost well under a millisecond.
+_SAMPLE_ROWS = 4096
+
+
+def estimated_distinct_fraction(array: pa.Array) -> float:
+    """A cheap estimate of (distinct values) / (rows) of ``array``, from a sample of its rows.
+
+    It counts the pairs of sampled rows that hold equal values: in a column of
+    ``d`` equally frequent values a random pair is equal with probability about
+    ``1 / d``, so ``d`` is estimated as (sampled pairs) / (equal pairs). Skewed
+    columns (a few very frequent values) read as less distinct than they are.
+    The estimate only ever decides how the work is organised, never a result.
+    """
+    n = len(array)
+    try:
+        if n <= _SAMPLE_ROWS:
+            return len(pc.unique(array)) / max(n, 1)
+        # A fixed seed: the same batch is always organised the same way.
+        positions = np.unique(np.random.default_rng(0).integers(0, n, _SAMPLE_ROWS))
+        # Nulls are not values: they are left out of both the sample and the rows.
+        sample = array.take(pa.array(positions)).drop_null()
+        counts = pc.value_counts(sample).field("counts")
+    except pa.ArrowNotImplementedError:
+        # A type Arrow cannot hash directly (half floats, narrow decimals): split it.
+        return 0.0
+    counts = counts.to_numpy(zero_copy_only=False).astype(np.float64)
+    s = float(len(sample))
+    valid_rows = n - array.null_count
+    equal_pairs = float(np.sum(counts * (counts - 1.0))) / 2.0
+    if equal_pairs == 0.0 or valid_rows == 0:
+        return 1.0
+    return min(1.0, s * (s - 1.0) / 2.0 / equal_pairs / valid_rows)
+
+
+def distinct(array: pa.Array | pa.ChunkedArray, max_fraction: float | None = None) -> Distinct:
+    """Split ``array`` into its distinct values and per-row indices (one hash pass).
+
+    With ``max_fraction``, an array whose estimated share of distinct values
+    (:func:`estimated_distinct_fraction`) is above it is not split (``indices``
+    is None): when nearly every value is distinct, building the split costs
+    more than the per-value work it saves.
+    """
     if isinstance(array, pa.ChunkedArray):
         array = array.combine_chunks() if array.num_chunks != 1 else array.chunk(0)
     t = array.type
+    if (
+        max_fraction is not None
+        and not pa.types.is_dictionary(t)
+        and not pa.types.is_float16(t)
+        and estimated_distinct_fraction(array) > max_fraction
+    ):
+        return Distinct(array, None)
     if pa.types.is_dictionary(t):
         if len(array.dictionary) <= len(array):
             return Distinct(array.dictionary, array.indices)
@@ -253,20 +311,23 @@ def _validity(valid: pa.Array | None) -> pa.Buffer | None:
     return pc.is_valid(valid).buffers()[1]
 
 
-def gather_fixed_width(blob: bytes, width: int, like: pa.Array, indices: pa.Array) -> pa.Array:
+def gather_fixed_width(
+    blob: bytes, width: int, like: pa.Array, indices: pa.Array | None
+) -> pa.Array:
     """Strings of ``width`` ASCII bytes each, one per distinct value, gathered into row order.
 
     ``blob`` holds the distinct values' texts back to back (``len(like) * width``
-    bytes); ``like`` is the distinct values array, whose nulls stay null. A
-    fixed-size ``take`` is a plain memory copy per row, and the string offsets
-    are an arithmetic sequence, so this never touches Python per row.
+    bytes); ``like`` is the distinct values array, whose nulls stay null;
+    ``indices`` None means ``like`` is already in row order. A fixed-size
+    ``take`` is a plain memory copy per row, and the string offsets are an
+    arithmetic sequence, so this never touches Python per row.
     """
     m = len(like)
     valid = _validity(like)
     fixed = pa.FixedSizeBinaryArray.from_buffers(
         pa.binary(width), m, [valid, pa.py_buffer(blob)], null_count=like.null_count
     )
-    taken = pc.take(fixed, indices)
+    taken = fixed if indices is None else pc.take(fixed, indices)
     if taken.offset:
         taken = pa.concat_arrays([taken])
     n = len(taken)

@@ -1,18 +1,21 @@
 """``tokenizer``: a keyed, deterministic, one-way token (lower-case hex) for each value.
 
-``hmac-sha256`` (the default) is HMAC-SHA256(key, utf8(value)), from the
-``cryptography`` package. ``cape-sha256`` is SHA-256(utf8(value) || key), the
-formula of cape-python's tokenizer (``hashlib.sha256(x.encode() + key)``), kept
-for compatibility: the same key gives cape-python's tokens. Both are cut to
-``max_token_len`` hex characters when it is set. Binary values are hashed as
+``hmac-sha256`` (the default) is HMAC-SHA256(key, utf8(value)) (RFC 2104,
+built on the standard library's ``hashlib`` SHA-256). ``cape-sha256`` is
+SHA-256(utf8(value) || key), the formula of cape-python's tokenizer
+(``hashlib.sha256(x.encode() + key)``), kept for compatibility: the same key
+gives cape-python's tokens. Both are cut to ``max_token_len`` hex characters
+when it is set. Binary values are hashed as
 their raw bytes; every other supported type is hashed as its canonical text
 (see :mod:`cape_pipelines.transforms._text`: ``str(int)``, ISO-8601 dates and
 timestamps, ``repr`` of floats, ...). Nulls stay null.
 
 The work is done once per distinct value of a batch and gathered back into row
-order; the keyed HMAC state is built once per process (``ctx.state``) and
-copied for each value, which measured faster than ``hmac.digest`` and than
-copying a pair of ``hashlib`` inner/outer states.
+order, unless a sample of the batch shows that nearly every value is distinct
+(then splitting it would cost more than it saves, and each row is hashed);
+the keyed inner and outer SHA-256 states are built once per process
+(``ctx.state``) and copied for each value, which measured about twice as fast
+as copying a ``cryptography`` HMAC object and six times ``hmac.digest``.
 
 >>> import pyarrow as pa
 >>> from cape_pipelines.transforms.base import ColumnContext
@@ -28,8 +31,6 @@ from collections.abc import Callable
 from typing import ClassVar, Literal
 
 import pyarrow as pa
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives import hmac as crypto_hmac
 from pydantic import ConfigDict, Field
 
 from ..errors import TransformError
@@ -45,22 +46,46 @@ from ._text import hex_fixed_width as _hex
 from .base import ColumnContext, KeyedTransformation, register
 
 DIGEST_HEX = 64
+# SHA-256's block size, the HMAC pad length (RFC 2104's B).
+_BLOCK = 64
+# Above this estimated share of distinct values a batch is hashed row by row:
+# splitting it into distinct values (Arrow's dictionary encoding, ~0.2 us per
+# row at 70% distinct) costs more than the ~0.5 us HMACs it would save.
+_DEDUP_BELOW = 0.5
 
 Digester = Callable[[list[bytes]], list[bytes]]
 
 
 def hmac_sha256_digester(key: bytes) -> Digester:
-    """A function computing HMAC-SHA256(key, v) for each ``v``, with the keyed state built once."""
-    base = crypto_hmac.HMAC(key, hashes.SHA256())
-    copy = base.copy
+    """A function computing HMAC-SHA256(key, v) for each ``v``, with the keyed state built once.
+
+    This is RFC 2104's construction written with ``hashlib``: a key longer
+    than SHA-256's 64-byte block is first hashed, then zero-padded to the
+    block; the inner and outer hash states after absorbing ``key ^ ipad`` and
+    ``key ^ opad`` are computed once, and each value costs two state copies
+    and two short hashes (one compression each for values up to 55 bytes).
+    Measured about twice as fast per value as copying a ``cryptography`` HMAC
+    object. The states are only ever held in this closure (never pickled,
+    logged or shown).
+    """
+    if len(key) > _BLOCK:
+        key = hashlib.sha256(key).digest()
+    block = key.ljust(_BLOCK, b"\0")
+    inner = hashlib.sha256(bytes(b ^ 0x36 for b in block))
+    outer = hashlib.sha256(bytes(b ^ 0x5C for b in block))
+    del block
+    inner_copy = inner.copy
+    outer_copy = outer.copy
 
     def digest_all(values: list[bytes]) -> list[bytes]:
         out: list[bytes] = []
         add = out.append
         for v in values:
-            h = copy()
+            h = inner_copy()
             h.update(v)
-            add(h.finalize())
+            o = outer_copy()
+            o.update(h.digest())
+            add(o.digest())
         return out
 
     return digest_all
@@ -125,7 +150,7 @@ class Tokenizer(KeyedTransformation):
         if digester is None:
             digester = ctx.state[memo] = _DIGESTERS[self.algorithm](key)
         cache = ctx.state.setdefault("tokens", ValueCache())
-        parts = distinct(array)
+        parts = distinct(array, max_fraction=_DEDUP_BELOW)
         text = canonical_text(parts.values)
         data = [b"" if v is None else v for v in bytes_of(text)]
         blob = _hex(cache.compute(data, digester), self.token_len)
