@@ -30,6 +30,7 @@ import binascii
 import codecs
 from typing import ClassVar, Literal
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from cryptography.exceptions import InvalidTag
@@ -38,6 +39,7 @@ from pydantic import ConfigDict, field_validator
 
 from ..errors import KeyFormatError, TransformError
 from ..keys import KeyRef, KeyResolver
+from ._siv import BulkSiv
 from ._text import (
     Distinct,
     ValueCache,
@@ -54,6 +56,16 @@ from .tokenize import required_key
 
 SIV_KEY_LENGTHS = (32, 64)
 TAG_BYTES = 16
+# Below this many values a batch goes through ``cryptography``'s AESSIV one
+# value at a time: the bulk path's fixed cost (a few dozen numpy passes) is
+# only repaid over a few hundred values.
+_BULK_MIN = 256
+# Above this estimated share of distinct values a batch is sealed or opened
+# row by row: the bulk path costs ~0.3 us per value, about what splitting a
+# batch into its distinct values costs per row.
+_DEDUP_BELOW_BULK = 0.3
+_DEDUP_BELOW = 0.6
+_INT32_MAX = 2**31 - 1
 
 
 def siv_encrypt(
@@ -137,6 +149,45 @@ class _SivTransformation(KeyedTransformation):
             cipher = ctx.state["aes-siv"] = AESSIV(key)
         return cipher
 
+    def bulk(self, ctx: ColumnContext) -> BulkSiv:
+        """The step's whole-batch AES-SIV, built once per process and kept in ``ctx.state``."""
+        bulk = ctx.state.get("aes-siv-bulk")
+        if bulk is None:
+            self.cipher(ctx)  # checks the key, with the same errors
+            bulk = ctx.state["aes-siv-bulk"] = BulkSiv(required_key(ctx, self.type_name))
+        return bulk
+
+    def _bulk_ok(self, array: pa.Array) -> bool:
+        return _is_utf8(self.encoding) and len(array) >= _BULK_MIN
+
+
+def _buffers(text: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(data bytes, per-value start, per-value length) of a string or binary array."""
+    if pa.types.is_string_view(text.type) or pa.types.is_binary_view(text.type):
+        text = text.cast(pa.large_binary())
+    large = pa.types.is_large_string(text.type) or pa.types.is_large_binary(text.type)
+    offsets = np.frombuffer(text.buffers()[1], np.int64 if large else np.int32)
+    offsets = offsets[text.offset : text.offset + len(text) + 1].astype(np.int64)
+    data_buffer = text.buffers()[2]
+    data = np.zeros(0, np.uint8) if data_buffer is None else np.frombuffer(data_buffer, np.uint8)
+    return data, offsets[:-1], np.diff(offsets)
+
+
+def _string_array(data: bytes, offsets: np.ndarray, like: pa.Array) -> pa.Array:
+    """A string array over ``data`` and int64 ``offsets`` (from 0), with the nulls of ``like``."""
+    large = int(offsets[-1]) > _INT32_MAX
+    validity = None if like.null_count == 0 else pc.is_valid(like).buffers()[1]
+    return pa.Array.from_buffers(
+        pa.large_string() if large else pa.string(),
+        len(like),
+        [
+            validity,
+            pa.py_buffer(offsets if large else offsets.astype(np.int32)),
+            pa.py_buffer(data),
+        ],
+        null_count=like.null_count,
+    )
+
 
 @register
 class ReversibleTokenizer(_SivTransformation):
@@ -159,15 +210,19 @@ class ReversibleTokenizer(_SivTransformation):
     def apply(self, array: pa.Array, ctx: ColumnContext) -> pa.Array:
         """Tokens for ``array``, one encryption per distinct value."""
         cipher = self.cipher(ctx)
-        parts = distinct(array)
+        bulk = self._bulk_ok(array)
+        parts = distinct(array, max_fraction=_DEDUP_BELOW_BULK if bulk else _DEDUP_BELOW)
         text = canonical_text(parts.values)
         if is_binary(text.type):
             raise TransformError(f"{self.type_name} cannot take binary values")
+        if bulk and len(text) >= _BULK_MIN:
+            sealed, offsets = self.bulk(ctx).seal(*_buffers(text))
+            return parts.gather(_string_array(binascii.hexlify(sealed), offsets * 2, text))
         data = self._encode(text, parts)
         cache = ctx.state.setdefault("tokens", ValueCache())
         sealed = cache.compute(data, lambda values: siv_encrypt(cipher, values))
         tokens = strings_from_parts(sealed, text, as_hex=True)
-        return pc.take(tokens, parts.indices)
+        return parts.gather(tokens)
 
     def _encode(self, text: pa.Array, parts: Distinct) -> list[bytes]:
         if _is_utf8(self.encoding):
@@ -205,10 +260,15 @@ class TokenReverser(_SivTransformation):
     def apply(self, array: pa.Array, ctx: ColumnContext) -> pa.Array:
         """The original strings, one decryption per distinct token."""
         cipher = self.cipher(ctx)
-        parts = distinct(array)
+        bulk = self._bulk_ok(array)
+        parts = distinct(array, max_fraction=_DEDUP_BELOW_BULK if bulk else _DEDUP_BELOW)
         tokens = canonical_text(parts.values)
         if not is_text(tokens.type):
             raise TransformError(f"{self.type_name} takes strings, not {tokens.type}")
+        if bulk and len(tokens) >= _BULK_MIN:
+            values = self._open_all(self.bulk(ctx), tokens)
+            if values is not None:
+                return parts.gather(values)
         hex_tokens = bytes_of(tokens)
         plain = _reverse_all(cipher, hex_tokens)
         failed = [False] * len(hex_tokens)
@@ -223,7 +283,42 @@ class TokenReverser(_SivTransformation):
         values = strings_from_parts(plain, valid)
         if utf8:
             values = self._check_utf8(values, plain, failed, parts)
-        return pc.take(values, parts.indices)
+        return parts.gather(values)
+
+    @staticmethod
+    def _open_all(bulk: BulkSiv, tokens: pa.Array) -> pa.Array | None:
+        """Every plaintext, when every token is good hex, authentic and UTF-8; else None.
+
+        None sends the batch down the token-by-token path, which names the
+        first bad token (or nulls each one).
+        """
+        data, starts, lengths = _buffers(tokens)
+        valid = np.ones(len(tokens), bool)
+        if tokens.null_count:
+            valid = pc.is_valid(tokens).to_numpy(zero_copy_only=False)
+        if len(lengths) == 0 or (lengths % 2).any() or (lengths[valid] < 2 * TAG_BYTES).any():
+            return None
+        first, last = int(starts[0]), int(starts[-1] + lengths[-1])
+        try:
+            raw = binascii.unhexlify(data[first:last])
+        except (binascii.Error, ValueError):
+            return None
+        rows = np.flatnonzero(valid)
+        plain, plain_offsets, authentic = bulk.open(
+            np.frombuffer(raw, np.uint8), (starts[rows] - first) // 2, lengths[rows] // 2
+        )
+        if not authentic.all():
+            return None
+        sizes = np.zeros(len(tokens), np.int64)
+        sizes[rows] = np.diff(plain_offsets)
+        offsets = np.zeros(len(tokens) + 1, np.int64)
+        np.cumsum(sizes, out=offsets[1:])
+        values = _string_array(plain.tobytes(), offsets, tokens)
+        try:
+            values.validate(full=True)
+        except pa.ArrowInvalid:
+            return None
+        return values
 
     def _reverse_each(
         self, cipher: AESSIV, hex_tokens: list[bytes | None], failed: list[bool], parts: Distinct
