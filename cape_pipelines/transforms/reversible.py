@@ -13,8 +13,13 @@ original type. Binary columns are refused: the reverser returns text.
 
 The reverser checks each token: one that is not hex, is shorter than a tag, or
 fails authentication (wrong key, altered token) is an error naming the row
-(never the key, nor the token), or null with ``on_error: null``. Both work once
-per distinct value of a batch with one cipher object per process.
+(never the key, nor the token), or null with ``on_error: null``. Batches of
+a few hundred values or more with UTF-8 text go through
+:mod:`cape_pipelines.transforms._siv` (the same AES-SIV over the whole batch at
+once, several times faster than one ``AESSIV`` call per value); smaller ones,
+other encodings, and a batch holding a bad token (to name it) go value by value
+through ``cryptography``'s ``AESSIV``. Work is done once per distinct value,
+unless a sample shows the batch is mostly distinct values.
 
 >>> import pyarrow as pa
 >>> from cape_pipelines.transforms.base import ColumnContext
