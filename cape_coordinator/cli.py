@@ -58,6 +58,12 @@ def _settings_flags(parser: argparse.ArgumentParser) -> None:
         "--lost-after", type=int, metavar="SECONDS", help="a silent running run is lost after this"
     )
     parser.add_argument("--max-body-bytes", type=int, help="request body size limit")
+    parser.add_argument(
+        "--api-docs",
+        action="store_true",
+        default=None,
+        help="serve /docs and /openapi.json (off by default)",
+    )
 
 
 def register(
@@ -79,6 +85,13 @@ def register(
     p.add_argument("--port", type=int, default=8686)
     p.add_argument("--access-log", action="store_true", help="log every request (no bodies)")
     p.set_defaults(func=cmd_serve)
+    p = csub.add_parser(
+        "admin-token",
+        parents=[dbp],
+        help="offline recovery: make an admin token in the database directly (audited)",
+    )
+    p.add_argument("--name", default="recovered-admin", help="who the token is for")
+    p.set_defaults(func=cmd_admin_token)
     p = csub.add_parser(
         "upgrade", parents=[dbp], help="migrate the database schema to this version's"
     )
@@ -229,6 +242,8 @@ def _with_flags(settings: Any, args: argparse.Namespace) -> Any:
         data["lost_after_seconds"] = args.lost_after
     if getattr(args, "max_body_bytes", None) is not None:
         data["max_body_bytes"] = args.max_body_bytes
+    if getattr(args, "api_docs", None):
+        data["api_docs"] = True
     return Settings.from_dict(data)
 
 
@@ -296,6 +311,25 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
     coord = Coordinator.open(paths, settings, upgrade=True)
     coord.close()
     print(f"database schema at revision {migrate.head()}")
+    return 0
+
+
+def cmd_admin_token(args: argparse.Namespace) -> int:
+    """Make an admin token with the database and master key at hand (no server, no token):
+    the way back into a locked-out install. Recorded in the audit chain as
+    ``token.created`` by ``offline-recovery``; the token alone on the last line."""
+    from .coordinator import Coordinator
+    from .services.base import Principal
+
+    paths, settings = _paths_and_settings(args)
+    coord = Coordinator.open(paths, settings)
+    try:
+        system = Principal(token_id="-", name="offline-recovery", role="admin")  # noqa: S106
+        info, token = coord.tokens.create(system, name=args.name, role="admin")
+    finally:
+        coord.close()
+    print(f"admin token {info['id']} for {info['name']} (shown once):")
+    print(token)
     return 0
 
 

@@ -37,6 +37,8 @@ class Settings(BaseModel):
     max_batch_records: int = Field(default=1000, ge=1, le=100_000)
     # FULL: an acknowledged audit record survives power loss; NORMAL trades that for speed.
     sqlite_synchronous: str = "FULL"
+    # /docs, /redoc and /openapi.json: off unless asked for (they map the whole API).
+    api_docs: bool = False
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Settings:

@@ -217,3 +217,7 @@ class RunInfo(BaseModel):
     rows_redacted: int | None
     error_type: str | None
     records: int
+    client_started_at: str | None = Field(
+        default=None, description="the pipeline's own start time (started_at is the receipt)"
+    )
+    client_ended_at: str | None = None
