@@ -193,6 +193,8 @@ def make_engine(url: str, *, sqlite_synchronous: str = "FULL", **kwargs: Any) ->
         cur.execute(f"PRAGMA synchronous={sqlite_synchronous}")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.execute("PRAGMA busy_timeout=30000")
+        # Deleted content (old anchors, removed rows) is overwritten, not left in free pages.
+        cur.execute("PRAGMA secure_delete=ON")
         # The audit table's indexes (random record ids) outgrow SQLite's 2 MiB default
         # page cache quickly; re-reading their pages costs the writer more than the inserts.
         cur.execute("PRAGMA cache_size=-32768")

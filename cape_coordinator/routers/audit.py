@@ -10,7 +10,15 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request
 
 from ..errors import ApiError
-from ..schemas import MAX_INT, AuditAccepted, AuditBatch, AuditEntry, PlainText, VerifyOut
+from ..schemas import (
+    MAX_INT,
+    AuditAccepted,
+    AuditAnchor,
+    AuditBatch,
+    AuditEntry,
+    PlainText,
+    VerifyOut,
+)
 from ..services.base import Principal
 from ..services.ingest import check_records
 from .deps import Coord, checked_time, require
@@ -76,6 +84,13 @@ def list_audit(
         limit=limit,
     )
     return [AuditEntry(**r) for r in rows]
+
+
+@router.get("/anchor")
+def anchor(coord: Coord, _p: Auditors) -> AuditAnchor:
+    """The chain's signed anchor now (entries, last hash, Ed25519 signature): record it
+    outside the coordinator and check later with `cape audit verify --anchor`."""
+    return AuditAnchor(**coord.chain.current_anchor())
 
 
 @router.get("/verify")

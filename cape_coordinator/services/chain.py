@@ -20,6 +20,7 @@ import os
 import sqlite3
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -38,6 +39,8 @@ from .base import Principal
 log = logging.getLogger("cape_coordinator")
 
 GENESIS = "0" * 64
+# How often (at most) a SQLite coordinator truncates its WAL after a write.
+CHECKPOINT_SECONDS = 60.0
 _ANCHOR_DOMAIN = b"cape-audit-anchor\x00"
 AUDIT_COLS = [c.name for c in db.audit.columns]
 _AUDIT_VALUES = operator.itemgetter(*AUDIT_COLS)
@@ -77,9 +80,13 @@ class Copies:
     def write(self, rows: Sequence[Mapping[str, Any]]) -> None:
         if not rows or not (self.jsonl or self.stdout):
             return
+        # The last entry of each commit carries the signed anchor it moved the chain to, so
+        # the copy is also an anchor record kept outside the database (`verify --anchor`).
         text = "".join(
             f'{{"seq":{r["seq"]},"prev_hash":"{r["prev_hash"]}","hash":"{r["hash"]}",'
-            f'"entry":{r["body"]}}}\n'
+            f'"entry":{r["body"]}'
+            + (f',"anchor":{json.dumps(r["anchor"], sort_keys=True)}' if "anchor" in r else "")
+            + "}\n"
             for r in rows
         )
         try:
@@ -169,6 +176,7 @@ class AuditChain:
         self._signer = signer
         self._copies = copies
         self._lock = threading.Lock()
+        self._checkpointed = time.monotonic()
 
     @contextmanager
     def write(self) -> Iterator[tuple[Connection, list[dict[str, Any]]]]:
@@ -185,6 +193,13 @@ class AuditChain:
                         self.anchor(conn)
                     yield conn, appended
             self._copies.write(appended)
+            if (
+                self.sqlite
+                and appended
+                and time.monotonic() - self._checkpointed > CHECKPOINT_SECONDS
+            ):
+                self._checkpointed = time.monotonic()
+                self.checkpoint()
 
     def anchor(self, conn: Connection) -> tuple[int, str]:
         """(count, last hash) of the chain; on PostgreSQL this takes the chain's row lock."""
@@ -246,7 +261,28 @@ class AuditChain:
             .where(db.settings.c.name == "audit_anchor")
             .values(value=json.dumps(anchor))
         )
+        rows[-1]["anchor"] = anchor
         appended.extend(rows)
+
+    def current_anchor(self) -> dict[str, Any]:
+        """The signed anchor: ``{count, hash, signature}`` (for monitoring to record)."""
+        with self.engine.connect() as conn:
+            raw = conn.execute(
+                select(db.settings.c.value).where(db.settings.c.name == "audit_anchor")
+            ).scalar_one()
+        data = json.loads(raw)
+        return {"count": int(data["count"]), "hash": data["hash"], "signature": data["signature"]}
+
+    def checkpoint(self) -> None:
+        """SQLite: move the WAL into the database file and truncate it, so older anchors do
+        not linger in the WAL (deleted content is zeroed in the file: secure_delete)."""
+        if not self.sqlite:
+            return
+        try:
+            with self.engine.connect() as conn:
+                conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+        except Exception as exc:  # a busy reader: the next checkpoint will do it
+            log.warning("WAL checkpoint skipped: %s", type(exc).__name__)
 
     def count(self) -> int:
         """How many entries the chain holds."""

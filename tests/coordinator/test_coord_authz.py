@@ -35,6 +35,7 @@ MATRIX: list[tuple[str, str, object, set[str]]] = [
     ("POST", "/v1/audit", {}, {"pipeline"}),
     ("GET", "/v1/audit", None, AUDITORS),
     ("GET", "/v1/audit/verify", None, AUDITORS),
+    ("GET", "/v1/audit/anchor", None, AUDITORS),
     ("GET", "/v1/runs", None, AUDITORS),
 ]
 
