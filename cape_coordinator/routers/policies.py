@@ -113,13 +113,15 @@ def active(
     served = coord.policies.active(p, label)
     headers = {
         "ETag": f'"{served.sha256}"',
-        "X-Cape-Signature": served.signature,
         "X-Cape-Policy-Version": str(served.version),
-        "X-Cape-Policy-Envelope": b64e(served.envelope),
         "Cache-Control": "no-cache",
     }
     if if_none_match is not None:
         tags = {t.strip().removeprefix("W/").strip('"') for t in if_none_match.split(",")}
         if served.sha256 in tags or "*" in tags:
+            # No envelope on a 304: the client re-verifies the signed copy it holds (every
+            # version's bytes differ, so the same ETag means the same activation's bytes).
             return Response(status_code=304, headers=headers)
+    headers["X-Cape-Policy-Envelope"] = b64e(served.envelope)
+    headers["X-Cape-Signature"] = served.signature
     return Response(content=served.body, media_type="application/json", headers=headers)
