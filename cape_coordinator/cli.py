@@ -285,6 +285,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from .app import create_app
     from .coordinator import Coordinator
+    from .logs import uvicorn_log_config
 
     paths, settings = _paths_and_settings(args)
     coord = Coordinator.open(paths, settings, upgrade=True)
@@ -301,6 +302,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             port=args.port,
             access_log=args.access_log,
             log_level="info" if args.access_log else "warning",
+            log_config=uvicorn_log_config(),
             server_header=False,
         )
     finally:

@@ -439,3 +439,19 @@ def test_offline_admin_token_recovery_is_audited(tmp_path):
         coord.close()
     with sqlite3.connect(db_file) as con:
         assert con.execute("SELECT count(*) FROM tokens WHERE role = 'admin'").fetchone()[0] == 2
+
+
+def test_server_logs_never_print_exception_details(capsys):
+    import logging
+    import logging.config
+
+    from cape_coordinator.logs import uvicorn_log_config
+
+    logging.config.dictConfig(uvicorn_log_config())
+    try:
+        raise ValueError("4f1c-secret-from-a-request")
+    except ValueError:
+        logging.getLogger("uvicorn.error").exception("Exception in ASGI application")
+    err = capsys.readouterr().err
+    assert "Exception in ASGI application" in err and "ValueError" in err
+    assert "4f1c-secret" not in err and "Traceback" not in err
