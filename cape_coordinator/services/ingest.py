@@ -168,6 +168,8 @@ class PendingBatch:
     sent: int
     future: Future[dict[str, int]] = field(default_factory=Future)
     actor: Principal | None = None
+    # Each record's position in the batch as sent (refusals name it).
+    positions: list[int] | None = None
 
 
 def _refusal(status: int, code: str, message: str, index: int, rec: Mapping[str, Any]) -> ApiError:
@@ -285,6 +287,7 @@ class AuditIngest:
         ``{accepted, duplicates}`` once the batch is committed (group commit: one
         transaction may carry several callers' batches, each chained in arrival order)."""
         unique: dict[str, dict[str, Any]] = {}
+        positions: dict[str, int] = {}
         for index, rec in enumerate(records):
             label = run_label(rec)
             # A record naming no label is taken only into a run of this same token (see
@@ -297,6 +300,7 @@ class AuditIngest:
                     index,
                     rec,
                 )
+            positions.setdefault(rec["record_id"], index)
             first = unique.setdefault(rec["record_id"], dict(rec))
             if first != rec:
                 raise _refusal(
@@ -307,7 +311,13 @@ class AuditIngest:
                     rec,
                 )
         rows = run_rows(actor, db.now(), unique.values())
-        pending = PendingBatch(rows, list(unique.values()), len(records), actor=actor)
+        pending = PendingBatch(
+            rows,
+            list(unique.values()),
+            len(records),
+            actor=actor,
+            positions=[positions[rid] for rid in unique],
+        )
         self._audit_writer().submit(pending)
         return pending.future
 
@@ -373,9 +383,16 @@ class AuditIngest:
         label (403). An identical resend by its sender is a duplicate, not stored again."""
         rows, records = [], []
         actor = batch.actor
-        for index, (row, rec) in enumerate(zip(batch.rows, batch.records, strict=True)):
+        # Runs this batch starts are bound by its first record for them, like stored ones.
+        local: dict[str, tuple[str | None, str | None]] = {}
+        for i, (row, rec) in enumerate(zip(batch.rows, batch.records, strict=True)):
+            index = batch.positions[i] if batch.positions else i
             if actor is not None:
-                run = bound.get(rec["run_id"])
+                run = bound.get(rec["run_id"]) or local.get(rec["run_id"])
+                if run is None:
+                    local[rec["run_id"]] = (actor.token_id, row["label"])
+                elif run[1] is None and row["label"] is not None:
+                    local[rec["run_id"]] = (run[0], row["label"])
                 if run is not None:
                     sender, label = run
                     if (sender is not None and sender != actor.token_id) or (
