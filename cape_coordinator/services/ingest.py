@@ -1,5 +1,12 @@
-"""Audit ingest: run records posted by pipelines, committed by one group-commit writer,
-and reading the chain back (filtered listing).
+"""Audit ingest: run records posted by pipelines, checked, committed by one group-commit
+writer, and reading the chain back (filtered listing).
+
+A record is stored only if it can be (bounded depth, no NUL or control characters,
+the API's fields: else 422 ``record_invalid``), names only labels its token holds
+(403 ``label_not_allowed``), belongs to a run bound to the same token and label by
+the run's first record (403 ``run_not_yours``), and does not reuse a stored id
+with other content or from another token (409 ``record_conflict``). A refused
+batch stores nothing; every refusal names the record's position and id.
 
 Callers hand a batch to :meth:`AuditIngest.submit` and wait on its future; one
 writer thread commits every batch waiting at that moment in one transaction
@@ -26,6 +33,7 @@ from sqlalchemy import Connection, bindparam, select
 
 from .. import db
 from ..errors import ApiError
+from ..schemas import RunRecord
 from .base import CONTROL_RE, Principal
 from .chain import AuditChain, run_label
 from .runs import RunService
@@ -102,8 +110,6 @@ def _readable_id(raw: Any) -> str | None:
 def check_records(raw: Any, max_records: int) -> list[dict[str, Any]]:
     """The records of a ``POST /v1/audit`` body, each checked; the first record that cannot
     be stored is a 422 ``record_invalid`` naming its index (and id, if readable)."""
-    from ..schemas import RunRecord
-
     if (
         not isinstance(raw, Mapping)
         or set(raw) != {"records"}
@@ -276,8 +282,8 @@ class AuditIngest:
         self._closed = False
 
     def post(self, actor: Principal, records: Sequence[Mapping[str, Any]]) -> dict[str, int]:
-        """Append a batch of run records; a record id already stored is skipped (idempotent).
-        Returns once the transaction holding the batch has committed."""
+        """Append a batch of run records, all or none; an identical resend by the same token
+        is counted as duplicates. Returns once the transaction holding it has committed."""
         return self.submit(actor, records).result()
 
     def submit(
@@ -285,7 +291,10 @@ class AuditIngest:
     ) -> Future[dict[str, int]]:
         """Queue a batch of run records for the audit writer; the future holds
         ``{accepted, duplicates}`` once the batch is committed (group commit: one
-        transaction may carry several callers' batches, each chained in arrival order)."""
+        transaction may carry several callers' batches, each chained in arrival order),
+        or the batch's refusal (:class:`ApiError` naming the record): a label the token
+        does not hold (here, at once), another sender's run or a conflicting id (checked
+        by the writer against the database)."""
         unique: dict[str, dict[str, Any]] = {}
         positions: dict[str, int] = {}
         for index, rec in enumerate(records):
