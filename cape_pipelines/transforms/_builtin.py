@@ -1,6 +1,7 @@
 """Imports every built-in transformation family so that each registers itself."""
 
 from . import (  # noqa: F401
+    fpe,
     perturb,
     redact,
     reversible,
