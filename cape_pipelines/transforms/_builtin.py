@@ -2,6 +2,7 @@
 
 from . import (  # noqa: F401
     fpe,
+    mask,
     perturb,
     redact,
     reversible,
