@@ -1,7 +1,9 @@
 """Imports every built-in transformation family so that each registers itself."""
 
 from . import (  # noqa: F401
+    bucket,
     fpe,
+    generalize,
     mask,
     perturb,
     redact,
