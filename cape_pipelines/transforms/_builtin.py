@@ -9,5 +9,6 @@ from . import (  # noqa: F401
     redact,
     reversible,
     rounding,
+    text_scrub,
     tokenize,
 )
