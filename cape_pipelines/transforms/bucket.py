@@ -43,7 +43,7 @@ import pyarrow.compute as pc
 from pydantic import field_validator, model_validator
 
 from ..errors import TransformError
-from .base import ColumnContext, Transformation, register
+from .base import ColumnContext, ColumnTransformation, SqlArg, SqlFunction, sql_number
 
 Number = int | float
 
@@ -58,11 +58,21 @@ def _text(values: np.ndarray) -> pa.Array:
     return pa.array(values).cast(pa.string())
 
 
-@register
-class Bucket(Transformation):
+class Bucket(ColumnTransformation):
     """Numbers into fixed-width or explicit buckets, dates into weeks, months, quarters, years."""
 
     type_name: ClassVar[str] = "bucket"
+    sql_functions: ClassVar[tuple[SqlFunction, ...]] = (
+        SqlFunction(
+            "bucket",
+            (
+                SqlArg("width", convert=sql_number),
+                SqlArg("origin", convert=sql_number, required=False),
+            ),
+            pa.string(),
+        ),
+        SqlFunction("bucket_date", (SqlArg("unit"),), pa.string()),
+    )
 
     width: Number | None = None
     origin: Number = 0

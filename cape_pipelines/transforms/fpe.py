@@ -50,7 +50,7 @@ from ..errors import KeyFormatError, TransformError
 from ..keys import KeyRef, KeyResolver
 from ._ff1 import FF1, check_domain
 from ._text import bytes_of, canonical_text, distinct, is_text
-from .base import ColumnContext, KeyedTransformation, register
+from .base import ColumnContext, KeyedTransformation, SqlArg, SqlFunction
 from .tokenize import required_key
 
 AES_KEY_LENGTHS = (16, 24, 32)
@@ -315,22 +315,31 @@ class _FpeTransformation(KeyedTransformation):
         return pa.array(out, pa.string())
 
 
-@register
+_SQL_ARGS = (
+    SqlArg("key", role="key"),
+    SqlArg("radix", convert=int, required=False),
+    SqlArg("tweak", required=False),
+)
+
+
 class Fpe(_FpeTransformation):
     """Encrypt each string with FF1, keeping its length, alphabet and the chosen format."""
 
     type_name: ClassVar[str] = "fpe"
+    sql_functions: ClassVar[tuple[SqlFunction, ...]] = (SqlFunction("fpe", _SQL_ARGS, pa.string()),)
 
     def apply(self, array: pa.Array, ctx: ColumnContext) -> pa.Array:
         """FF1 ciphertexts for ``array``, one encryption per distinct (value, tweak)."""
         return self._run(array, ctx, decrypt=False)
 
 
-@register
 class FpeReverser(_FpeTransformation):
     """Turn ``fpe`` output back into the original strings (same key and parameters)."""
 
     type_name: ClassVar[str] = "fpe-reverser"
+    sql_functions: ClassVar[tuple[SqlFunction, ...]] = (
+        SqlFunction("fpe_reveal", _SQL_ARGS, pa.string()),
+    )
 
     def apply(self, array: pa.Array, ctx: ColumnContext) -> pa.Array:
         """The plaintexts for ``array``, one decryption per distinct (value, tweak)."""

@@ -36,14 +36,21 @@ from pydantic import Field, field_validator, model_validator
 
 from ..errors import TransformError
 from ._text import is_text
-from .base import ColumnContext, Transformation, register
+from .base import ColumnContext, ColumnTransformation, SqlArg, SqlFunction
 
 
-@register
-class Generalize(Transformation):
+class Generalize(ColumnTransformation):
     """Values to a coarser level: a prefix of N characters, or a group from a mapping table."""
 
     type_name: ClassVar[str] = "generalize"
+    # The mapping form needs a table, which a SQL literal cannot carry.
+    sql_functions: ClassVar[tuple[SqlFunction, ...]] = (
+        SqlFunction(
+            "generalize_prefix",
+            (SqlArg("prefix", convert=int), SqlArg("fill", required=False)),
+            pa.string(),
+        ),
+    )
 
     prefix: int | None = Field(default=None, ge=0)
     fill: str | None = None

@@ -37,7 +37,7 @@ from pydantic import Field, field_validator, model_validator
 
 from ..errors import TransformError
 from ._text import is_text
-from .base import ColumnContext, Transformation, register
+from .base import ColumnContext, ColumnTransformation, SqlArg, SqlFunction
 
 NAMED_PATTERNS = {
     "email-domain": r"@[^@]*$",
@@ -57,11 +57,21 @@ def _regex_problem(pattern: str) -> str | None:
     return None
 
 
-@register
-class Mask(Transformation):
+class Mask(ColumnTransformation):
     """Replace characters by ``char``, keeping the first/last N or the part a pattern matches."""
 
     type_name: ClassVar[str] = "mask"
+    sql_functions: ClassVar[tuple[SqlFunction, ...]] = (
+        SqlFunction(
+            "mask",
+            (
+                SqlArg("keep_first", convert=int, required=False),
+                SqlArg("keep_last", convert=int, required=False),
+                SqlArg("char", required=False),
+            ),
+            pa.string(),
+        ),
+    )
 
     char: str = "*"
     keep_first: int = Field(default=0, ge=0)

@@ -57,7 +57,7 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 from ..errors import TransformError
 from ..keys import KeyRef, parse_key_ref
 from ._text import is_text
-from .base import ColumnContext, Transformation, register
+from .base import ColumnContext, ColumnTransformation, SqlArg, SqlFunction
 from .tokenize import DIGEST_HEX, hmac_sha256_digester
 
 Entity = Literal["email", "card", "iban", "ssn", "ipv4", "ipv6", "phone"]
@@ -173,12 +173,15 @@ _SCREEN = {
 }
 
 
-@register
-class TextScrub(Transformation):
+class TextScrub(ColumnTransformation):
     """Replace e-mails, phones, cards, IBANs, IPs and SSNs inside text by placeholders, tokens
     or masks."""
 
     type_name: ClassVar[str] = "text-scrub"
+    sql_functions: ClassVar[tuple[SqlFunction, ...]] = (
+        # placeholder or mask; tokens need a key the policy path provides.
+        SqlFunction("scrub_text", (SqlArg("replace", required=False),), pa.string()),
+    )
     # A rejected inline key must not be echoed by pydantic's message.
     model_config = ConfigDict(hide_input_in_errors=True)
 
