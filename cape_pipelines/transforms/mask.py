@@ -152,12 +152,22 @@ class Mask(ColumnTransformation):
         first, last = self.keep_first, self.keep_last
         if not first and not last:
             return self._mask_all(values)
-        head = pc.utf8_slice_codeunits(values, 0, first)
-        middle = pc.utf8_slice_codeunits(values, first, -last if last else None)
-        if last:
-            tail = pc.utf8_slice_codeunits(values, -last)
+        lengths = pc.utf8_length(values)
+        long_enough = pc.greater(lengths, first + last)
+        parts = []
+        if first:
+            parts.append(pc.utf8_slice_codeunits(values, 0, first))
+        if self.ignore:
+            middle = pc.utf8_slice_codeunits(values, first, -last if last else None)
+            parts.append(self._mask_all(middle))
         else:
-            tail = pc.utf8_slice_codeunits(values, 0, 0)
-        joined = pc.binary_join_element_wise(head, self._mask_all(middle), tail, "")
-        long_enough = pc.greater(pc.utf8_length(values), first + last)
+            # One length pass serves both the masked count and the short-value test.
+            count = pc.max_element_wise(pc.subtract(lengths, first + last), 0)
+            parts.append(pc.binary_repeat(pa.scalar(self.char, pa.string()), count))
+        if last:
+            parts.append(pc.utf8_slice_codeunits(values, -last))
+        joined = pc.binary_join_element_wise(*parts, "")
+        if pc.all(pc.fill_null(long_enough, True)).as_py():
+            # The usual case: no value short enough to be masked whole.
+            return joined
         return pc.if_else(long_enough, joined, self._mask_all(values))
