@@ -31,8 +31,9 @@ scrubbed address joins with a tokenized address column) or ``mask`` (one
 Vectorised where the work allows: the batch's distinct texts are screened by
 one RE2 pass of pyarrow (``match_substring_regex``) and only texts that may
 hold a finding go through the detectors; each distinct finding is tokenized
-once; untouched texts are never copied into Python. ``findings`` reports the
-number of findings per entity type of the last call, for the run's counters.
+once; untouched texts are never copied into Python. :meth:`TextScrub.scrub`
+also returns the number of findings per entity type (not yet carried into the
+run's audit record: that needs a per-transformation counter in the engine seam).
 
 >>> import pyarrow as pa
 >>> from cape_pipelines.transforms.base import ColumnContext
@@ -249,11 +250,19 @@ class TextScrub(ColumnTransformation):
         return out
 
     def apply(self, array: pa.Array, ctx: ColumnContext) -> pa.Array:
-        """The texts with every finding replaced; ``ctx.state['findings']`` counts them by type."""
+        """The texts with every finding replaced."""
+        return self.scrub(array, ctx)[0]
+
+    def scrub(self, array: pa.Array, ctx: ColumnContext) -> tuple[pa.Array, dict[str, int]]:
+        """The texts with every finding replaced, and the number of findings per entity type.
+
+        Counts are per row (a text shared by several rows counts once per row)
+        and returned, not stored, so concurrent batches cannot mix them up.
+        """
         if isinstance(array, pa.ChunkedArray):
             array = array.combine_chunks()
         if pa.types.is_null(array.type):
-            return pa.nulls(len(array), pa.string())
+            return pa.nulls(len(array), pa.string()), {}
         enc = pc.dictionary_encode(
             array.cast(pa.string())
             if not pa.types.is_dictionary(array.type)
@@ -279,8 +288,7 @@ class TextScrub(ColumnTransformation):
             mask = np.zeros(len(values), dtype=bool)
             mask[positions] = True
             values = pc.replace_with_mask(values, pa.array(mask), pa.array(replaced, pa.string()))
-        ctx.state["findings"] = dict(counts)
-        return pc.take(values, indices)
+        return pc.take(values, indices), dict(counts)
 
     def _substitute(
         self, texts: list[str], spans: list[list[tuple[int, int, str]]], ctx: ColumnContext
