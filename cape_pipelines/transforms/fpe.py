@@ -37,7 +37,6 @@ one length go through FF1 together (numpy arithmetic, one AES call per round).
 
 from __future__ import annotations
 
-import re
 import string
 from typing import ClassVar, Literal
 
@@ -51,6 +50,7 @@ from ..keys import KeyRef, KeyResolver
 from ._ff1 import FF1, check_domain
 from ._text import bytes_of, canonical_text, distinct, is_text
 from .base import ColumnContext, KeyedTransformation, SqlArg, SqlFunction
+from .mask import re2_class
 from .tokenize import required_key
 
 AES_KEY_LENGTHS = (16, 24, 32)
@@ -227,8 +227,7 @@ class _FpeTransformation(KeyedTransformation):
         chars = self.chars
         original = values
         if self.keep_separators:
-            outside = "[^" + re.escape(chars).replace("]", r"\]") + "]"
-            values = pc.replace_substring_regex(values, outside, "")
+            values = pc.replace_substring_regex(values, re2_class(chars, negate=True), "")
         if values.offset:
             values = pa.concat_arrays([values])
         m = len(values)

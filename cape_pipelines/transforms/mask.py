@@ -28,7 +28,6 @@ step is a pyarrow kernel (``utf8_slice_codeunits``, ``binary_repeat``,
 
 from __future__ import annotations
 
-import re
 from typing import ClassVar, Literal
 
 import pyarrow as pa
@@ -43,6 +42,20 @@ NAMED_PATTERNS = {
     "email-domain": r"@[^@]*$",
     "last-4-digits": r"\d\D*\d\D*\d\D*\d\D*$",
 }
+
+
+def re2_class(chars: str, *, negate: bool = False) -> str:
+    """An RE2 character class of exactly ``chars`` (or all but them), whatever they are.
+
+    Every ASCII punctuation character is backslash-escaped (RE2 accepts that for
+    all of them, and it keeps ``]``, ``\\``, ``^`` and ``-`` literal); other
+    characters stand for themselves.
+    """
+    body = "".join(
+        "\\" + c if c.isascii() and not c.isalnum() and c.isprintable() else c
+        for c in sorted(set(chars))
+    )
+    return f"[{'^' if negate else ''}{body}]"
 
 
 def _regex_problem(pattern: str) -> str | None:
@@ -121,8 +134,7 @@ class Mask(ColumnTransformation):
         """Every character of ``values`` masked (except ``ignore``d ones)."""
         if not self.ignore:
             return pc.binary_repeat(pa.scalar(self.char, pa.string()), pc.utf8_length(values))
-        kept = "".join(sorted(set(self.ignore)))
-        pattern = "(?s)[^" + re.escape(kept).replace("]", r"\]") + "]"
+        pattern = "(?s)" + re2_class(self.ignore, negate=True)
         return pc.replace_substring_regex(values, pattern, self.char.replace("\\", "\\\\"))
 
     def apply(self, array: pa.Array, ctx: ColumnContext) -> pa.Array:

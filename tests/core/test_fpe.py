@@ -278,3 +278,14 @@ def test_non_string_column_is_refused_at_plan_time():
 def test_missing_tweak_column_is_a_plan_error():
     with pytest.raises(cape.PlanError):
         run(pa.table({"x": ["123456789"]}), fpe(tweak_column="nope"))
+
+
+def test_keep_separators_with_regex_special_characters_in_the_alphabet():
+    # ] \\ ^ - are alphabet characters here, so they are encrypted, not kept.
+    alphabet = "0123456789]\\^-"
+    values = ["12]4\\5^6-7 x", "12\u201334 56"]
+    table = pa.table({"x": values})
+    enc = run(table, fpe(alphabet=alphabet, keep_separators=True)).column("x").to_pylist()
+    assert enc[0].endswith(" x") and enc[1][2] == "\u2013" and enc[1][5] == " "
+    back = run(pa.table({"x": enc}), rev(alphabet=alphabet, keep_separators=True))
+    assert back.column("x").to_pylist() == values

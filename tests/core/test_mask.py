@@ -53,6 +53,9 @@ def mask(values: list[str | None], **params) -> list[str | None]:
         # newlines are characters too
         ("a\nb", {}, "***"),
         ("", {"keep_last": 2}, ""),
+        # characters special inside a regex class are ignored literally
+        ("a-b^c]d\\e[f", {"ignore": "-^]\\["}, "*-*^*]*\\*[*"),
+        ("a\u2013é李 b", {"ignore": "\u2013é李 "}, "*\u2013é李 *"),
     ],
 )
 def test_mask(value, params, expected):
