@@ -129,6 +129,8 @@ class _FpeTransformation(KeyedTransformation):
 
     @model_validator(mode="after")
     def _consistent(self) -> _FpeTransformation:
+        if self.alphabet is not None and "radix" in self.model_fields_set:
+            raise ValueError("give radix or alphabet (whose length is the radix), not both")
         if self.tweak is not None and self.tweak_column is not None:
             raise ValueError("give tweak (a constant) or tweak_column, not both")
         if self.luhn:

@@ -251,6 +251,7 @@ def test_wrong_key_length_is_refused_without_showing_it():
     ("params", "match"),
     [
         ({"tweak": "a", "tweak_column": "t"}, "not both"),
+        ({"radix": 36, "alphabet": "abc"}, "radix or alphabet"),
         ({"luhn": True, "radix": 36}, "decimal digits"),
         ({"luhn": True, "keep_last": 4}, "keep_last"),
         ({"alphabet": "aa"}, "distinct"),
