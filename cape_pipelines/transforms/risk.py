@@ -25,7 +25,7 @@ action across engines belongs to the engine seam.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -63,12 +63,17 @@ class RiskReport:
 
 @dataclass
 class ClassCounts:
-    """Equivalence-class sizes, and sensitive values per class, of some rows; mergeable."""
+    """Equivalence-class sizes, and distinct sensitive values per class, of some rows; mergeable.
+
+    Both are Arrow tables (``sizes``: the quasi-identifiers and ``class_size``;
+    ``pairs``: the distinct (quasi-identifiers, sensitive value) rows), so
+    counting and merging stay ``group_by`` calls however many classes there are.
+    """
 
     quasi_identifiers: tuple[str, ...]
     sensitive: str | None = None
-    sizes: dict[ClassKey, int] = field(default_factory=dict)
-    sensitive_values: dict[ClassKey, set[Any]] = field(default_factory=dict)
+    sizes: pa.Table | None = None
+    pairs: pa.Table | None = None
 
     @classmethod
     def of_table(
@@ -83,67 +88,81 @@ class ClassCounts:
             raise PlanError("k-anonymity needs at least one quasi-identifier column")
         if isinstance(table, pa.RecordBatch):
             table = pa.Table.from_batches([table])
-        missing = [
-            c for c in (*qis, *([sensitive] if sensitive else [])) if c not in table.schema.names
-        ]
+        wanted = [*qis, *([sensitive] if sensitive else [])]
+        missing = [c for c in wanted if c not in table.schema.names]
         if missing:
             raise PlanError(f"risk columns not in the output: {', '.join(missing)}")
-        out = cls(qis, sensitive)
-        if table.num_rows == 0:
-            return out
-        grouped = (
+        sizes = (
             table.select(list(qis))
             .group_by(list(qis), use_threads=False)
             .aggregate([([], "count_all")])
+            .rename_columns([*qis, "class_size"])
         )
-        keys = list(zip(*(grouped.column(c).to_pylist() for c in qis), strict=True))
-        out.sizes = dict(zip(keys, grouped.column("count_all").to_pylist(), strict=True))
+        pairs = None
         if sensitive is not None:
-            pairs = (
-                table.select([*qis, sensitive])
-                .group_by([*qis, sensitive], use_threads=False)
-                .aggregate([])
-            )
-            columns = [pairs.column(c).to_pylist() for c in qis]
-            for *key, value in zip(*columns, pairs.column(sensitive).to_pylist(), strict=True):
-                out.sensitive_values.setdefault(tuple(key), set()).add(value)
-        return out
+            pairs = table.select(wanted).group_by(wanted, use_threads=False).aggregate([])
+        return cls(qis, sensitive, sizes, pairs)
 
-    def merge(self, other: ClassCounts) -> ClassCounts:
-        """Add ``other`` (counted over other rows, same columns) into this object."""
-        if other.quasi_identifiers != self.quasi_identifiers or other.sensitive != self.sensitive:
-            raise ValueError("cannot merge class counts over different columns")
-        for key, n in other.sizes.items():
-            self.sizes[key] = self.sizes.get(key, 0) + n
-        for key, values in other.sensitive_values.items():
-            self.sensitive_values.setdefault(key, set()).update(values)
+    def merge(self, *others: ClassCounts) -> ClassCounts:
+        """Add ``others`` (counted over other rows, same columns) into this object.
+
+        Merging many at once concatenates them all and groups once, which is
+        cheaper than merging one by one.
+        """
+        for other in others:
+            if (other.quasi_identifiers, other.sensitive) != (
+                self.quasi_identifiers,
+                self.sensitive,
+            ):
+                raise ValueError("cannot merge class counts over different columns")
+        qis = list(self.quasi_identifiers)
+        sizes = [c.sizes for c in (self, *others) if c.sizes is not None]
+        if len(sizes) > 1:
+            self.sizes = (
+                pa.concat_tables(sizes)
+                .group_by(qis, use_threads=False)
+                .aggregate([("class_size", "sum")])
+                .rename_columns([*qis, "class_size"])
+            )
+        elif sizes:
+            self.sizes = sizes[0]
+        pairs = [c.pairs for c in (self, *others) if c.pairs is not None]
+        if len(pairs) > 1:
+            columns = pairs[0].column_names
+            self.pairs = pa.concat_tables(pairs).group_by(columns, use_threads=False).aggregate([])
+        elif pairs:
+            self.pairs = pairs[0]
         return self
+
+    def class_sizes(self) -> dict[ClassKey, int]:
+        """Each class (a tuple of quasi-identifier values) and its number of rows."""
+        if self.sizes is None:
+            return {}
+        keys = zip(*(self.sizes.column(c).to_pylist() for c in self.quasi_identifiers), strict=True)
+        return dict(zip(keys, self.sizes.column("class_size").to_pylist(), strict=True))
 
     def report(self, k: int) -> RiskReport:
         """The figures for ``k`` (``k >= 1``)."""
         if k < 1:
             raise ValueError("k must be at least 1")
-        sizes = list(self.sizes.values())
-        small = [n for n in sizes if n < k]
+        if self.sizes is None or self.sizes.num_rows == 0:
+            return RiskReport(k, 0, 0, 0, 0, 0, None)
+        size = self.sizes.column("class_size")
+        small = pc.less(size, k)
         l_div = None
-        if self.sensitive is not None and self.sensitive_values:
-            l_div = min(len(v) for v in self.sensitive_values.values())
+        if self.pairs is not None and self.pairs.num_rows:
+            qis = list(self.quasi_identifiers)
+            per_class = self.pairs.group_by(qis, use_threads=False).aggregate([([], "count_all")])
+            l_div = pc.min(per_class.column("count_all")).as_py()
         return RiskReport(
             k=k,
-            rows=sum(sizes),
-            classes=len(sizes),
-            smallest_class=min(sizes) if sizes else 0,
-            rows_below_k=sum(small),
-            classes_below_k=len(small),
+            rows=pc.sum(size).as_py(),
+            classes=self.sizes.num_rows,
+            smallest_class=pc.min(size).as_py(),
+            rows_below_k=pc.sum(pc.filter(size, small)).as_py() or 0,
+            classes_below_k=pc.sum(pc.cast(small, pa.int64())).as_py(),
             l_diversity=l_div,
         )
-
-    def table(self) -> pa.Table:
-        """The class sizes as a table: the quasi-identifier columns and ``class_size``."""
-        keys = list(self.sizes)
-        cols = {c: [key[i] for key in keys] for i, c in enumerate(self.quasi_identifiers)}
-        cols["class_size"] = list(self.sizes.values())
-        return pa.table(cols)
 
 
 def _filler(t: pa.DataType) -> pa.Scalar:
@@ -182,12 +201,13 @@ def below_k(table: pa.Table, counts: ClassCounts, k: int) -> pa.Array:
     index = "__cape_row__"
     left = _join_keys(table, qis)
     left = left.append_column(index, pa.array(range(table.num_rows), pa.int64()))
-    sizes = counts.table()
-    typed = pa.table(
-        [pa.array(sizes.column(c).to_pylist(), table.schema.field(c).type) for c in qis],
-        names=qis,
-    )
-    right = _join_keys(typed, qis).append_column("class_size", sizes.column("class_size"))
+    sizes = counts.sizes
+    if sizes is None:
+        sizes = pa.table(
+            [pa.array([], table.schema.field(c).type) for c in qis] + [pa.array([], pa.int64())],
+            names=[*qis, "class_size"],
+        )
+    right = _join_keys(sizes, qis).append_column("class_size", sizes.column("class_size"))
     keys = [n for n in left.column_names if n != index]
     joined = left.join(right, keys=keys, join_type="left outer", use_threads=False)
     size = joined.sort_by(index).column("class_size")
