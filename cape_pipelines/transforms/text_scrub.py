@@ -104,7 +104,8 @@ def ipv4_valid(text: str) -> bool:
 
 def ipv6_valid(text: str) -> bool:
     """A valid IPv6 address with at least two colons (``ipaddress`` rules)."""
-    if text.count(":") < 2:
+    if text.count(":") < 2 or text.strip(":") == "":
+        # "::" alone is the unspecified address, but in text it is C++ or a typo.
         return False
     try:
         ipaddress.IPv6Address(text)

@@ -290,3 +290,27 @@ def test_keep_separators_with_regex_special_characters_in_the_alphabet():
     assert enc[0].endswith(" x") and enc[1][2] == "\u2013" and enc[1][5] == " "
     back = run(pa.table({"x": enc}), rev(alphabet=alphabet, keep_separators=True))
     assert back.column("x").to_pylist() == values
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    payload=st.text(alphabet=string.digits, min_size=12, max_size=18),
+    seps=st.lists(st.sampled_from(["", " ", "-", "/"]), min_size=19, max_size=19),
+    keep_first=st.integers(0, 6),
+)
+def test_round_trip_cards_with_separators_and_luhn(payload, seps, keep_first):
+    digits = payload + luhn_check(payload)
+    card = "".join(d + s for d, s in zip(digits, seps, strict=False))
+    params = {"keep_separators": True, "luhn": True, "keep_first": keep_first}
+    enc = run(pa.table({"x": [card]}), fpe(**params)).column("x").to_pylist()[0]
+    assert [c for c in enc if not c.isdigit()] == [c for c in card if not c.isdigit()]
+    enc_digits = "".join(c for c in enc if c.isdigit())
+    assert luhn_ok(enc_digits) and enc_digits[:keep_first] == digits[:keep_first]
+    assert run(pa.table({"x": [enc]}), rev(**params)).column("x").to_pylist() == [card]
+
+
+def luhn_check(payload: str) -> str:
+    for d in "0123456789":
+        if luhn_ok(payload + d):
+            return d
+    raise AssertionError("no check digit")
