@@ -18,6 +18,8 @@ same steps on Python integers.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
@@ -26,6 +28,9 @@ ROUNDS = 10
 # SP 800-38G Rev. 1: radix**minlen must be at least one million.
 MIN_DOMAIN = 1_000_000
 MAX_RADIX = 1 << 16
+
+# Halves of the Feistel network: a uint64 array (the fast path) or a list of Python ints.
+Numbers = Any
 
 
 def check_domain(radix: int, length: int) -> str | None:
@@ -146,9 +151,7 @@ class FF1:
         out[:, u:] = _to_numerals(b_num, v, radix, fast)
         return out
 
-    def _round_y(
-        self, state: np.ndarray, tail: np.ndarray, d: int, fast: bool
-    ) -> np.ndarray | list[int]:
+    def _round_y(self, state: np.ndarray, tail: np.ndarray, d: int, fast: bool) -> Numbers:
         """NUM(S) for one round: finish the CBC-MAC over ``tail``, extend to ``d`` bytes."""
         r = state
         for j in range(tail.shape[1] // BLOCK):
@@ -165,7 +168,7 @@ class FF1:
         return [int.from_bytes(s[i].tobytes(), "big") for i in range(s.shape[0])]
 
 
-def _to_numbers(digits: np.ndarray, radix: int, fast: bool) -> np.ndarray | list[int]:
+def _to_numbers(digits: np.ndarray, radix: int, fast: bool) -> Numbers:
     """NUM_radix of each row, as uint64 (fast) or Python ints."""
     k, m = digits.shape
     if fast:
@@ -176,14 +179,14 @@ def _to_numbers(digits: np.ndarray, radix: int, fast: bool) -> np.ndarray | list
         return acc
     out = []
     for row in digits.tolist():
-        acc = 0
+        total = 0
         for dgt in row:
-            acc = acc * radix + dgt
-        out.append(acc)
+            total = total * radix + dgt
+        out.append(total)
     return out
 
 
-def _to_numerals(numbers: np.ndarray | list[int], m: int, radix: int, fast: bool) -> np.ndarray:
+def _to_numerals(numbers: Numbers, m: int, radix: int, fast: bool) -> np.ndarray:
     """STR^m_radix of each number: ``(k, m)`` numerals, most significant first."""
     if fast:
         assert isinstance(numbers, np.ndarray)
@@ -203,7 +206,7 @@ def _to_numerals(numbers: np.ndarray | list[int], m: int, radix: int, fast: bool
     return np.array(rows, dtype=np.int64).reshape(len(rows), m)
 
 
-def _be_bytes(numbers: np.ndarray | list[int], width: int, fast: bool) -> np.ndarray:
+def _be_bytes(numbers: Numbers, width: int, fast: bool) -> np.ndarray:
     """Each number as ``width`` big-endian bytes: a ``(k, width)`` uint8 array."""
     if fast:
         assert isinstance(numbers, np.ndarray)

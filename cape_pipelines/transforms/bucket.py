@@ -161,7 +161,8 @@ class Bucket(ColumnTransformation):
             top = pc.max(array).as_py()
             if top is not None and top >= 1 << 63:
                 raise TransformError("bucket takes uint64 values only below 2**63")
-        return array.cast(pa.int64()).fill_null(0).to_numpy(zero_copy_only=False)
+        values: np.ndarray = array.cast(pa.int64()).fill_null(0).to_numpy(zero_copy_only=False)
+        return values
 
     def _fixed(self, values: np.ndarray, input_type: pa.DataType) -> pa.Array:
         width, origin = self.width, self.origin

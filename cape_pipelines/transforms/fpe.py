@@ -80,7 +80,8 @@ def luhn_check_digits(payload: np.ndarray) -> np.ndarray:
     twice = d * 2
     twice = np.where(twice > 9, twice - 9, twice)
     total = np.where(doubled, twice, d).sum(axis=1)
-    return (10 - total % 10) % 10
+    check: np.ndarray = (10 - total % 10) % 10
+    return check
 
 
 class _FpeTransformation(KeyedTransformation):
@@ -246,10 +247,10 @@ class _FpeTransformation(KeyedTransformation):
         lengths = np.diff(offsets)
         is_valid = np.asarray(values.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
         failed: dict[int, str] = {}
-        per_row_tweaks = not isinstance(tweaks, bytes)
+        per_row_tweaks = isinstance(tweaks, list)
         tweak_lengths = (
-            np.fromiter(map(len, tweaks), dtype=np.int64, count=m)
-            if per_row_tweaks
+            np.fromiter((len(t) for t in tweaks), dtype=np.int64, count=m)
+            if isinstance(tweaks, list)
             else np.zeros(m, dtype=np.int64)
         )
         keep_tail = self.keep_last + (1 if self.luhn else 0)

@@ -64,6 +64,7 @@ from .tokenize import DIGEST_HEX, hmac_sha256_digester
 Entity = Literal["email", "card", "iban", "ssn", "ipv4", "ipv6", "phone"]
 ENTITIES: tuple[str, ...] = ("email", "card", "iban", "ssn", "ipv4", "ipv6", "phone")
 _RANK = {e: i for i, e in enumerate(ENTITIES)}
+_ALL_ENTITIES: tuple[Entity, ...] = ("email", "card", "iban", "ssn", "ipv4", "ipv6", "phone")
 
 
 def luhn_valid(digits: str) -> bool:
@@ -189,7 +190,7 @@ class TextScrub(ColumnTransformation):
     # A rejected inline key must not be echoed by pydantic's message.
     model_config = ConfigDict(hide_input_in_errors=True)
 
-    entities: list[Entity] = Field(default_factory=lambda: list(ENTITIES))
+    entities: list[Entity] = Field(default_factory=lambda: list(_ALL_ENTITIES))
     replace: Literal["placeholder", "token", "mask"] = "placeholder"
     key: KeyRef | None = None
     max_token_len: int | None = Field(default=16, ge=1)
