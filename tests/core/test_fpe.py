@@ -314,3 +314,21 @@ def luhn_check(payload: str) -> str:
         if luhn_ok(payload + d):
             return d
     raise AssertionError("no check digit")
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    radix=st.sampled_from([10, 36, 62, 2]),
+    n=st.integers(2, 24),
+    rows=st.integers(1, 8),
+    tweak=st.binary(max_size=40),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_numpy_path_equals_python_integer_path(radix, n, rows, tweak, seed):
+    if radix**n < 1_000_000:
+        return
+    x = np.random.default_rng(seed).integers(0, radix, (rows, n))
+    fast, exact = FF1(K256, radix), FF1(K256, radix, exact=True)
+    enc = fast.encrypt(x, tweak)
+    assert (enc == exact.encrypt(x, tweak)).all()
+    assert (fast.decrypt(enc, tweak) == x).all()
