@@ -91,7 +91,7 @@ class FF1:
         return self._run(numerals, tweak, decrypt=True)
 
     def _run(self, numerals: np.ndarray, tweak: bytes | np.ndarray, *, decrypt: bool) -> np.ndarray:
-        x = np.asarray(numerals, dtype=np.int64)
+        x = np.asarray(numerals)
         k, n = x.shape
         problem = check_domain(self.radix, n)
         if problem:
@@ -148,7 +148,7 @@ class FF1:
                 b_num, a_num = a_num, c
             else:
                 a_num, b_num = b_num, c
-        out = np.empty((k, n), dtype=np.int64)
+        out = np.empty((k, n), dtype=np.uint8 if radix <= 256 else np.int64)
         out[:, :u] = _to_numerals(a_num, u, radix, fast)
         out[:, u:] = _to_numerals(b_num, v, radix, fast)
         return out
@@ -193,12 +193,14 @@ def _to_numerals(numbers: Numbers, m: int, radix: int, fast: bool) -> np.ndarray
     if fast:
         assert isinstance(numbers, np.ndarray)
         num = numbers.copy()
-        out = np.empty((len(num), m), dtype=np.int64)
+        # Numeral by numeral into contiguous rows, then transposed: writing
+        # columns of a row-major array strides through memory.
+        out_t = np.empty((m, len(num)), dtype=np.uint8 if radix <= 256 else np.int64)
         r = np.uint64(radix)
         for j in range(m - 1, -1, -1):
-            out[:, j] = (num % r).astype(np.int64)
+            out_t[j] = num % r
             num //= r
-        return out
+        return out_t.T
     rows = []
     for value in numbers:
         row = [0] * m

@@ -241,57 +241,67 @@ class _FpeTransformation(KeyedTransformation):
             if data_buf is not None
             else np.zeros(0, np.uint8)
         )
-        lookup = np.full(256, -1, dtype=np.int64)
+        # Alphabet index per byte; 255 marks a byte outside the alphabet (radix <= 95).
+        lookup = np.full(256, 255, dtype=np.uint8)
         lookup[np.frombuffer(chars.encode("ascii"), dtype=np.uint8)] = np.arange(len(chars))
         symbols = np.frombuffer(chars.encode("ascii"), dtype=np.uint8)
         lengths = np.diff(offsets)
         is_valid = np.asarray(values.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
         failed: dict[int, str] = {}
-        per_row_tweaks = isinstance(tweaks, list)
         tweak_lengths = (
             np.fromiter((len(t) for t in tweaks), dtype=np.int64, count=m)
             if isinstance(tweaks, list)
             else np.zeros(m, dtype=np.int64)
         )
         keep_tail = self.keep_last + (1 if self.luhn else 0)
+        run = ff1.decrypt if decrypt else ff1.encrypt
         for n in np.unique(lengths[is_valid]).tolist():
             rows = np.flatnonzero(is_valid & (lengths == n))
-            positions = offsets[rows][:, None] + np.arange(n)
-            digits = lookup[data[positions]] if n else np.zeros((len(rows), 0), np.int64)
-            bad = (digits < 0).any(axis=1)
-            for r in rows[bad].tolist():
+            # All values of one length back to back (the usual column of card
+            # numbers): a reshaped view of the data, no per-character index.
+            if len(rows) == m and offsets[-1] - offsets[0] == m * n:
+                raw = data[offsets[0] : offsets[-1]].reshape(m, n)
+                positions = None
+            else:
+                positions = offsets[rows][:, None] + np.arange(n)
+                raw = data[positions]
+            digits = lookup[raw]
+            keep = ~(digits == 255).any(axis=1)
+            for r in rows[~keep].tolist():
                 failed[r] = "has a character outside the alphabet (no keep_separators)"
-            rows, digits, positions = rows[~bad], digits[~bad], positions[~bad]
             width = n - self.keep_first - keep_tail
-            problem = check_domain(len(chars), width) if len(rows) else None
+            problem = check_domain(len(chars), width) if keep.any() else None
             if problem:
-                for r in rows.tolist():
+                for r in rows[keep].tolist():
                     failed[r] = f"is too short to encrypt: {problem}"
                 continue
             if self.luhn:
                 ok = luhn_check_digits(digits[:, :-1]) == digits[:, -1]
-                for r in rows[~ok].tolist():
+                for r in rows[keep & ~ok].tolist():
                     failed[r] = "does not pass the Luhn check (luhn: true)"
-                rows, digits, positions = rows[ok], digits[ok], positions[ok]
+                keep &= ok
             part = slice(self.keep_first, n - keep_tail)
-            for t in np.unique(tweak_lengths[rows]).tolist():
-                sel = tweak_lengths[rows] == t
-                group_rows = rows[sel]
-                if per_row_tweaks:
-                    assert not isinstance(tweaks, bytes)
-                    joined = b"".join(tweaks[r] for r in group_rows.tolist())
-                    tweak_arg: bytes | np.ndarray = np.frombuffer(joined, np.uint8).reshape(
-                        len(group_rows), t
-                    )
+            for t in np.unique(tweak_lengths[rows[keep]]).tolist():
+                sel = keep & (tweak_lengths[rows] == t)
+                whole = bool(sel.all())
+                tweak_arg: bytes | np.ndarray
+                if isinstance(tweaks, list):
+                    joined = b"".join(tweaks[r] for r in rows[sel].tolist())
+                    tweak_arg = np.frombuffer(joined, np.uint8).reshape(int(sel.sum()), t)
                 else:
-                    assert isinstance(tweaks, bytes)
                     tweak_arg = tweaks
-                group = digits[sel]
-                run = ff1.decrypt if decrypt else ff1.encrypt
+                group = digits if whole else digits[sel]
                 group[:, part] = run(group[:, part], tweak_arg)
                 if self.luhn:
                     group[:, -1] = luhn_check_digits(group[:, :-1])
-                data[positions[sel]] = symbols[group]
+                out = symbols[group]
+                if positions is None:
+                    if whole:
+                        raw[...] = out
+                    else:
+                        raw[sel] = out
+                else:
+                    data[positions[sel]] = out
         stripped_out = pa.StringArray.from_buffers(
             m, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(data.tobytes()), validity
         )
