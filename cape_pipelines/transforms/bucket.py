@@ -168,6 +168,14 @@ class Bucket(ColumnTransformation):
         width, origin = self.width, self.origin
         assert width is not None
         if self._integral(input_type):
+            # Exact int64 arithmetic, checked first: numpy would wrap silently.
+            if len(values):
+                lo, hi = int(values.min()), int(values.max())
+                far = max(abs(lo - origin), abs(hi - origin)) + abs(origin) + 2 * int(width)
+                if far >= 1 << 63:
+                    raise TransformError(
+                        "values too close to the int64 limits to bucket with this width/origin"
+                    )
             w, o = np.int64(width), np.int64(origin)
             lower = (values - o) // w * w + o
             if self.output == "lower":

@@ -129,6 +129,16 @@ def test_integer_width_oracle(values, width, origin):
         assert label == f"{lo}-{lo + width - 1}"
 
 
+def test_integer_overflow_is_an_error_not_a_wrong_bucket():
+    big = pa.array([2**63 - 1, 0], pa.int64())
+    with pytest.raises(TransformError, match="int64 limits"):
+        run(big, type="bucket", width=10, origin=-5)
+    # Far from the limits the same parameters work.
+    assert run(pa.array([7], pa.int64()), type="bucket", width=10, origin=-5).to_pylist() == [
+        "5-14"
+    ]
+
+
 @pytest.mark.parametrize(
     ("params", "match"),
     [
