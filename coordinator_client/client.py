@@ -116,6 +116,15 @@ def _max_age(value: float | None) -> float | None:
     return None if seconds <= 0 else seconds
 
 
+def _span(seconds: float) -> str:
+    """A duration for a message: ``45 s``, ``10 min``, ``2.0 h``."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def _default_dir(kind: str, url: str) -> Path:
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return base / "cape-pipelines" / kind / hashlib.sha256(url.encode()).hexdigest()[:16]
@@ -373,14 +382,14 @@ class Client:
         if self.policy_max_age is not None and age > self.policy_max_age:
             raise PolicyRefused(
                 f"coordinator {self.url} unreachable, and the cached copy of policy {label} "
-                f"was last checked online {age / 3600:.1f} h ago, more than the maximum age "
-                f"of {self.policy_max_age / 3600:.1f} h (policy_max_age, --policy-max-age, "
+                f"was last checked online {_span(age)} ago, more than the maximum age of "
+                f"{_span(self.policy_max_age)} (policy_max_age, --policy-max-age, "
                 f"{MAX_AGE_ENV}); refused"
             )
         message = (
             f"coordinator {self.url} unreachable; using cached policy {label} "
             f"version {policy.version} (signature verified, last checked online "
-            f"{max(age, 0) / 60:.0f} min ago)"
+            f"{_span(max(age, 0))} ago)"
         )
         log.warning(message)
         warnings.warn(message, CoordinatorWarning, stacklevel=3)
@@ -578,7 +587,7 @@ class Client:
         versions, cached_at = found
         message = (
             f"coordinator {self.url} unreachable; using the keys of label {label} from the "
-            f"encrypted key cache (cached {(time.time() - cached_at) / 60:.0f} min ago)"
+            f"encrypted key cache (cached {_span(max(time.time() - cached_at, 0))} ago)"
         )
         log.warning(message)
         warnings.warn(message, CoordinatorWarning, stacklevel=4)
