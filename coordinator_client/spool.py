@@ -10,15 +10,15 @@ exactly once even across process restarts (a new sink on the same spool
 directory delivers what an earlier process left behind).
 
 One bad record must never stall the others, so a refused multi-record batch
-(any 4xx but 401 and 429, or a 5xx) is split in halves, and the halves sent on
+(any 4xx but 401 and 429, or a 5xx but 502, 503 and 504) is split in halves, and the halves sent on
 their own, until the refused records are alone. A record refused alone is tried
 again in later rounds; after ``max_tries`` refusals it is moved to
 ``<spool>/rejected`` with a ``.reason.json`` file beside it (status, code,
 message). A lone 5xx only counts as a try when the coordinator accepted other
 records since that record's previous try: a coordinator failing every request
 is an outage, and records wait for it rather than being rejected. An
-unreachable coordinator or a 429 is retried with exponential backoff and
-jitter; a 401 (token revoked or expired) stops delivery and keeps everything
+unreachable coordinator, a 429, 502, 503 or 504 is retried whole with
+exponential backoff and jitter; a 401 (token revoked or expired) stops delivery and keeps everything
 spooled for a sink with a valid token.
 
 The sink owns a :class:`~coordinator_client.transport.Transport` (URL, token,
@@ -50,6 +50,8 @@ from .transport import Transport
 log = logging.getLogger("coordinator_client.spool")
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
+# Overloaded, or a proxy in front of a coordinator that is down: no record's fault.
+_OUTAGE = frozenset({429, 502, 503, 504})
 
 
 def _fsync_dir(path: Path) -> None:
@@ -315,7 +317,7 @@ class SpoolSink:
         except CoordinatorError as exc:
             if exc.status == 401:
                 raise _Stop(str(exc)) from None
-            if exc.status is None or exc.status == 429:
+            if exc.status is None or exc.status in _OUTAGE:
                 raise _Later(str(exc)) from None
             if len(items) > 1:
                 half = len(items) // 2

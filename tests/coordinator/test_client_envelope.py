@@ -32,9 +32,7 @@ def standin():
 
 
 def _client(standin: StandIn, tmp_path, **kwargs) -> Client:
-    return Client(
-        standin.url, "tok", public_key=standin.public_key, spool_dir=tmp_path, **kwargs
-    )
+    return Client(standin.url, "tok", public_key=standin.public_key, spool_dir=tmp_path, **kwargs)
 
 
 def _offline(standin: StandIn, tmp_path, **kwargs) -> Client:
