@@ -93,14 +93,13 @@ class PolicyFetch:
 
     ``offline`` is True when it came from the local cache because the coordinator
     could not be reached; ``checked_at`` is the Unix time of the last successful
-    online check of that copy; ``activation_seq`` is the signed activation number
-    (None for a legacy response without an envelope).
+    online check of that copy; ``activation_seq`` is the signed activation number.
     """
 
     policy: Policy
     offline: bool
     checked_at: float
-    activation_seq: int | None
+    activation_seq: int
 
 
 def _max_age(value: float | None) -> float | None:
@@ -315,7 +314,8 @@ class Client:
             )
         path = self.cache_dir / f"{label}.json"
         cached = self._read_cache(path)
-        headers = {"If-None-Match": cached["etag"]} if cached else {}
+        # A copy without an envelope (cached by an older client) is not worth a 304.
+        headers = {"If-None-Match": cached["etag"]} if cached and cached.get("envelope") else {}
         try:
             resp = self.request(
                 "GET", f"/v1/policies/{label}/active", headers=headers, ok=(200, 304)
@@ -354,9 +354,8 @@ class Client:
         body = served["body"].encode("utf-8")
         with self._label_lock(label):
             policy, envelope = self._checked(label, body, served, what)
-            seq = envelope["activation_seq"] if envelope else None
-            if envelope is not None:
-                self._remember(label, envelope)
+            seq = envelope["activation_seq"]
+            self._remember(label, envelope)
             now = time.time()
             _atomic_write(path, json.dumps({**served, "checked_at": now}))
         self._offline[label] = False
@@ -394,19 +393,22 @@ class Client:
         log.warning(message)
         warnings.warn(message, CoordinatorWarning, stacklevel=3)
         self._offline[label] = True
-        return PolicyFetch(
-            policy, True, float(checked_at), envelope["activation_seq"] if envelope else None
-        )
+        return PolicyFetch(policy, True, float(checked_at), envelope["activation_seq"])
 
     def _checked(
         self, label: str, body: bytes, served: Mapping[str, Any], what: str
-    ) -> tuple[Policy, dict[str, Any] | None]:
+    ) -> tuple[Policy, dict[str, Any]]:
         """Verify ``body`` against its envelope and signature, and against what was seen."""
         assert self.public_key is not None
         envelope_text = served.get("envelope")
         signature = served.get("signature") or ""
         if not envelope_text:
-            return self._legacy(label, body, signature, what), None
+            # A bare-body signature (an older coordinator, or a copy cached by an older
+            # client) says nothing about the activation: it could be any old version.
+            raise PolicyRefused(
+                f"the {what} policy {label} has no signed envelope (a coordinator or cache "
+                "older than this client?), so it cannot be checked against rollback; refused"
+            )
         try:
             envelope_bytes = b64d(envelope_text)
             self.public_key.verify(b64d(signature), ENVELOPE_PREFIX + envelope_bytes)
@@ -449,28 +451,6 @@ class Client:
                     "refused"
                 )
         return policy, envelope
-
-    def _legacy(self, label: str, body: bytes, signature: str, what: str) -> Policy:
-        """A coordinator without envelopes signs the bare body: accepted only for a label
-        that never came with an envelope here (no downgrade after one was seen)."""
-        assert self.public_key is not None
-        if self._read_seen(label) is not None:
-            raise PolicyRefused(
-                f"policy {label}: the {what} copy has no signed envelope, but an enveloped "
-                "activation was already seen for this label; refused as a downgrade"
-            )
-        try:
-            self.public_key.verify(b64d(signature), body)
-        except (InvalidSignature, ValueError):
-            raise SignatureError(
-                f"the {what} policy's signature does not verify against the pinned key; refused"
-            ) from None
-        log.warning(
-            "policy %s came without a signed envelope (an older coordinator): its version "
-            "cannot be checked against rollback",
-            label,
-        )
-        return _load(body, label)
 
     def _seen_path(self, label: str) -> Path:
         return self.cache_dir / f"{label}.seen.json"

@@ -118,19 +118,23 @@ def test_envelope_hash_must_match_served_bytes(standin, tmp_path):
         _client(standin, tmp_path).get_policy("customers")
 
 
-def test_unenveloped_response_refused_once_an_envelope_was_seen(standin, tmp_path):
-    """Stripping the envelope (the old, bare-body signature) is a downgrade."""
+def test_unenveloped_response_is_refused(standin, tmp_path):
+    """The old bare-body signature says nothing about the activation: stripping the
+    envelope (a downgrade) is refused, before and after an envelope was seen."""
     doc = keyed_doc("customers", 1)
-    standin.activate(doc, seq=1)
-    client = _client(standin, tmp_path)
-    client.get_policy("customers")
     served = standin.sign(doc, seq=1)
     del served.headers["X-Cape-Policy-Envelope"]
     served.headers["X-Cape-Signature"] = b64e(standin.signer.sign(served.body))
     standin.policies["customers"] = served
+    with pytest.raises(PolicyRefused, match="has no signed envelope"):
+        _client(standin, tmp_path).get_policy("customers")
+    assert not (tmp_path / "policies" / "customers.json").exists()
+    standin.activate(doc, seq=1)
+    _client(standin, tmp_path).get_policy("customers")
+    standin.policies["customers"] = served
     (tmp_path / "policies" / "customers.json").unlink()
-    with pytest.raises(PolicyRefused, match="downgrade"):
-        client.get_policy("customers")
+    with pytest.raises(PolicyRefused, match="has no signed envelope"):
+        _client(standin, tmp_path).get_policy("customers")
 
 
 def test_edited_offline_cache_with_older_signed_copy_is_refused(standin, tmp_path):
@@ -230,3 +234,20 @@ def test_max_age_env_and_cli_pass_through(standin, tmp_path, monkeypatch, capsys
     with pytest.warns(CoordinatorWarning, match="unreachable; using cached policy"):
         assert cli.main([*args[:-1], "0"]) == 0
     assert (tmp_path / "out.csv").exists()
+
+
+def test_cache_written_by_an_older_client(standin, tmp_path):
+    """A copy without an envelope is never used offline, and is replaced online (no 304)."""
+    served = standin.activate(keyed_doc("customers", 1), seq=1)
+    cache = tmp_path / "policies" / "customers.json"
+    cache.parent.mkdir(parents=True)
+    old = {
+        "etag": served.headers["ETag"],
+        "signature": b64e(standin.signer.sign(served.body)),
+        "body": served.body.decode(),
+    }
+    cache.write_text(json.dumps(old))
+    with pytest.raises(PolicyRefused, match="cached policy customers has no signed envelope"):
+        _offline(standin, tmp_path).get_policy("customers")
+    assert _client(standin, tmp_path).fetch_policy("customers").activation_seq == 1
+    assert json.loads(cache.read_text())["envelope"] == served.headers["X-Cape-Policy-Envelope"]
