@@ -270,6 +270,14 @@ class Client:
             json_body={"reason": reason},
         )
 
+    def rollback_policy(self, label: str, version: int, reason: str) -> dict[str, Any]:
+        """superseded -> active again, with a reason (reviewer): a new, higher activation."""
+        return self._json(
+            "POST",
+            f"/v1/policies/{label}/versions/{int(version)}/rollback",
+            json_body={"reason": reason},
+        )
+
     def policy_history(self, label: str) -> list[dict[str, Any]]:
         """Every version of a label with its state."""
         return self._json("GET", f"/v1/policies/{label}/versions")

@@ -13,7 +13,9 @@ import json
 import warnings
 
 import pytest
-from _standin import StandIn, b64e, envelope_json, keyed_doc
+import requests
+from _coord_support import policy_doc
+from _standin import Served, StandIn, b64e, envelope_json, keyed_doc
 
 from cape_pipelines import cli
 from coordinator_client import (
@@ -22,6 +24,8 @@ from coordinator_client import (
     PolicyRefused,
     SignatureError,
 )
+
+_SIGNED_HEADERS = ("ETag", "X-Cape-Policy-Version", "X-Cape-Policy-Envelope", "X-Cape-Signature")
 
 
 @pytest.fixture
@@ -251,3 +255,47 @@ def test_cache_written_by_an_older_client(standin, tmp_path):
         _offline(standin, tmp_path).get_policy("customers")
     assert _client(standin, tmp_path).fetch_policy("customers").activation_seq == 1
     assert json.loads(cache.read_text())["envelope"] == served.headers["X-Cape-Policy-Envelope"]
+
+
+def test_real_coordinator_replay_refused_and_explicit_rollback_accepted(fresh_server, tmp_path):
+    """The coordinator's own signed answer for version 1, replayed by a man in the middle
+    after version 2 was seen, is refused; the reviewer's explicit rollback is accepted."""
+    srv = fresh_server
+    admin = srv.client(srv.admin_token)
+    author, reviewer = (
+        srv.client(admin.create_token(f"{r}-p", r)["token"]) for r in ("author", "reviewer")
+    )
+    pipeline = admin.create_token("job", "pipeline", labels=["customers"])["token"]
+
+    def publish(column: str) -> int:
+        version = author.push_policy(policy_doc("customers", column=column))["version"]
+        author.submit_policy("customers", version)
+        reviewer.approve_policy("customers", version)
+        return version
+
+    v1 = publish("ssn")
+    captured = requests.get(
+        f"{srv.url}/v1/policies/customers/active",
+        headers={"Authorization": f"Bearer {pipeline}"},
+        timeout=10,
+    )
+    client = srv.client(pipeline, spool_dir=tmp_path)
+    assert client.fetch_policy("customers").activation_seq == 1
+    v2 = publish("email")
+    assert (client.fetch_policy("customers").policy.version, v2) == (2, 2)
+
+    mitm = StandIn()
+    mitm.policies["customers"] = Served(
+        captured.content, {k: captured.headers[k] for k in _SIGNED_HEADERS}
+    )
+    with mitm.running():
+        victim = Client(mitm.url, pipeline, public_key=srv.public_key, spool_dir=tmp_path)
+        with pytest.raises(PolicyRefused, match=r"version 1, activation 1\) is older"):
+            victim.get_policy("customers")
+    reviewer.rollback_policy("customers", v1, reason="v2 breaks the nightly job")
+    fetch = client.fetch_policy("customers")
+    assert (fetch.policy.version, fetch.activation_seq) == (1, 3)
+    with mitm.running():
+        victim = Client(mitm.url, pipeline, public_key=srv.public_key, spool_dir=tmp_path)
+        with pytest.raises(PolicyRefused, match="older than activation 3 already seen"):
+            victim.get_policy("customers")
