@@ -226,3 +226,28 @@ def test_poisoned_record_through_a_real_coordinator(fresh_server, tmp_path):
     (reason,) = (tmp_path / "rejected").glob("*.reason.json")
     assert '"tries": 5' in reason.read_text()
     assert auditor.verify_audit()["intact"]
+
+
+def test_offline_run_sink_marks_records_and_pickles(standin, tmp_path):
+    """A run on a cached policy: its sink (shipped to Beam workers too) marks each record."""
+    from _standin import keyed_doc
+
+    from cape_pipelines.source import resolve_policy
+
+    standin.activate(keyed_doc("customers", 1), seq=1)
+    Client(standin.url, "tok", public_key=standin.public_key, spool_dir=tmp_path).get_policy(
+        "customers"
+    )
+    offline = Client(
+        "http://127.0.0.1:9", "tok", public_key=standin.public_key, spool_dir=tmp_path, timeout=2
+    )
+    with pytest.warns(UserWarning, match="unreachable"):
+        src = resolve_policy("customers", client=offline)
+    assert src.source.endswith("(offline: the client's cached copy)")
+    copy = pickle.loads(pickle.dumps(src.audit))
+    RunContext(engine="beam", sink=copy).started()
+    (spooled,) = (tmp_path / "pending").glob("*.json")
+    assert '"offline":true' in spooled.read_text()
+    assert src.audit.pending_count() == 1  # the wrapped SpoolSink's own methods
+    src.audit.sink.close(timeout=0.1)
+    offline.close()
