@@ -290,7 +290,14 @@ class SpoolSink:
         if not loaded:
             return True
         outcome = _Round()
-        self._send(loaded, outcome)
+        # Records already refused alone go alone again, after the others, so the good
+        # ones are not split over again every round (and show the coordinator works).
+        suspects = [item for item in loaded if item[0].name in self._tries]
+        rest = [item for item in loaded if item[0].name not in self._tries]
+        if rest:
+            self._send(rest, outcome)
+        for item in suspects:
+            self._send([item], outcome)
         for path, exc in outcome.refused:
             tries, mark = self._tries.get(path.name, (0, -1))
             server_fault = exc.status is None or exc.status >= 500
@@ -327,7 +334,11 @@ class SpoolSink:
             if exc.status >= 500 and outcome.accepted == 0:
                 outcome.failing_alone += 1
                 if outcome.failing_alone > 2:
-                    # Every record fails on its own: the coordinator, not the records.
+                    # Record after record fails on its own: likely the coordinator. Stop
+                    # this round, but remember these as suspects: next round they go last,
+                    # alone, so they cannot keep the records behind them from being tried.
+                    for path, _ in [*outcome.refused, items[0]]:
+                        self._tries.setdefault(path.name, (0, self._accepted_total))
                     raise _Later(str(exc)) from None
             outcome.refused.append((items[0][0], exc))
             return

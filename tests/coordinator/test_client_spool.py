@@ -251,3 +251,28 @@ def test_offline_run_sink_marks_records_and_pickles(standin, tmp_path):
     assert src.audit.pending_count() == 1  # the wrapped SpoolSink's own methods
     src.audit.sink.close(timeout=0.1)
     offline.close()
+
+
+def test_records_behind_several_failing_ones_still_arrive(standin, tmp_path):
+    """Three poisoned records first in the spool (each a 500 alone, nothing accepted yet)
+    must not keep the good ones behind them waiting."""
+    standin.refuse = _refuse_poison(500)
+    run = RunContext(engine="pandas")
+    good = _records(run, 20)
+    sink = SpoolSink(
+        Transport(standin.url, "tok", timeout=5),
+        tmp_path,
+        min_backoff=0.01,
+        max_backoff=0.05,
+        poll_interval=0.05,
+    )
+    sink.close(timeout=0)  # stop its thread: the records are spooled in order first
+    for record in [_poison(run), _poison(run), _poison(run), *good]:
+        sink.emit(record)
+    again = _sink(standin.url, tmp_path)
+    deadline = time.monotonic() + 30
+    while len(standin.stored) < 20 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    again.close(timeout=0)
+    assert sorted(r["record_id"] for r in standin.stored) == sorted(r["record_id"] for r in good)
+    assert again.pending_count() == 3
