@@ -12,7 +12,7 @@ directory delivers what an earlier process left behind).
 One bad record must never stall the others, so a refused multi-record batch
 (any 4xx but 401 and 429, or a 5xx but 502, 503 and 504) is split in halves, and the halves sent on
 their own, until the refused records are alone. A record refused alone is tried
-again in later rounds; after ``max_tries`` refusals it is moved to
+again, alone and after the others, in later rounds; after ``max_tries`` refusals it is moved to
 ``<spool>/rejected`` with a ``.reason.json`` file beside it (status, code,
 message). A lone 5xx only counts as a try when the coordinator accepted other
 records since that record's previous try: a coordinator failing every request
