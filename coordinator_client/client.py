@@ -345,16 +345,18 @@ class Client:
                 served["envelope"] = resp.headers["X-Cape-Policy-Envelope"]
                 served["signature"] = resp.headers.get("X-Cape-Signature", "")
             return self._accept(label, served, path, "cached")
+        text = resp.content.decode("utf-8", "replace")
+        etag = resp.headers.get("ETag", "")
+        if text.encode("utf-8") != resp.content:
+            raise PolicyRefused(f"policy {label}: the served document is not UTF-8; refused")
+        if etag.strip('"') != hashlib.sha256(resp.content).hexdigest():
+            raise SignatureError(f"policy {label}: ETag does not match the served bytes")
         served = {
-            "body": resp.content.decode("utf-8", "replace"),
-            "etag": resp.headers.get("ETag", ""),
+            "body": text,
+            "etag": etag,
             "envelope": resp.headers.get("X-Cape-Policy-Envelope"),
             "signature": resp.headers.get("X-Cape-Signature", ""),
         }
-        if served["body"].encode("utf-8") != resp.content:
-            raise PolicyRefused(f"policy {label}: the served document is not UTF-8; refused")
-        if served["etag"].strip('"') != hashlib.sha256(resp.content).hexdigest():
-            raise SignatureError(f"policy {label}: ETag does not match the served bytes")
         return self._accept(label, served, path, "served")
 
     def _accept(self, label: str, served: dict[str, Any], path: Path, what: str) -> PolicyFetch:
