@@ -210,3 +210,31 @@ def test_keyed_policy_runs_during_outage_and_records_arrive_once(fresh_server, t
         revoked.get_policy("customers")
     assert not list(kc_dir.glob("*.keys"))
     shutil.rmtree(spool)
+
+
+@pytest.mark.parametrize("status", [401, 403, 404])
+def test_cached_keys_erased_when_the_coordinator_withdraws_them(tmp_path, status):
+    from _standin import StandIn
+
+    standin = StandIn()
+    secret = os.urandom(32)
+    standin.keys["customers"] = {"k1": {"versions": {"1": base64.b64encode(secret).decode()}}}
+    with standin.running():
+        client = Client(
+            standin.url,
+            "tok",
+            public_key=standin.public_key,
+            spool_dir=tmp_path / "spool",
+            key_cache=KeyCache(tmp_path / "kc", WRAP),
+        )
+        assert client.get_key_versions("customers") == {"k1": {1: secret}}
+        client.key_cache.store(client.url, "orders", "tok", {"k2": {1: b"y" * 32}})
+        assert len(list((tmp_path / "kc").glob("*.keys"))) == 2
+        standin.status_override = status
+        with pytest.raises(CapeError):
+            client.get_key_versions("customers")
+    left = client.key_cache.load(client.url, "orders", "tok")
+    # A 401 (the token is no more) erases every entry; a 403/404 only the label's.
+    assert (left is None) == (status == 401)
+    assert client.key_cache.load(client.url, "customers", "tok") is None
+    _assert_no_key_on_disk([tmp_path], [secret])
