@@ -40,7 +40,7 @@ KeyNamePath = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 IdText = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")]
 PlainText = r"^[^\x00-\x1f\x7f]*$"
 
-ALL_ROLES = ("admin", "author", "reviewer", "pipeline", "auditor")
+ALL_ROLES = ("admin", "author", "reviewer", "pipeline", "auditor", "requester")
 READERS = ("admin", "author", "reviewer", "auditor")
 
 
@@ -76,7 +76,7 @@ class SigningKey(BaseModel):
 
 class TokenCreate(_In):
     name: str = Field(min_length=1, max_length=128, pattern=PlainText)
-    role: Literal["admin", "author", "reviewer", "pipeline", "auditor"]
+    role: Literal["admin", "author", "reviewer", "pipeline", "auditor", "requester"]
     labels: list[Annotated[str, Field(max_length=128, pattern=PlainText)]] = Field(
         default_factory=list, max_length=100
     )
@@ -105,7 +105,7 @@ class PolicyPush(_In):
 class PolicyInfo(BaseModel):
     label: str
     version: int
-    state: Literal["draft", "in_review", "rejected", "active", "superseded"]
+    state: Literal["draft", "in_review", "changes_requested", "rejected", "active", "superseded"]
     sha256: str
     author: str
     created_at: str
@@ -427,6 +427,14 @@ def create_app(coordinator: Coordinator) -> FastAPI:
     _install_error_handlers(app)
     app.add_middleware(BodyLimit, limit=coordinator.settings.max_body_bytes)
     _routes(app, coordinator)
+    # Deferred: these modules import this one's models and dependencies.
+    from .console import mount_console
+    from .workflow import Workflow
+    from .workflow_api import workflow_routes
+
+    app.state.workflow = Workflow(coordinator)
+    workflow_routes(app)
+    mount_console(app)
     return app
 
 
@@ -503,8 +511,10 @@ def _routes(app: FastAPI, coord: Coordinator) -> None:
     def approve(
         label: LabelPath, version: VersionPath, p: Principal = Depends(require("reviewer"))
     ) -> PolicyInfo:
-        """in_review -> active, by a reviewer who is not the author; signs the version."""
-        return PolicyInfo(**coord.approve_policy(p, label, version))
+        """Approve a version in review (a reviewer who is not the author, and assigned when
+        reviewers are assigned); the approval that reaches the label's required number
+        activates and signs it."""
+        return PolicyInfo(**app.state.workflow.approve(p, label, version))
 
     @app.post("/v1/policies/{label}/versions/{version}/reject", tags=["policies"])
     def reject(

@@ -29,6 +29,9 @@ class Settings:
     max_batch_records: int = 1000
     # FULL: an acknowledged audit record survives power loss; NORMAL trades that for speed.
     sqlite_synchronous: str = "FULL"
+    # Console sessions end after this long without a request, and this long in all.
+    console_idle_seconds: int = 30 * 60
+    console_absolute_seconds: int = 12 * 3600
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Settings:

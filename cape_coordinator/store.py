@@ -60,7 +60,7 @@ from .errors import ApiError, not_found
 
 log = logging.getLogger("cape_coordinator")
 
-ROLES = ("admin", "author", "reviewer", "pipeline", "auditor")
+ROLES = ("admin", "author", "reviewer", "pipeline", "auditor", "requester")
 RUN_EVENTS = ("run.started", "policy.fetched", "run.completed", "run.failed")
 GENESIS = "0" * 64
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
