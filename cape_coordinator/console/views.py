@@ -13,6 +13,7 @@ API's error code with its meaning in words, on the page the user was on.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import secrets
@@ -264,6 +265,11 @@ def install(app: FastAPI) -> None:
             except _Refused as exc:
                 return con.refused(request, session, exc)
 
+        # FastAPI reads the path parameters from the signature: the handler's, less session.
+        sig = inspect.signature(handler)
+        wrapped.__signature__ = sig.replace(  # type: ignore[attr-defined]
+            parameters=[p for name, p in sig.parameters.items() if name != "session"]
+        )
         wrapped.__name__ = handler.__name__
         wrapped.__doc__ = handler.__doc__
         return wrapped
