@@ -76,8 +76,8 @@ ORDERS_V2 = {
 def seed(coord: Coordinator) -> dict[str, str]:
     """Write the demo story into ``coord``; returns each person's token (admin included)."""
     wf = Workflow(coord)
-    system = Principal(token_id="-", name="demo-setup", role="admin")
-    admin_info, admin_token = coord.create_token(system, name="demo-admin", role="admin")
+    system = Principal(token_id="-", name="demo-setup", role="admin")  # noqa: S106
+    _, admin_token = coord.create_token(system, name="demo-admin", role="admin")
     admin = coord.authenticate(admin_token)
     tokens = {"demo-admin": admin_token}
     who: dict[str, Principal] = {}
@@ -171,7 +171,7 @@ def _runs(coord: Coordinator, pipeline: Principal) -> None:
     engines = ["pandas", "dask", "spark", "beam", "pandas", "dask", "spark", "beam"]
     records: list[dict[str, Any]] = []
     lost_id = ""
-    for i, engine in enumerate(engines + ["spark", "dask"]):
+    for i, engine in enumerate([*engines, "spark", "dask"]):
         run_id = f"{engine}-{uuid.uuid4().hex[:8]}"
         start = now - timedelta(hours=44 - i * 4.5)
         label = "customers" if i % 3 else "orders"
