@@ -413,6 +413,12 @@ class Workflow:
                 f"required approvals must be 1 to {MAX_REQUIRED_APPROVALS}",
             )
         names = _reviewer_names(reviewers)
+        if names and len(names) < required_approvals:
+            raise ApiError(
+                422,
+                "too_few_reviewers",
+                f"{required_approvals} approvals need at least as many default reviewers",
+            )
         values = {
             "required_approvals": required_approvals,
             "reviewers": json.dumps(names),
@@ -538,19 +544,21 @@ class Workflow:
         return out
 
     def _reviewers(self, conn: Connection, label: str, version: int) -> list[str]:
-        """Who reviews ``version``: its own assignments, else those of the version it revises,
-        else the label's default reviewers (empty: any reviewer)."""
+        """Who reviews ``version``: the label's default reviewers and those assigned to it
+        (or to the version it revises); empty means any reviewer."""
+        names = set(self._settings(conn, label)["reviewers"])
         for v in self._thread_versions(conn, label, version):
-            names = list(
+            assigned = set(
                 conn.execute(
-                    select(assignments.c.reviewer)
-                    .where(assignments.c.label == label, assignments.c.version == v)
-                    .order_by(assignments.c.reviewer)
+                    select(assignments.c.reviewer).where(
+                        assignments.c.label == label, assignments.c.version == v
+                    )
                 ).scalars()
             )
-            if names:
-                return names
-        return list(self._settings(conn, label)["reviewers"])
+            if assigned:
+                names |= assigned
+                break
+        return sorted(names)
 
     def review_state(self, label: str, version: int) -> dict[str, Any]:
         """Reviewers, approvals so far and approvals required for a version."""

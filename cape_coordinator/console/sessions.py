@@ -154,11 +154,6 @@ class SessionStore:
         with self.coord.engine.begin() as conn:
             conn.execute(delete(sessions_table).where(sessions_table.c.id_hash == session.id_hash))
 
-    def end_for_token(self, token_id: str) -> None:
-        """End every session of a token (its revocation also ends them on their next request)."""
-        with self.coord.engine.begin() as conn:
-            conn.execute(delete(sessions_table).where(sessions_table.c.token_id == token_id))
-
 
 def csrf_ok(session: Session, sent: str | None) -> bool:
     """Whether a form's CSRF field is this session's token (constant-time)."""

@@ -52,7 +52,9 @@ SECURITY_HEADERS = {
     "Content-Security-Policy": CSP,
     "X-Frame-Options": "DENY",
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    # same-origin, not no-referrer: with no-referrer Chromium sends "Origin: null" on our own
+    # form posts, which the origin check must refuse.
+    "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
     "Cross-Origin-Opener-Policy": "same-origin",
 }
@@ -83,6 +85,7 @@ ERROR_WORDS = {
     "key_exists": "A key of that name exists; rotate it instead.",
     "labels_required": "A pipeline token needs at least one label.",
     "labels_not_allowed": "Only pipeline tokens take labels.",
+    "too_few_reviewers": "Name at least as many default reviewers as approvals required.",
 }
 ROLE_NOTES = {
     "requester": "File requests for data and follow them.",
@@ -905,7 +908,6 @@ def install(app: FastAPI) -> None:
             info = await call(coord.revoke_token, session.principal, token_id)
         except ApiError as exc:
             return con.back(session, "/ui/admin/tokens", "Not revoked: " + _words(exc))
-        await call(con.sessions.end_for_token, token_id)
         return con.back(
             session, "/ui/admin/tokens", f"Token {info['id']} ({info['name']}) revoked."
         )

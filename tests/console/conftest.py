@@ -59,6 +59,9 @@ class Coord:
     def audit_count(self) -> int:
         return self.coord.audit_count()
 
+    def coord_comments(self, label: str, version: int) -> list[dict[str, Any]]:
+        return self.app.state.workflow.comments(label, version)
+
 
 def make_coord(directory: Path, settings: Settings | None = None) -> Coord:
     paths = Paths.resolve(str(directory / "cape.db"))
