@@ -309,7 +309,7 @@ def test_csrf_missing_or_foreign_token_is_refused_and_stores_nothing(browser, li
 
 
 def test_cookie_flags_and_security_headers(browser, live):
-    c, srv = live
+    _, srv = live
     page = person(browser, live, "reviewer")
     cookie = next(x for x in page.context.cookies() if x["name"] == "cape_session")
     assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["path"] == "/ui"
@@ -351,7 +351,7 @@ def test_sign_out_and_refused_tokens(browser, live):
 
 
 def test_phone_width_has_no_sideways_scroll(browser, live):
-    c, srv = live
+    _, srv = live
     page = person(browser, live, "admin", viewport={"width": 390, "height": 844})
     for path in ("/ui/home", "/ui/policies/customers/2", "/ui/runs", "/ui/audit"):
         page.goto(srv.url + path)
