@@ -80,6 +80,10 @@ def register(
     p.add_argument("--access-log", action="store_true", help="log every request (no bodies)")
     p.set_defaults(func=cmd_serve)
     p = csub.add_parser(
+        "upgrade", parents=[dbp], help="migrate the database schema to this version's"
+    )
+    p.set_defaults(func=cmd_upgrade)
+    p = csub.add_parser(
         "public-key", parents=[dbp], help="print the signing public key (to pin in clients)"
     )
     p.set_defaults(func=cmd_public_key)
@@ -214,15 +218,23 @@ def _paths_and_settings(args: argparse.Namespace) -> tuple[Any, Any]:
 
     paths = Paths.resolve(args.db, args.key_file, args.config)
     settings = load_settings(paths.config_file)
+    return paths, _with_flags(settings, args)
+
+
+def _with_flags(settings: Any, args: argparse.Namespace) -> Any:
+    """``settings`` overridden by the command's flags, validated as a whole."""
+    from .config import Settings
+
+    data = settings.model_dump()
     if getattr(args, "audit_jsonl", None):
-        settings.audit_jsonl = str(Path(args.audit_jsonl).resolve())
+        data["audit_jsonl"] = str(Path(args.audit_jsonl).resolve())
     if getattr(args, "audit_stdout", None):
-        settings.audit_stdout = True
+        data["audit_stdout"] = True
     if getattr(args, "lost_after", None) is not None:
-        settings.lost_after_seconds = args.lost_after
+        data["lost_after_seconds"] = args.lost_after
     if getattr(args, "max_body_bytes", None) is not None:
-        settings.max_body_bytes = args.max_body_bytes
-    return paths, settings
+        data["max_body_bytes"] = args.max_body_bytes
+    return Settings.from_dict(data)
 
 
 # ---- handlers ---------------------------------------------------------------------------
@@ -231,18 +243,10 @@ def _paths_and_settings(args: argparse.Namespace) -> tuple[Any, Any]:
 def cmd_init(args: argparse.Namespace) -> int:
     """Create the database, master key, signing key and settings; print an admin token."""
     from .config import Paths, Settings
-    from .store import Coordinator
+    from .coordinator import Coordinator
 
     paths = Paths.resolve(args.db, args.key_file, args.config)
-    settings = Settings()
-    if args.audit_jsonl:
-        settings.audit_jsonl = str(Path(args.audit_jsonl).resolve())
-    if args.audit_stdout:
-        settings.audit_stdout = True
-    if args.lost_after is not None:
-        settings.lost_after_seconds = args.lost_after
-    if args.max_body_bytes is not None:
-        settings.max_body_bytes = args.max_body_bytes
+    settings = _with_flags(Settings(), args)
     coord, token = Coordinator.initialize(paths, settings)
     public = coord.public_key_text
     coord.close()
@@ -264,10 +268,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .app import create_app
-    from .store import Coordinator
+    from .coordinator import Coordinator
 
     paths, settings = _paths_and_settings(args)
-    coord = Coordinator.open(paths, settings)
+    coord = Coordinator.open(paths, settings, upgrade=True)
     app = create_app(coord)
     print(
         f"cape coordinator on http://{args.host}:{args.port} (signing key {coord.public_key_text})",
@@ -288,9 +292,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_upgrade(args: argparse.Namespace) -> int:
+    """Migrate the database schema to the newest revision (``serve`` does this too)."""
+    from . import migrate
+    from .coordinator import Coordinator
+
+    paths, settings = _paths_and_settings(args)
+    coord = Coordinator.open(paths, settings, upgrade=True)
+    coord.close()
+    print(f"database schema at revision {migrate.head()}")
+    return 0
+
+
 def cmd_public_key(args: argparse.Namespace) -> int:
     """Print the signing public key alone on the last line (read from the database itself)."""
-    from .store import Coordinator
+    from .coordinator import Coordinator
 
     paths, settings = _paths_and_settings(args)
     coord = Coordinator.open(paths, settings)
@@ -454,7 +470,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     expect = _expect(args.expect)
     if args.db:
         from .config import Paths, Settings
-        from .store import Coordinator
+        from .coordinator import Coordinator
 
         coord = Coordinator.open(Paths.resolve(args.db, args.key_file), Settings())
         try:

@@ -25,8 +25,8 @@ from sqlalchemy import update
 
 from .. import db
 from ..config import Paths, Settings
-from ..store import Coordinator, Principal
-from ..workflow import Workflow
+from ..coordinator import Coordinator
+from ..services.base import Principal
 
 PEOPLE = [
     ("rita", "requester"),
@@ -75,23 +75,23 @@ ORDERS_V2 = {
 
 def seed(coord: Coordinator) -> dict[str, str]:
     """Write the demo story into ``coord``; returns each person's token (admin included)."""
-    wf = Workflow(coord)
+    wf = coord.workflow
     system = Principal(token_id="-", name="demo-setup", role="admin")  # noqa: S106
     _, admin_token = coord.create_token(system, name="demo-admin", role="admin")
-    admin = coord.authenticate(admin_token)
+    admin = coord.tokens.authenticate(admin_token)
     tokens = {"demo-admin": admin_token}
     who: dict[str, Principal] = {}
     for name, role in PEOPLE:
         _, token = coord.create_token(admin, name=name, role=role)
         tokens[name] = token
-        who[name] = coord.authenticate(token)
+        who[name] = coord.tokens.authenticate(token)
     _, pipe_token = coord.create_token(
         admin, name="nightly-etl", role="pipeline", labels=["customers", "orders"]
     )
-    pipeline = coord.authenticate(pipe_token)
-    coord.create_key(admin, "customers-key", ["customers"])
-    coord.create_key(admin, "orders-key", ["orders"])
-    coord.rotate_key(admin, "customers-key")
+    pipeline = coord.tokens.authenticate(pipe_token)
+    coord.secrets.create(admin, "customers-key", ["customers"])
+    coord.secrets.create(admin, "orders-key", ["orders"])
+    coord.secrets.rotate(admin, "customers-key")
 
     rita, alice, bob, dana = who["rita"], who["alice"], who["bob"], who["dana"]
     # customers: requested, drafted, reviewed, approved; then v2 under the two-person rule.
@@ -112,15 +112,15 @@ def seed(coord: Coordinator) -> dict[str, str]:
             {"name": "signup", "need": "tenure feature"},
         ],
     )
-    v1 = coord.push_policy(alice, CUSTOMERS_V1)
+    v1 = coord.policies.push(alice, CUSTOMERS_V1)
     wf.link_request(alice, req["id"], "customers", v1["version"])
-    coord.submit_policy(alice, "customers", v1["version"])
+    coord.policies.submit(alice, "customers", v1["version"])
     wf.assign(alice, "customers", v1["version"], ["bob"])
     wf.comment(bob, "customers", 1, "Email is tokenized with a keyed HMAC: fine for joins.", rule=0)
     wf.approve(bob, "customers", 1)
     wf.set_review_settings(admin, "customers", required_approvals=2, reviewers=["bob", "dana"])
-    v2 = coord.push_policy(alice, CUSTOMERS_V2)
-    coord.submit_policy(alice, "customers", v2["version"])
+    v2 = coord.policies.push(alice, CUSTOMERS_V2)
+    coord.policies.submit(alice, "customers", v2["version"])
     wf.comment(dana, "customers", 2, "Rounding income to thousands keeps the model useful.", rule=2)
     wf.approve(bob, "customers", 2)
     wf.approve(dana, "customers", 2)
@@ -142,15 +142,15 @@ def seed(coord: Coordinator) -> dict[str, str]:
             {"name": "customer_email", "need": "joining to segments"},
         ],
     )
-    o1 = coord.push_policy(alice, ORDERS_V1)
+    o1 = coord.policies.push(alice, ORDERS_V1)
     wf.link_request(alice, req2["id"], "orders", o1["version"])
-    coord.submit_policy(alice, "orders", 1)
+    coord.policies.submit(alice, "orders", 1)
     wf.assign(alice, "orders", 1, ["bob"])
     first = wf.comment(bob, "orders", 1, "customer_email goes out in clear text.")
     wf.comment(alice, "orders", 1, "Right, I will tokenize it.", reply_to=first["id"])
     wf.request_changes(bob, "orders", 1, "Tokenize customer_email before this ships.")
-    coord.push_policy(alice, ORDERS_V2)
-    coord.submit_policy(alice, "orders", 2)
+    coord.policies.push(alice, ORDERS_V2)
+    coord.policies.submit(alice, "orders", 2)
 
     req3 = wf.create_request(
         rita,

@@ -22,7 +22,8 @@ from typing import Any
 from sqlalchemy import Column, String, Table, Text, delete, insert, select, update
 
 from .. import db
-from ..store import Coordinator, Principal
+from ..coordinator import Coordinator
+from ..services.base import Principal
 
 sessions_table = Table(
     "console_sessions",
@@ -75,7 +76,6 @@ class SessionStore:
         self.coord = coord
         self.idle = timedelta(seconds=idle_seconds)
         self.absolute = timedelta(seconds=absolute_seconds)
-        db.metadata.create_all(coord.engine, tables=[sessions_table], checkfirst=True)
 
     def create(self, principal: Principal) -> str:
         """A new session for ``principal``; returns the id for the cookie (shown only here)."""

@@ -38,10 +38,12 @@ from cape_pipelines.policy import load_policy
 from cape_pipelines.policy.load import _parse_text
 
 from .. import db
+from ..coordinator import Coordinator
 from ..errors import ApiError
-from ..store import Coordinator, Principal, canonical_yaml
-from ..workflow import SCHEMA_TYPES, Workflow, plan_for_schema
-from ..workflow_api import may
+from ..routers.workflow import may
+from ..services.base import Principal
+from ..services.policies import canonical_yaml
+from ..services.workflow import SCHEMA_TYPES, WorkflowService, plan_for_schema
 from .sessions import COOKIE, ENDED, SIGNIN_COOKIE, Session, SessionEnded, SessionStore, csrf_ok
 
 CSP = (
@@ -120,10 +122,17 @@ def _when(value: str | None) -> str:
         return value
 
 
+def _state_words(state: str | None) -> str:
+    """A state as people say it (``returned`` is the version sent back with changes asked)."""
+    if state == "returned":
+        return "changes requested"
+    return (state or "").replace("_", " ")
+
+
 class Console:
     """The console's state: the coordinator, the workflow, sessions and templates."""
 
-    def __init__(self, coord: Coordinator, workflow: Workflow):
+    def __init__(self, coord: Coordinator, workflow: WorkflowService):
         self.coord = coord
         self.workflow = workflow
         settings = coord.settings
@@ -139,6 +148,7 @@ class Console:
             lstrip_blocks=True,
         )
         self.env.filters["when"] = _when
+        self.env.filters["words"] = _state_words
         self.env.globals["may"] = may
 
     # ---- responses ----------------------------------------------------------------------
@@ -232,7 +242,7 @@ def _int(value: Any, default: int | None = None) -> int | None:
 def install(app: FastAPI) -> None:
     """Add ``/ui`` to ``app``."""
     coord: Coordinator = app.state.coordinator
-    workflow: Workflow = app.state.workflow
+    workflow: WorkflowService = coord.workflow
     con = Console(coord, workflow)
     app.state.console = con
     static = resources.files("cape_coordinator.console") / "static"
@@ -342,7 +352,7 @@ def install(app: FastAPI) -> None:
             error = "Paste your API token."
         else:
             try:
-                principal = await call(coord.authenticate, token.strip())
+                principal = await call(coord.tokens.authenticate, token.strip())
             except ApiError as exc:
                 error = _words(exc)
         if principal is not None and principal.role == "pipeline":
@@ -390,7 +400,7 @@ def install(app: FastAPI) -> None:
             if may(me, "policy.read"):
                 out["in_review"] = _in_review(coord, workflow, me)
             if may(me, "runs.read"):
-                runs = coord.list_runs(limit=200)
+                runs = coord.runs.list(limit=200)
                 out["attention"] = [r for r in runs if r["status"] in ("lost", "failed")][:10]
             return out
 
@@ -487,7 +497,7 @@ def install(app: FastAPI) -> None:
 
         def gather() -> dict[str, Any]:
             return {
-                "labels": coord.list_labels(),
+                "labels": coord.policies.labels(),
                 "in_review": _in_review(coord, workflow, session.principal),
             }
 
@@ -509,7 +519,7 @@ def install(app: FastAPI) -> None:
             label, _, version = base.rpartition("@")
             if label and _int(version):
                 try:
-                    doc = coord.policy_info(label, _int(version) or 0, with_document=True)
+                    doc = coord.policies.info(label, _int(version) or 0, with_document=True)
                     document = dict(doc["document"])
                     document.pop("version", None)
                     text = canonical_yaml(document)
@@ -551,7 +561,7 @@ def install(app: FastAPI) -> None:
                     "the YAML does not parse",
                     problems=[{"loc": loc, "msg": msg} for loc, msg in exc.problems],
                 ) from None
-            info = await call(coord.push_policy, session.principal, document)
+            info = await call(coord.policies.push, session.principal, document)
             if request_id:
                 await call(
                     workflow.link_request,
@@ -590,7 +600,7 @@ def install(app: FastAPI) -> None:
         def gather() -> dict[str, Any]:
             return {
                 "label": label,
-                "versions": list(reversed(coord.policy_history(label))),
+                "versions": list(reversed(coord.policies.history(label))),
                 "settings": workflow.review_settings(label),
             }
 
@@ -670,7 +680,7 @@ def install(app: FastAPI) -> None:
             label,
             version,
             "policy.submit",
-            lambda f, n: coord.submit_policy(session.principal, label, n),
+            lambda f, n: coord.policies.submit(session.principal, label, n),
             "Sent to review.",
         )
 
@@ -694,7 +704,7 @@ def install(app: FastAPI) -> None:
             label,
             version,
             "policy.reject",
-            lambda f, n: coord.reject_policy(session.principal, label, n, _text(f, "reason")),
+            lambda f, n: coord.policies.reject(session.principal, label, n, _text(f, "reason")),
             "Rejected.",
         )
 
@@ -756,8 +766,8 @@ def install(app: FastAPI) -> None:
                 if filters["status"] in ("running", "succeeded", "failed", "lost")
                 else None
             )
-            rows = coord.list_runs(status=status, label=filters["label"] or None, limit=1000)
-            every = coord.list_runs(limit=1000)
+            rows = coord.runs.list(status=status, label=filters["label"] or None, limit=1000)
+            every = coord.runs.list(limit=1000)
             engines = sorted({r["engine"] for r in every if r["engine"]})
             labels = sorted({r["label"] for r in every if r["label"]})
             rows = _filter_runs(rows, filters)
@@ -867,7 +877,7 @@ def install(app: FastAPI) -> None:
     @get("/ui/admin/tokens")
     async def tokens_page(request: Request, session: Session) -> Response:
         con.need(session, "tokens.manage")
-        rows = await call(coord.list_tokens)
+        rows = await call(coord.tokens.list)
         return con.page(request, "tokens.html", session, rows=rows, created=None, error=None)
 
     @post("/ui/admin/tokens")
@@ -889,7 +899,7 @@ def install(app: FastAPI) -> None:
             created = {**info, "token": token}
         except ApiError as exc:
             error = _words(exc)
-        rows = await call(coord.list_tokens)
+        rows = await call(coord.tokens.list)
         return con.page(
             request,
             "tokens.html",
@@ -905,7 +915,7 @@ def install(app: FastAPI) -> None:
         con.need(session, "tokens.manage")
         await con.form(request, session)
         try:
-            info = await call(coord.revoke_token, session.principal, token_id)
+            info = await call(coord.tokens.revoke, session.principal, token_id)
         except ApiError as exc:
             return con.back(session, "/ui/admin/tokens", "Not revoked: " + _words(exc))
         return con.back(
@@ -915,7 +925,7 @@ def install(app: FastAPI) -> None:
     @get("/ui/admin/keys")
     async def keys_page(request: Request, session: Session) -> Response:
         con.need(session, "keys.read")
-        rows = await call(coord.list_keys)
+        rows = await call(coord.secrets.list)
         return con.page(request, "keys.html", session, rows=rows)
 
     @post("/ui/admin/keys")
@@ -925,7 +935,7 @@ def install(app: FastAPI) -> None:
         labels = _text(form, "labels").replace(",", " ").split()
         name = _text(form, "name")
         try:
-            await call(coord.create_key, session.principal, name, labels)
+            await call(coord.secrets.create, session.principal, name, labels)
         except ApiError as exc:
             return con.back(session, "/ui/admin/keys", "Key not created: " + _words(exc))
         return con.back(session, "/ui/admin/keys", f"Key {name} created.")
@@ -935,7 +945,7 @@ def install(app: FastAPI) -> None:
         con.need(session, "keys.manage")
         await con.form(request, session)
         try:
-            info = await call(coord.rotate_key, session.principal, name)
+            info = await call(coord.secrets.rotate, session.principal, name)
         except ApiError as exc:
             return con.back(session, "/ui/admin/keys", "Not rotated: " + _words(exc))
         return con.back(
@@ -946,13 +956,15 @@ def install(app: FastAPI) -> None:
 # ---- helpers ----------------------------------------------------------------------------
 
 
-def _in_review(coord: Coordinator, workflow: Workflow, me: Principal) -> list[dict[str, Any]]:
+def _in_review(
+    coord: Coordinator, workflow: WorkflowService, me: Principal
+) -> list[dict[str, Any]]:
     """Versions in review (and drafts of the caller's), with their review state."""
     out = []
-    for item in coord.list_labels():
-        for v in coord.policy_history(item["label"]):
+    for item in coord.policies.labels():
+        for v in coord.policies.history(item["label"]):
             mine = v["author"] == me.name
-            if v["state"] == "in_review" or (mine and v["state"] in ("draft", "changes_requested")):
+            if v["state"] == "in_review" or (mine and v["state"] in ("draft", "returned")):
                 state = workflow.review_state(v["label"], v["version"])
                 out.append(
                     {
@@ -968,8 +980,8 @@ def _in_review(coord: Coordinator, workflow: Workflow, me: Principal) -> list[di
 
 def _my_drafts(coord: Coordinator, me: Principal) -> list[dict[str, Any]]:
     out = []
-    for item in coord.list_labels():
-        for v in coord.policy_history(item["label"]):
+    for item in coord.policies.labels():
+        for v in coord.policies.history(item["label"]):
             if v["author"] == me.name and v["state"] in ("draft", "in_review"):
                 out.append(v)
     return out
@@ -1034,7 +1046,9 @@ def _starter(req: dict[str, Any] | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _validate(workflow: Workflow, me: Principal, text: str, request_id: str) -> dict[str, Any]:
+def _validate(
+    workflow: WorkflowService, me: Principal, text: str, request_id: str
+) -> dict[str, Any]:
     """The editor's check: problems with their locations, and the plan over the request's
     schema when one is linked."""
     try:

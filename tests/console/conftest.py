@@ -19,7 +19,8 @@ if str(ROOT) not in sys.path:
 
 from cape_coordinator.app import create_app  # noqa: E402
 from cape_coordinator.config import Paths, Settings  # noqa: E402
-from cape_coordinator.store import Coordinator, Principal  # noqa: E402
+from cape_coordinator.coordinator import Coordinator  # noqa: E402
+from cape_coordinator.services.base import Principal  # noqa: E402
 
 PEOPLE = {
     "admin": "admin",
@@ -60,14 +61,14 @@ class Coord:
         return self.coord.audit_count()
 
     def coord_comments(self, label: str, version: int) -> list[dict[str, Any]]:
-        return self.app.state.workflow.comments(label, version)
+        return self.coord.workflow.comments(label, version)
 
 
 def make_coord(directory: Path, settings: Settings | None = None) -> Coord:
     paths = Paths.resolve(str(directory / "cape.db"))
     coord, admin_token = Coordinator.initialize(paths, settings or Settings())
     app = create_app(coord)
-    system = coord.authenticate(admin_token)
+    system = coord.tokens.authenticate(admin_token)
     tokens = {"admin": admin_token}
     principals = {"admin": system}
     for key, name in PEOPLE.items():
@@ -77,7 +78,7 @@ def make_coord(directory: Path, settings: Settings | None = None) -> Coord:
         labels = ["customers"] if role == "pipeline" else []
         _, token = coord.create_token(system, name=name, role=role, labels=labels)
         tokens[key] = token
-        principals[key] = coord.authenticate(token)
+        principals[key] = coord.tokens.authenticate(token)
     return Coord(coord, app, tokens, principals)
 
 

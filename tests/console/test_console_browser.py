@@ -238,7 +238,7 @@ def test_pipeline_applies_the_policy_by_label(live, story, tmp_path: Path):
     finally:
         client.close()
     assert "ssn" not in out.columns
-    runs = c.coord.list_runs(label="customers")
+    runs = c.coord.runs.list(label="customers")
     assert runs and runs[0]["status"] == "succeeded"
     story["run"] = runs[0]["run_id"]
 

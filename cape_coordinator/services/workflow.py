@@ -9,7 +9,7 @@ disagree with them. Reviewers are **assigned** to a version, or by default to a
 label; each label needs ``required_approvals`` approvals (default 1; 2 is the
 two-person rule) from distinct reviewers who are not the author, and the last
 one activates and signs the version. A reviewer may **request changes**
-instead: the version goes back to its author, whose next version keeps the
+instead: the version goes back (state ``returned``) to its author, whose next version keeps the
 comment thread (and the reviewers) of the one sent back. Every action is a
 record on the audit chain, written in the transaction that makes the change, so
 a refused action stores nothing.
@@ -42,12 +42,13 @@ from cape_pipelines.errors import CapeError, PolicyError
 from cape_pipelines.keys import KeyResolver
 from cape_pipelines.policy.models import LABEL_RE
 
-from . import db
-from .crypto import b64e
-from .errors import ApiError, not_found
-from .store import NAME_RE, PRINCIPAL_RE, Coordinator, Principal, canonical_yaml
+from .. import db
+from ..errors import ApiError, not_found
+from .base import NAME_RE, PRINCIPAL_RE, Principal
+from .chain import AuditChain
+from .policies import PolicyService, canonical_yaml
 
-# ---- tables (created on first use when missing; see migrations for existing databases) -----
+# ---- tables (created by migration 0002) ----------------------------------------------------
 
 requests_table = Table(
     "policy_requests",
@@ -186,12 +187,18 @@ def _diff_row(
     }
 
 
-class Workflow:
-    """The workflow's service, over the coordinator's database and audit chain."""
+class WorkflowService:
+    """Requests, reviewers, approvals and comments, over the audit chain and the policies.
 
-    def __init__(self, coord: Coordinator):
-        self.coord = coord
-        db.metadata.create_all(coord.engine, tables=WORKFLOW_TABLES, checkfirst=True)
+    It is the policies' ``review_gate``: an approval passes through :meth:`approval_gate`
+    in the approving transaction, and only the one that reaches the label's number
+    activates the version."""
+
+    def __init__(self, chain: AuditChain, policies: PolicyService):
+        self.chain = chain
+        self.policies = policies
+        self.engine = chain.engine
+        policies.review_gate = self.approval_gate
 
     # ---- requests -----------------------------------------------------------------------
 
@@ -242,9 +249,9 @@ class Workflow:
             "requester": actor.name,
             "created_at": db.now(),
         }
-        with self.coord._write() as (conn, appended):
+        with self.chain.write() as (conn, appended):
             conn.execute(insert(requests_table), row)
-            self._record(
+            self.chain.record(
                 conn,
                 appended,
                 actor,
@@ -260,14 +267,14 @@ class Workflow:
         stmt = select(requests_table).order_by(requests_table.c.created_at.desc())
         if actor.role == "requester":
             stmt = stmt.where(requests_table.c.requester == actor.name)
-        with self.coord.engine.connect() as conn:
+        with self.engine.connect() as conn:
             rows = conn.execute(stmt).mappings().all()
             out = [self._request_info(conn, r) for r in rows]
         return [r for r in out if state is None or r["state"] == state]
 
     def get_request(self, actor: Principal, request_id: str) -> dict[str, Any]:
         """One request; a requester may read only their own (others look missing)."""
-        with self.coord.engine.connect() as conn:
+        with self.engine.connect() as conn:
             row = self._request_row(conn, request_id)
             if actor.role == "requester" and row["requester"] != actor.name:
                 raise not_found(f"request {request_id}")
@@ -278,7 +285,7 @@ class Workflow:
         reason = reason.strip()
         if not reason:
             raise ApiError(422, "reason_required", "declining a request needs a reason")
-        with self.coord._write() as (conn, appended):
+        with self.chain.write() as (conn, appended):
             row = self._request_row(conn, request_id)
             state = self._request_state(conn, row)
             if state in ("declined", "fulfilled"):
@@ -288,7 +295,7 @@ class Workflow:
                 .where(requests_table.c.id == request_id)
                 .values(declined_by=actor.name, declined_at=db.now(), decline_reason=reason)
             )
-            self._record(
+            self.chain.record(
                 conn,
                 appended,
                 actor,
@@ -303,12 +310,12 @@ class Workflow:
         self, actor: Principal, request_id: str, label: str, version: int
     ) -> dict[str, Any]:
         """Link a version (by its author) to a request; the request follows that label."""
-        with self.coord._write() as (conn, appended):
+        with self.chain.write() as (conn, appended):
             row = self._request_row(conn, request_id)
             state = self._request_state(conn, row)
             if state in ("declined", "fulfilled"):
                 raise ApiError(409, "invalid_state", f"request {request_id} is {state}")
-            policy = self.coord._policy_row(conn, label, version)
+            policy = self.policies.row(conn, label, version)
             if policy["author"] != actor.name:
                 raise ApiError(403, "not_author", "only the version's author may link it")
             conn.execute(
@@ -316,7 +323,7 @@ class Workflow:
                 .where(requests_table.c.id == request_id)
                 .values(label=label, version=version, linked_by=actor.name)
             )
-            self._record(
+            self.chain.record(
                 conn,
                 appended,
                 actor,
@@ -382,7 +389,7 @@ class Workflow:
     def request_for_version(self, label: str, version: int) -> dict[str, Any] | None:
         """The request a version answers: the newest one linked to this label at or before
         ``version`` (a revision keeps its predecessor's request)."""
-        with self.coord.engine.connect() as conn:
+        with self.engine.connect() as conn:
             row = (
                 conn.execute(
                     select(requests_table)
@@ -425,7 +432,7 @@ class Workflow:
             "updated_by": actor.name,
             "updated_at": db.now(),
         }
-        with self.coord._write() as (conn, appended):
+        with self.chain.write() as (conn, appended):
             exists = conn.execute(
                 select(review_settings.c.label).where(review_settings.c.label == label)
             ).first()
@@ -435,7 +442,7 @@ class Workflow:
                 )
             else:
                 conn.execute(insert(review_settings), {"label": label, **values})
-            self._record(
+            self.chain.record(
                 conn,
                 appended,
                 actor,
@@ -448,7 +455,7 @@ class Workflow:
 
     def review_settings(self, label: str) -> dict[str, Any]:
         """A label's review settings (defaults: one approval, no default reviewers)."""
-        with self.coord.engine.connect() as conn:
+        with self.engine.connect() as conn:
             return self._settings(conn, label)
 
     def _settings(self, conn: Connection, label: str) -> dict[str, Any]:
@@ -472,8 +479,8 @@ class Workflow:
         names = _reviewer_names(reviewers)
         if not names:
             raise ApiError(422, "reviewers_required", "name at least one reviewer")
-        with self.coord._write() as (conn, appended):
-            row = self.coord._policy_row(conn, label, version)
+        with self.chain.write() as (conn, appended):
+            row = self.policies.row(conn, label, version)
             if row["state"] not in ("draft", "in_review"):
                 raise ApiError(409, "invalid_state", f"version {version} is {row['state']}")
             if actor.role != "admin" and row["author"] != actor.name:
@@ -504,7 +511,7 @@ class Workflow:
                         for n in fresh
                     ],
                 )
-            self._record(
+            self.chain.record(
                 conn, appended, actor, "review.assigned", label, version=version, reviewers=names
             )
         return self.review_state(label, version)
@@ -537,7 +544,7 @@ class Workflow:
         for v, state in rows:
             if v == version:
                 out.append(v)
-            elif state == "changes_requested":
+            elif state == "returned":
                 out.append(v)
             else:
                 break
@@ -562,8 +569,8 @@ class Workflow:
 
     def review_state(self, label: str, version: int) -> dict[str, Any]:
         """Reviewers, approvals so far and approvals required for a version."""
-        with self.coord.engine.connect() as conn:
-            row = self.coord._policy_row(conn, label, version)
+        with self.engine.connect() as conn:
+            row = self.policies.row(conn, label, version)
             return self._review_state(conn, row)
 
     def _review_state(self, conn: Connection, row: Mapping[str, Any]) -> dict[str, Any]:
@@ -595,86 +602,60 @@ class Workflow:
             raise ApiError(403, "not_assigned", "you are not assigned to review this version")
 
     def approve(self, actor: Principal, label: str, version: int) -> dict[str, Any]:
-        """Record an approval; the one that reaches the label's required number activates
-        and signs the version (the previous active one is superseded)."""
-        with self.coord._write() as (conn, appended):
-            row = self.coord._policy_in_state(conn, label, version, "in_review")
-            self._check_reviewer(conn, actor, row)
-            done = set(
-                conn.execute(
-                    select(approvals.c.reviewer).where(
-                        approvals.c.label == label, approvals.c.version == version
-                    )
-                ).scalars()
-            )
-            if actor.name in done:
-                raise ApiError(409, "already_approved", "you have already approved this version")
-            stamp = db.now()
+        """Approve a version in review (see :meth:`approval_gate`)."""
+        return self.policies.approve(actor, label, version)
+
+    def approval_gate(
+        self, conn: Connection, appended: list[dict[str, Any]], actor: Principal, row: Any
+    ) -> bool:
+        """Record ``actor``'s approval of ``row`` (in review, not theirs); True when it is
+        the one that reaches the label's required number (the caller then activates)."""
+        label, version = row["label"], row["version"]
+        self._check_reviewer(conn, actor, row)
+        done = set(
             conn.execute(
-                insert(approvals),
-                {"label": label, "version": version, "reviewer": actor.name, "approved_at": stamp},
-            )
-            required = self._settings(conn, label)["required_approvals"]
-            count = len(done) + 1
-            if count < required:
-                self._record(
-                    conn,
-                    appended,
-                    actor,
-                    "policy.approval_recorded",
-                    label,
-                    version=version,
-                    approvals=count,
-                    required=required,
+                select(approvals.c.reviewer).where(
+                    approvals.c.label == label, approvals.c.version == version
                 )
-            else:
-                signature = b64e(self.coord._signer.sign(row["document"].encode("utf-8")))
-                conn.execute(
-                    update(db.policies)
-                    .where(db.policies.c.label == label, db.policies.c.state == "active")
-                    .values(state="superseded")
-                )
-                conn.execute(
-                    update(db.policies)
-                    .where(db.policies.c.id == row["id"])
-                    .values(
-                        state="active",
-                        reviewed_by=", ".join([*sorted(done), actor.name]),
-                        reviewed_at=stamp,
-                        activated_at=stamp,
-                        signature=signature,
-                    )
-                )
-                self._record(
-                    conn,
-                    appended,
-                    actor,
-                    "policy.approved",
-                    label,
-                    version=version,
-                    sha256=row["sha256"],
-                    approvals=count,
-                    required=required,
-                )
-        return self.coord.policy_info(label, version)
+            ).scalars()
+        )
+        if actor.name in done:
+            raise ApiError(409, "already_approved", "you have already approved this version")
+        conn.execute(
+            insert(approvals),
+            {"label": label, "version": version, "reviewer": actor.name, "approved_at": db.now()},
+        )
+        required = self._settings(conn, label)["required_approvals"]
+        count = len(done) + 1
+        self.chain.record(
+            conn,
+            appended,
+            actor,
+            "policy.approval_recorded",
+            label,
+            version=version,
+            approvals=count,
+            required=required,
+        )
+        return count >= required
 
     def request_changes(
         self, actor: Principal, label: str, version: int, reason: str
     ) -> dict[str, Any]:
-        """in_review -> changes_requested: back to the author, whose next version keeps the
-        thread (the reason is also posted as a comment)."""
+        """in_review -> returned ("changes requested"): back to the author, whose next
+        version keeps the thread (the reason is also posted as a comment)."""
         reason = reason.strip()
         if not reason:
             raise ApiError(422, "reason_required", "say what should change")
-        with self.coord._write() as (conn, appended):
-            row = self.coord._policy_in_state(conn, label, version, "in_review")
+        with self.chain.write() as (conn, appended):
+            row = self.policies.in_state(conn, label, version, "in_review")
             self._check_reviewer(conn, actor, row)
             stamp = db.now()
             conn.execute(
                 update(db.policies)
                 .where(db.policies.c.id == row["id"])
                 .values(
-                    state="changes_requested",
+                    state="returned",
                     reviewed_by=actor.name,
                     reviewed_at=stamp,
                     reason=reason,
@@ -691,7 +672,7 @@ class Workflow:
                     "created_at": stamp,
                 },
             )
-            self._record(
+            self.chain.record(
                 conn,
                 appended,
                 actor,
@@ -700,7 +681,7 @@ class Workflow:
                 version=version,
                 reason=reason,
             )
-        return self.coord.policy_info(label, version)
+        return self.policies.info(label, version)
 
     # ---- comments ---------------------------------------------------------------------------
 
@@ -719,8 +700,8 @@ class Workflow:
         body = body.strip()
         if not body:
             raise ApiError(422, "comment_empty", "a comment needs text")
-        with self.coord._write() as (conn, appended):
-            row = self.coord._policy_row(conn, label, version)
+        with self.chain.write() as (conn, appended):
+            row = self.policies.row(conn, label, version)
             if rule is not None:
                 n_rules = len(json.loads(row["document"]).get("rules", []))
                 if not 0 <= rule < n_rules:
@@ -750,7 +731,7 @@ class Workflow:
                 },
             )
             comment_id = int(result.inserted_primary_key[0])
-            self._record(
+            self.chain.record(
                 conn,
                 appended,
                 actor,
@@ -766,8 +747,8 @@ class Workflow:
     def comments(self, label: str, version: int) -> list[dict[str, Any]]:
         """The thread of ``version``: its comments and those of the versions it revises,
         oldest first."""
-        with self.coord.engine.connect() as conn:
-            self.coord._policy_row(conn, label, version)
+        with self.engine.connect() as conn:
+            self.policies.row(conn, label, version)
             thread = self._thread_versions(conn, label, version)
             rows = conn.execute(
                 select(comments)
@@ -782,8 +763,8 @@ class Workflow:
         """Everything to decide on a version: its document, the diff against the active
         version, the plan against the requested dataset's schema, who asked and why, the
         reviewers, approvals and the comment thread."""
-        with self.coord.engine.connect() as conn:
-            row = self.coord._policy_row(conn, label, version)
+        with self.engine.connect() as conn:
+            row = self.policies.row(conn, label, version)
             state = self._review_state(conn, row)
             active = (
                 conn.execute(
@@ -801,7 +782,7 @@ class Workflow:
         plan = plan_for_schema(document, request["schema"]) if request else None
         return {
             **state,
-            "policy": self.coord.policy_info(label, version),
+            "policy": self.policies.info(label, version),
             "document": document,
             "yaml": new_text,
             "active_version": active["version"] if active else None,
@@ -818,19 +799,6 @@ class Workflow:
             "plan": plan,
             "comments": self.comments(label, version),
         }
-
-    # ---- helpers ----------------------------------------------------------------------------
-
-    def _record(
-        self,
-        conn: Connection,
-        appended: list[dict[str, Any]],
-        actor: Principal,
-        event: str,
-        label: str | None,
-        **details: Any,
-    ) -> None:
-        self.coord._append(conn, appended, [self.coord._own_record(actor, event, label, **details)])
 
 
 def _check_label(label: str) -> None:
