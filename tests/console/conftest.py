@@ -75,7 +75,7 @@ def make_coord(directory: Path, settings: Settings | None = None) -> Coord:
         if key == "admin":
             continue
         role = "reviewer" if key.startswith("reviewer") else key
-        labels = ["customers"] if role == "pipeline" else []
+        labels = ["customers", "orders"] if role == "pipeline" else []
         _, token = coord.create_token(system, name=name, role=role, labels=labels)
         tokens[key] = token
         principals[key] = coord.tokens.authenticate(token)
