@@ -4,6 +4,7 @@ and build on each other (a request, its policy, its review, a run, the audit).""
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +22,11 @@ from cape_coordinator.console.sessions import sessions_table
 pytest.importorskip("playwright.sync_api", reason="playwright is not installed (dev extra)")
 pytestmark = [
     pytest.mark.browser,
-    pytest.mark.skipif(chromium_path() is None, reason="no chromium (apt-get install chromium)"),
+    # In CI (.ci/run installs chromium) a missing browser fails loudly instead of skipping.
+    pytest.mark.skipif(
+        chromium_path() is None and not os.environ.get("CI"),
+        reason="no chromium (apt-get install chromium)",
+    ),
 ]
 
 XSS = '<script>window.__xss=1</script><img src=x onerror="window.__xss=2">'
