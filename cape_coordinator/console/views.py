@@ -1037,12 +1037,22 @@ def _needs_from_form(text: str) -> list[dict[str, str]]:
 
 
 def _starter(req: dict[str, Any] | None) -> str:
-    """A first draft for a request: one rule per needed column to fill in."""
-    label = (req["dataset"].lower() if req else "my-dataset").replace("_", "-")
-    lines = [f"label: {label}", "rules:"]
-    cols = [c["name"] for c in req["columns"]] if req else ["email"]
-    for col in cols:
-        lines += [f"  - match: {{name: {json.dumps(col)}}}", "    actions: [drop]"]
+    """A first draft for a request: the columns it does not ask for are dropped; the ones it
+    needs are left for the author to protect (tokenize, round, ...) rule by rule."""
+    if req is None:
+        return "label: my-dataset\nrules:\n  - match: {name: email}\n    actions: [drop]\n"
+    label = req["dataset"].lower().replace("_", "-")
+    needed = [c["name"] for c in req["columns"]]
+    unused = [c for c in req["schema"] if c not in needed]
+    lines = [f"label: {label}"]
+    lines += [
+        f"# needed: {json.dumps(c['name'])}: {' '.join(c['need'].split())}" for c in req["columns"]
+    ]
+    lines.append("rules:")
+    if unused:
+        lines += [f"  - match: {{names: {json.dumps(unused)}}}", "    actions: [drop]"]
+    else:
+        lines += [f"  - match: {{name: {json.dumps(needed[0])}}}", "    actions: [drop]"]
     return "\n".join(lines) + "\n"
 
 
