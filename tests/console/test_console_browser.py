@@ -371,3 +371,35 @@ def expect_text(page: Any, selector: str, text: str) -> None:
     from playwright.sync_api import expect
 
     expect(page.locator(selector)).to_contain_text(text, timeout=10_000)
+
+
+def test_review_by_keyboard_alone(browser, live):
+    c, srv = live
+    doc = {
+        "label": "customers",
+        "rules": [{"match": {"name": "email"}, "actions": ["drop"]}],
+    }
+    version = c.coord.policies.push(c.principals["author"], doc)["version"]
+    c.coord.policies.submit(c.principals["author"], "customers", version)
+    page = person(browser, live, "reviewer")
+    page.goto(srv.url + f"/ui/policies/customers/{version}")
+
+    def tab_to(predicate: str) -> None:
+        for _ in range(80):
+            page.keyboard.press("Tab")
+            if page.evaluate(predicate):
+                return
+        raise AssertionError(f"Tab never reached {predicate}")
+
+    tab_to("document.activeElement.id === 'comment-body'")
+    page.keyboard.type("Reviewed by keyboard.")
+    tab_to("document.activeElement.textContent.trim() === 'Add comment'")
+    page.keyboard.press("Enter")
+    page.wait_for_load_state()
+    assert "Comment added" in flash(page)
+    assert "Reviewed by keyboard." in page.locator("ol.thread").inner_text()
+    # Focus is visible: the focused control gets an outline.
+    tab_to("document.activeElement.textContent.trim() === 'Approve'")
+    outline = page.evaluate("getComputedStyle(document.activeElement).outlineStyle")
+    assert outline not in ("", "none")
+    page.context.close()

@@ -298,3 +298,23 @@ def test_lost_and_failed_runs_are_visible_at_once(cc):
     assert "tokenizer" in page and "column-redact" in page
     only_spark = t.get("/ui/runs?engine=spark").text
     assert "dask-" not in only_spark.split("<tbody>")[1]
+
+
+def test_the_demo_story_seeds_every_state_on_a_verified_chain(cc):
+    from cape_coordinator.console.demo import seed
+
+    tokens = seed(cc.coord)
+    assert {"rita", "alice", "bob", "dana", "carol", "demo-admin"} <= set(tokens)
+    rita = cc.coord.tokens.authenticate(tokens["rita"])
+    states = {r["dataset"]: r["state"] for r in cc.coord.workflow.list_requests(rita)}
+    assert states == {
+        "customers": "fulfilled",
+        "orders": "in_review",
+        "support_tickets": "declined",
+    }
+    assert cc.coord.policies.info("orders", 1)["state"] == "returned"
+    assert len(cc.coord.workflow.comments("orders", 2)) == 3
+    statuses = {r["status"] for r in cc.coord.runs.list()}
+    assert statuses == {"succeeded", "failed", "lost"}
+    assert {r["engine"] for r in cc.coord.runs.list()} == {"pandas", "dask", "spark", "beam"}
+    assert cc.coord.verify_audit().intact
