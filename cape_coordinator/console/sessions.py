@@ -80,8 +80,16 @@ class SessionStore:
     def create(self, principal: Principal) -> str:
         """A new session for ``principal``; returns the id for the cookie (shown only here)."""
         session_id = secrets.token_urlsafe(32)
-        stamp = db.now()
+        now = datetime.now(UTC)
+        stamp = db.format_time(now)
         with self.coord.engine.begin() as conn:
+            # Sessions that can no longer be used are dropped here, so the table stays small.
+            conn.execute(
+                delete(sessions_table).where(
+                    (sessions_table.c.last_seen < db.format_time(now - self.idle))
+                    | (sessions_table.c.created_at < db.format_time(now - self.absolute))
+                )
+            )
             conn.execute(
                 insert(sessions_table),
                 {

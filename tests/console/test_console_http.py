@@ -318,3 +318,17 @@ def test_the_demo_story_seeds_every_state_on_a_verified_chain(cc):
     assert statuses == {"succeeded", "failed", "lost"}
     assert {r["engine"] for r in cc.coord.runs.list()} == {"pandas", "dask", "spark", "beam"}
     assert cc.coord.verify_audit().intact
+
+
+def test_expired_sessions_are_dropped_when_a_new_one_starts(cc):
+    from sqlalchemy import func, select, update
+
+    from cape_coordinator.console.sessions import sessions_table
+
+    sign_in(cc, "admin")
+    with cc.coord.engine.begin() as conn:
+        conn.execute(update(sessions_table).values(last_seen="2020-01-01T00:00:00.000000Z"))
+    sign_in(cc, "reviewer")
+    with cc.coord.engine.connect() as conn:
+        left = conn.execute(select(func.count()).select_from(sessions_table)).scalar_one()
+    assert left == 1
