@@ -17,6 +17,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -73,6 +74,36 @@ class BodyLimit:
                 await _send_json(send, 413, _too_large(self.limit))
 
 
+class AuthFirst:
+    """Checks the bearer token of a ``/v1`` request that carries a body before a byte of
+    the body is read: an unauthenticated client cannot make the server receive, buffer
+    or parse megabytes (the routes check roles again, as before)."""
+
+    def __init__(self, app: ASGIApp, coordinator: Coordinator):
+        self.app = app
+        self.tokens = coordinator.tokens
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] != "http"
+            or scope["method"] not in ("POST", "PUT", "PATCH")
+            or not str(scope.get("path", "")).startswith("/v1/")
+        ):
+            await self.app(scope, receive, send)
+            return
+        header = dict(scope.get("headers") or []).get(b"authorization", b"")
+        scheme, _, token = header.decode("latin-1").partition(" ")
+        try:
+            if scheme.lower() != "bearer" or not token.strip():
+                raise ApiError(401, "unauthenticated", "send Authorization: Bearer <token>")
+            if self.tokens.cached_principal(token.strip()) is None:
+                await run_in_threadpool(self.tokens.authenticate, token.strip())
+        except ApiError as exc:
+            await _send_json(send, exc.status, exc.body(), auth=True)
+            return
+        await self.app(scope, receive, send)
+
+
 class _TooLarge(Exception):
     pass
 
@@ -81,19 +112,16 @@ def _too_large(limit: int) -> dict[str, Any]:
     return {"error": {"code": "payload_too_large", "message": f"request body over {limit} bytes"}}
 
 
-async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
+async def _send_json(send: Send, status: int, body: dict[str, Any], auth: bool = False) -> None:
     payload = JSONResponse(body).body
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(payload)).encode()),
-                (b"connection", b"close"),
-            ],
-        }
-    )
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(payload)).encode()),
+        (b"connection", b"close"),
+    ]
+    if auth:
+        headers.append((b"www-authenticate", b"Bearer"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": payload})
 
 
@@ -171,10 +199,15 @@ def create_app(coordinator: Coordinator) -> FastAPI:
         version="1",
         description="Reviewed, signed policies; keys; one tamper-evident audit trail per run.",
         responses=_ERRORS,
+        docs_url="/docs" if coordinator.settings.api_docs else None,
+        redoc_url="/redoc" if coordinator.settings.api_docs else None,
+        openapi_url="/openapi.json" if coordinator.settings.api_docs else None,
     )
     app.state.coordinator = coordinator
     _install_error_handlers(app)
     app.add_middleware(BodyLimit, limit=coordinator.settings.max_body_bytes)
+    # Added last, so it runs first: no body is read for a request without a valid token.
+    app.add_middleware(AuthFirst, coordinator=coordinator)
     for router in ROUTERS:
         app.include_router(router)
     mount_console(app)

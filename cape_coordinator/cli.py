@@ -58,6 +58,12 @@ def _settings_flags(parser: argparse.ArgumentParser) -> None:
         "--lost-after", type=int, metavar="SECONDS", help="a silent running run is lost after this"
     )
     parser.add_argument("--max-body-bytes", type=int, help="request body size limit")
+    parser.add_argument(
+        "--api-docs",
+        action="store_true",
+        default=None,
+        help="serve /docs and /openapi.json (off by default)",
+    )
 
 
 def register(
@@ -79,6 +85,13 @@ def register(
     p.add_argument("--port", type=int, default=8686)
     p.add_argument("--access-log", action="store_true", help="log every request (no bodies)")
     p.set_defaults(func=cmd_serve)
+    p = csub.add_parser(
+        "admin-token",
+        parents=[dbp],
+        help="offline recovery: make an admin token in the database directly (audited)",
+    )
+    p.add_argument("--name", default="recovered-admin", help="who the token is for")
+    p.set_defaults(func=cmd_admin_token)
     p = csub.add_parser(
         "upgrade", parents=[dbp], help="migrate the database schema to this version's"
     )
@@ -161,6 +174,12 @@ def register(
         "verify", parents=[conn], help="check the hash chain; exit 0 only when intact"
     )
     p.add_argument("--expect", metavar="SEQ:HASH", help="an anchor kept outside the database")
+    p.add_argument(
+        "--anchor",
+        metavar="FILE|URL",
+        help="an anchor kept outside the database: a JSONL audit copy, a saved"
+        " GET /v1/audit/anchor answer, or that endpoint's URL",
+    )
     p.add_argument("--db", help="verify this database directly instead of asking the coordinator")
     p.add_argument("--key-file", help="with --db: the master key file (default: <db>.key)")
     p.set_defaults(func=cmd_audit_verify)
@@ -234,6 +253,8 @@ def _with_flags(settings: Any, args: argparse.Namespace) -> Any:
         data["lost_after_seconds"] = args.lost_after
     if getattr(args, "max_body_bytes", None) is not None:
         data["max_body_bytes"] = args.max_body_bytes
+    if getattr(args, "api_docs", None):
+        data["api_docs"] = True
     return Settings.from_dict(data)
 
 
@@ -301,6 +322,25 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
     coord = Coordinator.open(paths, settings, upgrade=True)
     coord.close()
     print(f"database schema at revision {migrate.head()}")
+    return 0
+
+
+def cmd_admin_token(args: argparse.Namespace) -> int:
+    """Make an admin token with the database and master key at hand (no server, no token):
+    the way back into a locked-out install. Recorded in the audit chain as
+    ``token.created`` by ``offline-recovery``; the token alone on the last line."""
+    from .coordinator import Coordinator
+    from .services.base import Principal
+
+    paths, settings = _paths_and_settings(args)
+    coord = Coordinator.open(paths, settings)
+    try:
+        system = Principal(token_id="-", name="offline-recovery", role="admin")  # noqa: S106
+        info, token = coord.tokens.create(system, name=args.name, role="admin")
+    finally:
+        coord.close()
+    print(f"admin token {info['id']} for {info['name']} (shown once):")
+    print(token)
     return 0
 
 
@@ -465,15 +505,62 @@ def _expect(text: str | None) -> tuple[int, str] | None:
     return int(seq), digest
 
 
+def _external_anchor(args: argparse.Namespace) -> dict[str, Any]:
+    """The anchor ``--anchor`` names: ``{count, hash[, signature]}`` read from a URL (with
+    the caller's token), a saved anchor JSON, or the last anchor of a JSONL audit copy."""
+    source = args.anchor
+    if source.startswith(("http://", "https://")):
+        import requests
+
+        token = args.token or os.environ.get(TOKEN_ENV)
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        try:
+            resp = requests.get(source, headers=headers, timeout=args.timeout)
+        except requests.RequestException as exc:
+            raise UsageError(f"cannot fetch the anchor: {type(exc).__name__}") from None
+        if resp.status_code != 200:
+            raise UsageError(f"cannot fetch the anchor: HTTP {resp.status_code}")
+        found: Any = resp.json()
+    else:
+        try:
+            lines = Path(source).read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise UsageError(f"cannot read the anchor file: {exc.strerror}") from None
+        found = None
+        for line in reversed([x for x in lines if x.strip()]):
+            item = json.loads(line)
+            if "count" in item and "hash" in item:
+                found = item
+            elif isinstance(item.get("anchor"), dict):
+                found = item["anchor"]
+            elif "seq" in item and "hash" in item:
+                found = {"count": item["seq"], "hash": item["hash"]}
+            if found is not None:
+                break
+    if not isinstance(found, dict) or "count" not in found or "hash" not in found:
+        raise UsageError(f"no anchor in {source}")
+    return found
+
+
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    """Verify the chain (through the coordinator, or a database directly with --db)."""
+    """Verify the chain (through the coordinator, or a database directly with --db),
+    optionally against an anchor kept outside the database (--expect, --anchor)."""
     expect = _expect(args.expect)
+    external = _external_anchor(args) if getattr(args, "anchor", None) else None
+    if external is not None and int(external["count"]) > 0:
+        expect = (int(external["count"]), str(external["hash"]))
     if args.db:
         from .config import Paths, Settings
         from .coordinator import Coordinator
+        from .crypto import b64d, verify_signature
+        from .services.chain import anchor_message
 
         coord = Coordinator.open(Paths.resolve(args.db, args.key_file), Settings())
         try:
+            if external is not None and "signature" in external:
+                message = anchor_message(int(external["count"]), str(external["hash"]))
+                if not verify_signature(coord.public_key, b64d(external["signature"]), message):
+                    raise UsageError("the external anchor's signature does not verify")
             result = coord.verify_audit(expect).__dict__
         finally:
             coord.close()

@@ -40,6 +40,8 @@ class Settings(BaseModel):
     # Console sessions end after this long without a request, and this long in all.
     console_idle_seconds: int = Field(default=30 * 60, ge=60)
     console_absolute_seconds: int = Field(default=12 * 3600, ge=60)
+    # /docs, /redoc and /openapi.json: off unless asked for (they map the whole API).
+    api_docs: bool = False
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Settings:

@@ -154,6 +154,7 @@ class Coordinator:
     def close(self) -> None:
         """Commit queued audit batches, stop the audit writer and release connections."""
         self.ingest.close()
+        self.chain.checkpoint()
         self.engine.dispose()
 
     # ---- short forms (CLI, tests) ---------------------------------------------------------

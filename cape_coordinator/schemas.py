@@ -194,6 +194,14 @@ class AuditEntry(BaseModel):
     record: dict[str, Any]
 
 
+class AuditAnchor(BaseModel):
+    count: int = Field(description="entries in the chain")
+    hash: str = Field(description="the last entry's hash")
+    signature: str = Field(
+        description="Ed25519 over b'cape-audit-anchor\\x00' + f'{count}:{hash}', base64url"
+    )
+
+
 class VerifyOut(BaseModel):
     intact: bool
     count: int
@@ -217,3 +225,7 @@ class RunInfo(BaseModel):
     rows_redacted: int | None
     error_type: str | None
     records: int
+    client_started_at: str | None = Field(
+        default=None, description="the pipeline's own start time (started_at is the receipt)"
+    )
+    client_ended_at: str | None = None

@@ -3,31 +3,58 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request
 
 from ..errors import ApiError
-from ..schemas import MAX_INT, AuditAccepted, AuditBatch, AuditEntry, PlainText, VerifyOut
+from ..schemas import (
+    MAX_INT,
+    AuditAccepted,
+    AuditAnchor,
+    AuditBatch,
+    AuditEntry,
+    PlainText,
+    VerifyOut,
+)
 from ..services.base import Principal
+from ..services.ingest import check_records
 from .deps import Coord, checked_time, require
 
 router = APIRouter(prefix="/v1/audit", tags=["audit"])
 Auditors = Annotated[Principal, Depends(require("admin", "auditor"))]
 
 
-@router.post("")
+@router.post(
+    "",
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": AuditBatch.model_json_schema()}},
+        }
+    },
+    responses={
+        403: {"description": "label_not_allowed or run_not_yours (index, record_id)"},
+        409: {"description": "record_conflict (index, record_id)"},
+        422: {"description": "record_invalid (index, record_id)"},
+    },
+)
 async def post_audit(
-    body: AuditBatch, coord: Coord, p: Annotated[Principal, Depends(require("pipeline"))]
+    request: Request, coord: Coord, p: Annotated[Principal, Depends(require("pipeline"))]
 ) -> AuditAccepted:
-    """Append run records; a record_id already stored is skipped (idempotent).
-    Answered only after the transaction holding them has committed."""
-    if len(body.records) > coord.settings.max_batch_records:
-        raise ApiError(
-            413, "batch_too_large", f"at most {coord.settings.max_batch_records} records"
-        )
-    records = [r.model_dump(mode="json", exclude_unset=True) for r in body.records]
+    """Append run records, all or none of the batch. An identical resend of a stored record
+    by its sender is acknowledged as a duplicate; a record that cannot be stored is a 422
+    naming its index, one for another label or another sender's run a 403, an id stored
+    from another sender or with other content a 409. Answered only after the transaction
+    holding the batch has committed. The body is read only after the token is checked."""
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise ApiError(400, "malformed_json", "request body is not valid JSON") from None
+    records = check_records(data, coord.settings.max_batch_records)
     # Preparing the batch is CPU work (no I/O): it stays on the loop, and the commit
     # is awaited without holding a thread.
     done = coord.ingest.submit(p, records)
@@ -57,6 +84,13 @@ def list_audit(
         limit=limit,
     )
     return [AuditEntry(**r) for r in rows]
+
+
+@router.get("/anchor")
+def anchor(coord: Coord, _p: Auditors) -> AuditAnchor:
+    """The chain's signed anchor now (entries, last hash, Ed25519 signature): record it
+    outside the coordinator and check later with `cape audit verify --anchor`."""
+    return AuditAnchor(**coord.chain.current_anchor())
 
 
 @router.get("/verify")

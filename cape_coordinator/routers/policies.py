@@ -10,6 +10,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query, Response
 
+from ..crypto import b64e
 from ..schemas import LabelInfo, PolicyDiff, PolicyInfo, PolicyPush, PolicyVersion, Reject
 from ..services.base import Principal
 from .deps import ALL_ROLES, READERS, Coord, LabelPath, VersionPath, require
@@ -65,6 +66,15 @@ def reject(
     return PolicyInfo(**coord.policies.reject(p, label, version, body.reason))
 
 
+@router.post("/{label}/versions/{version}/rollback")
+def rollback(
+    label: LabelPath, version: VersionPath, body: Reject, coord: Coord, p: Reviewer
+) -> PolicyInfo:
+    """superseded -> active again: an explicit, audited rollback by a reviewer, with a
+    reason; the label's activation number grows, so clients accept it as the newest."""
+    return PolicyInfo(**coord.policies.rollback(p, label, version, body.reason))
+
+
 @router.get("/{label}/diff")
 def diff(
     label: LabelPath,
@@ -84,7 +94,10 @@ def diff(
     responses={
         200: {
             "description": "canonical JSON of the active version; headers ETag, "
-            "X-Cape-Signature (Ed25519 over the body, base64url), X-Cape-Policy-Version",
+            "X-Cape-Policy-Version, X-Cape-Policy-Envelope (base64url of the envelope's "
+            "canonical JSON: label, version, activation_seq, activated_at, sha256 of the "
+            "body) and X-Cape-Signature (Ed25519 over b'cape.policy-envelope.v1\\n' + "
+            "envelope, base64url)",
             "content": {"application/json": {"schema": {"type": "object"}}},
         },
         304: {"description": "not modified (If-None-Match matched the ETag)"},
@@ -97,15 +110,18 @@ def active(
     if_none_match: Annotated[str | None, Header(max_length=1024)] = None,
 ) -> Response:
     """The active version only; pipeline tokens only for their labels."""
-    body, sha, signature, version = coord.policies.active(p, label)
+    served = coord.policies.active(p, label)
     headers = {
-        "ETag": f'"{sha}"',
-        "X-Cape-Signature": signature,
-        "X-Cape-Policy-Version": str(version),
+        "ETag": f'"{served.sha256}"',
+        "X-Cape-Policy-Version": str(served.version),
         "Cache-Control": "no-cache",
     }
     if if_none_match is not None:
         tags = {t.strip().removeprefix("W/").strip('"') for t in if_none_match.split(",")}
-        if sha in tags or "*" in tags:
+        if served.sha256 in tags or "*" in tags:
+            # No envelope on a 304: the client re-verifies the signed copy it holds (every
+            # version's bytes differ, so the same ETag means the same activation's bytes).
             return Response(status_code=304, headers=headers)
-    return Response(content=body, media_type="application/json", headers=headers)
+    headers["X-Cape-Policy-Envelope"] = b64e(served.envelope)
+    headers["X-Cape-Signature"] = served.signature
+    return Response(content=served.body, media_type="application/json", headers=headers)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path
+from fastapi import APIRouter, Depends, Path, Response
 
 from ..schemas import TokenCreate, TokenCreated, TokenInfo
 from ..services.base import Principal
@@ -15,8 +15,9 @@ Admin = Annotated[Principal, Depends(require("admin"))]
 
 
 @router.post("", status_code=201)
-def create_token(body: TokenCreate, coord: Coord, p: Admin) -> TokenCreated:
-    """Make an API token (admin). The token is in this response only."""
+def create_token(body: TokenCreate, response: Response, coord: Coord, p: Admin) -> TokenCreated:
+    """Make an API token (admin). The token is in this response only (never cached)."""
+    response.headers["Cache-Control"] = "no-store"
     info, token = coord.tokens.create(
         p, name=body.name, role=body.role, labels=body.labels, expires_in=body.expires_in
     )

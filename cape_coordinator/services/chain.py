@@ -20,6 +20,7 @@ import os
 import sqlite3
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -38,6 +39,8 @@ from .base import Principal
 log = logging.getLogger("cape_coordinator")
 
 GENESIS = "0" * 64
+# How often (at most) a SQLite coordinator truncates its WAL after a write.
+CHECKPOINT_SECONDS = 60.0
 _ANCHOR_DOMAIN = b"cape-audit-anchor\x00"
 AUDIT_COLS = [c.name for c in db.audit.columns]
 _AUDIT_VALUES = operator.itemgetter(*AUDIT_COLS)
@@ -77,14 +80,20 @@ class Copies:
     def write(self, rows: Sequence[Mapping[str, Any]]) -> None:
         if not rows or not (self.jsonl or self.stdout):
             return
+        # The last entry of each commit carries the signed anchor it moved the chain to, so
+        # the copy is also an anchor record kept outside the database (`verify --anchor`).
         text = "".join(
             f'{{"seq":{r["seq"]},"prev_hash":"{r["prev_hash"]}","hash":"{r["hash"]}",'
-            f'"entry":{r["body"]}}}\n'
+            f'"entry":{r["body"]}'
+            + (f',"anchor":{json.dumps(r["anchor"], sort_keys=True)}' if "anchor" in r else "")
+            + "}\n"
             for r in rows
         )
         try:
             if self.jsonl:
-                with open(self.jsonl, "a", encoding="utf-8") as fh:
+                # 0600 from its creation: the copy holds the whole audit trail.
+                fd = os.open(self.jsonl, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                with os.fdopen(fd, "a", encoding="utf-8") as fh:
                     fh.write(text)
                     fh.flush()
                     os.fsync(fh.fileno())
@@ -136,6 +145,7 @@ def entry_row(entry: Mapping[str, Any]) -> dict[str, Any]:
         "time": db.normalize_time(rec["time"]),
         "received_at": entry["received_at"],
         "body": canonical_json(entry).decode("utf-8"),
+        "sender": entry.get("sender"),
     }
 
 
@@ -166,6 +176,7 @@ class AuditChain:
         self._signer = signer
         self._copies = copies
         self._lock = threading.Lock()
+        self._checkpointed = time.monotonic()
 
     @contextmanager
     def write(self) -> Iterator[tuple[Connection, list[dict[str, Any]]]]:
@@ -175,8 +186,20 @@ class AuditChain:
             with self.engine.connect() as conn:
                 conn.execution_options(cape_write=True)
                 with conn.begin():
+                    if not self.sqlite:
+                        # One writer at a time across replicas (SQLite's BEGIN IMMEDIATE does
+                        # this there): checks made in the transaction, such as the next
+                        # activation number of a label, hold until it commits.
+                        self.anchor(conn)
                     yield conn, appended
             self._copies.write(appended)
+            if (
+                self.sqlite
+                and appended
+                and time.monotonic() - self._checkpointed > CHECKPOINT_SECONDS
+            ):
+                self._checkpointed = time.monotonic()
+                self.checkpoint()
 
     def anchor(self, conn: Connection) -> tuple[int, str]:
         """(count, last hash) of the chain; on PostgreSQL this takes the chain's row lock."""
@@ -238,7 +261,28 @@ class AuditChain:
             .where(db.settings.c.name == "audit_anchor")
             .values(value=json.dumps(anchor))
         )
+        rows[-1]["anchor"] = anchor
         appended.extend(rows)
+
+    def current_anchor(self) -> dict[str, Any]:
+        """The signed anchor: ``{count, hash, signature}`` (for monitoring to record)."""
+        with self.engine.connect() as conn:
+            raw = conn.execute(
+                select(db.settings.c.value).where(db.settings.c.name == "audit_anchor")
+            ).scalar_one()
+        data = json.loads(raw)
+        return {"count": int(data["count"]), "hash": data["hash"], "signature": data["signature"]}
+
+    def checkpoint(self) -> None:
+        """SQLite: move the WAL into the database file and truncate it, so older anchors do
+        not linger in the WAL (deleted content is zeroed in the file: secure_delete)."""
+        if not self.sqlite:
+            return
+        try:
+            with self.engine.connect() as conn:
+                conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+        except Exception as exc:  # a busy reader: the next checkpoint will do it
+            log.warning("WAL checkpoint skipped: %s", type(exc).__name__)
 
     def count(self) -> int:
         """How many entries the chain holds."""
@@ -326,7 +370,58 @@ def verify_chain(
             f"the signed anchor says {a_count} entries ending {a_hash[:12]}, the table has {count}"
             f" ending {prev[:12]} (entries added or removed at the end)"
         )
+    problems.extend(policy_state_problems(conn))
     return VerifyResult(intact=not problems, count=count, last_hash=prev, problems=problems)
+
+
+ACTIVATIONS = ("policy.approved", "policy.rolled_back")
+
+
+def activations(conn: Connection, label: str | None = None) -> dict[str, list[dict[str, Any]]]:
+    """Per label, the chain's activation records (approvals that activated, rollbacks) in
+    chain order, each with its ``seq``: the source of truth for which version is served."""
+    stmt = (
+        select(db.audit.c.seq, db.audit.c.body)
+        .where(db.audit.c.kind == "coordinator", db.audit.c.event.in_(ACTIVATIONS))
+        .order_by(db.audit.c.seq)
+    )
+    if label is not None:
+        stmt = stmt.where(db.audit.c.label == label)
+    out: dict[str, list[dict[str, Any]]] = {}
+    for seq, body in conn.execute(stmt):
+        try:
+            rec = json.loads(body)["record"]
+            out.setdefault(str(rec["label"]), []).append({**rec, "seq": seq})
+        except (ValueError, KeyError, TypeError):
+            continue
+    return out
+
+
+def policy_state_problems(conn: Connection) -> list[str]:
+    """The policies table must say what the chain says: per label, the version last
+    activated in the chain is the one row marked active, holding the hashed bytes."""
+    problems = []
+    derived = {label: acts[-1] for label, acts in activations(conn).items()}
+    rows = conn.execute(
+        select(db.policies.c.label, db.policies.c.version, db.policies.c.sha256).where(
+            db.policies.c.state == "active"
+        )
+    ).all()
+    marked: dict[str, list[tuple[int, str]]] = {}
+    for label, version, sha in rows:
+        marked.setdefault(label, []).append((version, sha))
+    for label in sorted(set(derived) | set(marked)):
+        want = derived.get(label)
+        have = marked.get(label, [])
+        if want is None:
+            problems.append(f"policy {label}: marked active but never activated in the chain")
+        elif [(v, s) for v, s in have] != [(want.get("version"), want.get("sha256"))]:
+            shown = ", ".join(str(v) for v, _ in have) or "none"
+            problems.append(
+                f"policy {label}: the database marks version(s) {shown} active, the chain"
+                f" activated version {want.get('version')} (state or document changed)"
+            )
+    return problems
 
 
 def _column_problems(r: Mapping[str, Any]) -> list[str]:
@@ -342,6 +437,7 @@ def _column_problems(r: Mapping[str, Any]) -> list[str]:
             "label": record_label(entry),
             "time": db.normalize_time(rec["time"]),
             "received_at": entry["received_at"],
+            "sender": entry.get("sender"),
         }
     except (ValueError, KeyError, TypeError):
         return [f"seq {r['seq']}: body is not a chain entry"]

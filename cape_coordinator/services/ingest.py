@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import queue
+import re
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy import Connection, bindparam, select
 
 from .. import db
@@ -32,17 +34,20 @@ log = logging.getLogger("cape_coordinator")
 
 # The most run records one group commit carries (several callers' batches).
 GROUP_MAX_RECORDS = 5000
-_KNOWN_IDS = select(db.audit.c.record_id).where(
+_KNOWN_IDS = select(db.audit.c.record_id, db.audit.c.sender, db.audit.c.body).where(
     db.audit.c.record_id.in_(bindparam("ids", expanding=True))
 )
 _CANON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
 
 
-def run_rows(source: str, stamp: str, records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+def run_rows(
+    actor: Principal, stamp: str, records: Iterable[dict[str, Any]]
+) -> list[dict[str, Any]]:
     """:func:`~.chain.entry_row` for many run records of one request: the entry's other keys
-    are encoded once, and the bodies are byte for byte what ``canonical_json`` makes."""
+    are encoded once, and the bodies are byte for byte what ``canonical_json`` makes. The
+    entry names the sending token (``sender``) beside its name (``source``)."""
     head = f'{{"kind":"run","received_at":{_CANON.encode(stamp)},"record":'
-    tail = f',"source":{_CANON.encode(source)}}}'
+    tail = f',"sender":{_CANON.encode(actor.token_id)},"source":{_CANON.encode(actor.name)}}}'
     rows = []
     for rec in records:
         rows.append(
@@ -55,27 +60,118 @@ def run_rows(source: str, stamp: str, records: Iterable[dict[str, Any]]) -> list
                 "time": db.normalize_time(rec["time"]),
                 "received_at": stamp,
                 "body": head + _CANON.encode(rec) + tail,
+                "sender": actor.token_id,
             }
         )
     return rows
 
 
+# Deeper records are refused (422): nothing a pipeline sends nests this far, and the
+# limit keeps every later encoding and comparison of the record cheap and bounded.
+MAX_RECORD_DEPTH = 16
+# Records per request the API takes at all (the max_batch_records setting may lower it).
+MAX_BATCH = 1000
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+_BAD_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def _record_problem(value: Any, depth: int = 0) -> str | None:
+    """Why a record's value cannot be stored (too deep, a control character), or None."""
+    if depth > MAX_RECORD_DEPTH:
+        return f"record nests deeper than {MAX_RECORD_DEPTH} levels"
+    if isinstance(value, str):
+        return "text holds a NUL or control character" if _BAD_CHARS.search(value) else None
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            problem = _record_problem(k, depth + 1) or _record_problem(v, depth + 1)
+            if problem:
+                return problem
+    elif isinstance(value, list):
+        for v in value:
+            problem = _record_problem(v, depth + 1)
+            if problem:
+                return problem
+    return None
+
+
+def _readable_id(raw: Any) -> str | None:
+    rid = raw.get("record_id") if isinstance(raw, Mapping) else None
+    return rid if isinstance(rid, str) and _ID.fullmatch(rid) else None
+
+
+def check_records(raw: Any, max_records: int) -> list[dict[str, Any]]:
+    """The records of a ``POST /v1/audit`` body, each checked; the first record that cannot
+    be stored is a 422 ``record_invalid`` naming its index (and id, if readable)."""
+    from ..schemas import RunRecord
+
+    if (
+        not isinstance(raw, Mapping)
+        or set(raw) != {"records"}
+        or not isinstance(raw["records"], list)
+    ):
+        raise _shape_error('the body must be {"records": [...]}')
+    items = raw["records"]
+    if not items:
+        raise _shape_error("give at least one record")
+    if len(items) > MAX_BATCH:
+        raise _shape_error(f"at most {MAX_BATCH} records per request")
+    if len(items) > max_records:
+        raise ApiError(413, "batch_too_large", f"at most {max_records} records")
+    out = []
+    for index, item in enumerate(items):
+        problem = _record_problem(item)
+        if problem is None:
+            try:
+                model = RunRecord.model_validate(item)
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                where = ".".join(str(p) for p in err.get("loc", ())) or "record"
+                problem = f"{where}: {str(err.get('msg', 'invalid'))[:200]}"
+            else:
+                out.append(model.model_dump(mode="json", exclude_unset=True))
+                continue
+        raise ApiError(
+            422,
+            "record_invalid",
+            f"record {index} cannot be stored: {problem}",
+            index=index,
+            record_id=_readable_id(item),
+            problems=[{"loc": f"records.{index}", "msg": problem}],
+        )
+    return out
+
+
+def _shape_error(message: str) -> ApiError:
+    return ApiError(
+        422,
+        "invalid_request",
+        "request does not match the API",
+        problems=[{"loc": "body", "msg": message}],
+    )
+
+
 @functools.lru_cache(maxsize=16)
 def _sqlite_known_ids(n_ids: int) -> str:
-    """``SELECT record_id FROM audit WHERE record_id IN (?, ...)`` for ``n_ids`` ids."""
+    """``SELECT record_id, sender, body FROM audit WHERE record_id IN (?, ...)``."""
     marks = ", ".join("?" for _ in range(n_ids))
-    return f"SELECT record_id FROM audit WHERE record_id IN ({marks})"  # noqa: S608
+    return f"SELECT record_id, sender, body FROM audit WHERE record_id IN ({marks})"  # noqa: S608
 
 
 @dataclass
 class PendingBatch:
     """A caller's audit batch waiting for the writer: prepared rows, their records, and
-    how many records the caller sent (in-batch repeats count as duplicates)."""
+    how many records the caller sent (in-batch repeats count as duplicates); ``actor``
+    is the sender (None only in tests of the writer itself)."""
 
     rows: list[dict[str, Any]]
     records: list[dict[str, Any]]
     sent: int
     future: Future[dict[str, int]] = field(default_factory=Future)
+    actor: Principal | None = None
+
+
+def _refusal(status: int, code: str, message: str, index: int, rec: Mapping[str, Any]) -> ApiError:
+    return ApiError(status, code, message, index=index, record_id=rec.get("record_id"))
 
 
 class GroupWriter:
@@ -150,12 +246,20 @@ class GroupWriter:
             # The whole group rolled back; alone, only a faulty batch fails again.
             for batch in live:
                 try:
-                    batch.future.set_result(self._commit([batch])[0])
+                    _resolve(batch, self._commit([batch])[0])
                 except Exception as one:
                     batch.future.set_exception(one)
             return
         for batch, result in zip(live, results, strict=True):
-            batch.future.set_result(result)
+            _resolve(batch, result)
+
+
+def _resolve(batch: PendingBatch, result: dict[str, int] | BaseException) -> None:
+    """A batch's outcome: its counts, or the refusal of the whole batch."""
+    if isinstance(result, BaseException):
+        batch.future.set_exception(result)
+    else:
+        batch.future.set_result(result)
 
 
 class AuditIngest:
@@ -181,14 +285,29 @@ class AuditIngest:
         ``{accepted, duplicates}`` once the batch is committed (group commit: one
         transaction may carry several callers' batches, each chained in arrival order)."""
         unique: dict[str, dict[str, Any]] = {}
-        for rec in records:
-            unique.setdefault(rec["record_id"], dict(rec))
-        for rec in unique.values():
+        for index, rec in enumerate(records):
             label = run_label(rec)
-            if label is not None and actor.labels and label not in actor.labels:
-                raise ApiError(403, "label_forbidden", "token is not allowed for this policy label")
-        rows = run_rows(actor.name, db.now(), unique.values())
-        pending = PendingBatch(rows, list(unique.values()), len(records))
+            # A record naming no label is taken only into a run of this same token (see
+            # _admit): it cannot reach a run another token started.
+            if label is not None and label not in actor.labels:
+                raise _refusal(
+                    403,
+                    "label_not_allowed",
+                    f"record {index} names a policy label this token does not hold",
+                    index,
+                    rec,
+                )
+            first = unique.setdefault(rec["record_id"], dict(rec))
+            if first != rec:
+                raise _refusal(
+                    409,
+                    "record_conflict",
+                    f"record {index} repeats an id of this batch with other content",
+                    index,
+                    rec,
+                )
+        rows = run_rows(actor, db.now(), unique.values())
+        pending = PendingBatch(rows, list(unique.values()), len(records), actor=actor)
         self._audit_writer().submit(pending)
         return pending.future
 
@@ -217,35 +336,89 @@ class AuditIngest:
                 # given the same record cannot both decide it is new.
                 self.chain.anchor(conn)
             ids = [row["record_id"] for batch in group for row in batch.rows]
-            seen = self._known_ids(conn, ids)
-            results = []
+            known = self._known_ids(conn, ids)
+            run_ids = {rec["run_id"] for batch in group for rec in batch.records}
+            bound = self.runs.bindings(conn, run_ids)
+            results: list[dict[str, int] | ApiError] = []
             fresh_rows: list[dict[str, Any]] = []
             fresh_records: list[tuple[dict[str, Any], str]] = []
             for batch in group:
-                accepted = 0
-                for row, rec in zip(batch.rows, batch.records, strict=True):
-                    if row["record_id"] in seen:
-                        continue
-                    seen.add(row["record_id"])
+                try:
+                    rows, records = self._admit(batch, known, bound)
+                except ApiError as refused:
+                    # This batch stores nothing; the others of the group go on.
+                    results.append(refused)
+                    continue
+                for row, rec in zip(rows, records, strict=True):
+                    known[row["record_id"]] = (row["sender"], row["body"])
+                    label = bound.get(rec["run_id"], (None, None))[1] or row["label"]
+                    bound[rec["run_id"]] = (row["sender"], label)
                     fresh_rows.append(row)
                     fresh_records.append((rec, row["received_at"]))
-                    accepted += 1
-                results.append({"accepted": accepted, "duplicates": batch.sent - accepted})
+                results.append({"accepted": len(rows), "duplicates": batch.sent - len(rows)})
             self.chain.append_rows(conn, appended, fresh_rows)
-            self.runs.fold(conn, fresh_records)
-        return results
+            self.runs.fold(
+                conn, fresh_records, senders={r["run_id"]: r["sender"] for r in fresh_rows}
+            )
+        return results  # type: ignore[return-value]
 
-    def _known_ids(self, conn: Connection, ids: Sequence[str]) -> set[str]:
-        """Which of ``ids`` the chain already holds."""
-        seen: set[str] = set()
+    @staticmethod
+    def _admit(
+        batch: PendingBatch,
+        known: dict[str, tuple[str | None, str]],
+        bound: dict[str, tuple[str | None, str | None]],
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """The batch's rows to store, or the refusal of the whole batch: a record id stored
+        from another sender or with other content (409), a run bound to another sender or
+        label (403). An identical resend by its sender is a duplicate, not stored again."""
+        rows, records = [], []
+        actor = batch.actor
+        for index, (row, rec) in enumerate(zip(batch.rows, batch.records, strict=True)):
+            if actor is not None:
+                run = bound.get(rec["run_id"])
+                if run is not None:
+                    sender, label = run
+                    if (sender is not None and sender != actor.token_id) or (
+                        label is not None and row["label"] is not None and label != row["label"]
+                    ):
+                        raise _refusal(
+                            403,
+                            "run_not_yours",
+                            f"record {index}: run belongs to another sender or label",
+                            index,
+                            rec,
+                        )
+            stored = known.get(row["record_id"])
+            if stored is not None:
+                sender, body = stored
+                same = actor is None or (
+                    sender == actor.token_id and json.loads(body)["record"] == rec
+                )
+                if not same:
+                    raise _refusal(
+                        409,
+                        "record_conflict",
+                        f"record {index}: its id is already stored from another sender or"
+                        " with other content",
+                        index,
+                        rec,
+                    )
+                continue
+            rows.append(row)
+            records.append(rec)
+        return rows, records
+
+    def _known_ids(self, conn: Connection, ids: Sequence[str]) -> dict[str, tuple[str | None, str]]:
+        """Which of ``ids`` the chain already holds: id -> (sender, body)."""
+        seen: dict[str, tuple[str | None, str]] = {}
         for i in range(0, len(ids), 500):
             chunk = ids[i : i + 500]
             if self.chain.sqlite:
                 # Plain SQL: compiling SQLAlchemy's expanding IN costs more than the lookups.
                 rows = conn.exec_driver_sql(_sqlite_known_ids(len(chunk)), tuple(chunk))
-                seen.update(r[0] for r in rows)
             else:
-                seen.update(conn.execute(_KNOWN_IDS, {"ids": chunk}).scalars())
+                rows = conn.execute(_KNOWN_IDS, {"ids": chunk})
+            seen.update((r[0], (r[1], r[2])) for r in rows)
         return seen
 
     def list(
@@ -259,7 +432,7 @@ class AuditIngest:
         after_seq: int = 0,
         limit: int = 100,
     ) -> list[dict[str, Any]]:
-        """Chain entries in order, filtered by run, label, event and record time."""
+        """Chain entries in order, filtered by run, label, event and receipt time."""
         stmt = select(db.audit).where(db.audit.c.seq > after_seq)
         if run_id is not None:
             stmt = stmt.where(db.audit.c.run_id == run_id)
@@ -267,10 +440,11 @@ class AuditIngest:
             stmt = stmt.where(db.audit.c.label == label)
         if event is not None:
             stmt = stmt.where(db.audit.c.event == event)
+        # The coordinator's receipt time, not the time a pipeline wrote into its record.
         if since is not None:
-            stmt = stmt.where(db.audit.c.time >= db.format_time(since))
+            stmt = stmt.where(db.audit.c.received_at >= db.format_time(since))
         if until is not None:
-            stmt = stmt.where(db.audit.c.time < db.format_time(until))
+            stmt = stmt.where(db.audit.c.received_at < db.format_time(until))
         stmt = stmt.order_by(db.audit.c.seq).limit(limit)
         with self.engine.connect() as conn:
             rows = conn.execute(stmt).mappings().all()

@@ -12,6 +12,7 @@ import difflib
 import hashlib
 import json
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
@@ -24,7 +25,23 @@ from .. import db
 from ..crypto import b64e
 from ..errors import ApiError, not_found
 from .base import Principal, check_label_access
-from .chain import AuditChain
+from .chain import AuditChain, activations
+
+# What a policy envelope's signature covers: this prefix, then the envelope's bytes.
+ENVELOPE_DOMAIN = b"cape.policy-envelope.v1\n"
+
+
+@dataclass(frozen=True)
+class ActivePolicy:
+    """A label's active version as served: canonical bytes, their sha256, the version, the
+    envelope's canonical JSON and the Ed25519 signature over ``ENVELOPE_DOMAIN`` + it."""
+
+    body: bytes
+    sha256: str
+    version: int
+    envelope: bytes
+    signature: str
+
 
 _INFO_FIELDS = (
     "label",
@@ -179,6 +196,8 @@ class PolicyService:
         """draft -> in_review; the version is immutable from here on."""
         with self.chain.write() as (conn, appended):
             row = self.in_state(conn, label, version, "draft")
+            if row["author"] != actor.name:
+                raise ApiError(403, "not_author", "only the author of a draft can submit it")
             conn.execute(
                 update(db.policies)
                 .where(db.policies.c.id == row["id"])
@@ -188,17 +207,32 @@ class PolicyService:
         return self.info(label, version)
 
     def approve(self, actor: Principal, label: str, version: int) -> dict[str, Any]:
-        """in_review -> active (approving activates; the previous active is superseded)."""
+        """in_review -> active (approving activates; the previous active is superseded).
+        A version older than one already activated is refused: going back is a rollback."""
         with self.chain.write() as (conn, appended):
             row = self.in_state(conn, label, version, "in_review")
             if row["author"] == actor.name:
                 raise ApiError(403, "self_approval", "the author of a policy cannot approve it")
+            acts = activations(conn, label).get(label, [])
+            newest = max((int(a.get("version", 0)) for a in acts), default=0)
+            if newest > version:
+                raise ApiError(
+                    409,
+                    "stale_version",
+                    f"version {version} is older than version {newest}, already activated;"
+                    " re-activating an older version is an explicit rollback",
+                )
             if self.review_gate is None or self.review_gate(conn, appended, actor, row):
-                self._activate(conn, appended, actor, row)
+                self._activate(conn, appended, actor, row, len(acts) + 1)
         return self.info(label, version)
 
     def _activate(
-        self, conn: Connection, appended: list[dict[str, Any]], actor: Principal, row: Any
+        self,
+        conn: Connection,
+        appended: list[dict[str, Any]],
+        actor: Principal,
+        row: Any,
+        activation_seq: int,
     ) -> None:
         """in_review -> active: sign the version and supersede the previous active one."""
         label, version = row["label"], row["version"]
@@ -228,7 +262,43 @@ class PolicyService:
             label,
             version=version,
             sha256=row["sha256"],
+            activation_seq=activation_seq,
         )
+
+    def rollback(self, actor: Principal, label: str, version: int, reason: str) -> dict[str, Any]:
+        """Re-activate a superseded version: an explicit reviewer action with a reason, audited
+        as ``policy.rolled_back`` with the next activation number of the label."""
+        reason = reason.strip()
+        if not reason:
+            raise ApiError(422, "reason_required", "a rollback needs a reason")
+        with self.chain.write() as (conn, appended):
+            row = self.in_state(conn, label, version, "superseded")
+            acts = activations(conn, label).get(label, [])
+            previous = acts[-1].get("version") if acts else None
+            stamp = db.now()
+            conn.execute(
+                update(db.policies)
+                .where(db.policies.c.label == label, db.policies.c.state == "active")
+                .values(state="superseded")
+            )
+            conn.execute(
+                update(db.policies)
+                .where(db.policies.c.id == row["id"])
+                .values(state="active", activated_at=stamp)
+            )
+            self.chain.record(
+                conn,
+                appended,
+                actor,
+                "policy.rolled_back",
+                label,
+                version=version,
+                sha256=row["sha256"],
+                activation_seq=len(acts) + 1,
+                from_version=previous,
+                reason=reason,
+            )
+        return self.info(label, version)
 
     def reject(self, actor: Principal, label: str, version: int, reason: str) -> dict[str, Any]:
         """in_review -> rejected, with the reviewer's reason."""
@@ -300,19 +370,36 @@ class PolicyService:
         )
         return "".join(lines)
 
-    def active(self, actor: Principal, label: str) -> tuple[bytes, str, str, int]:
-        """(canonical bytes, sha256, signature, version) of the label's active version."""
+    def active(self, actor: Principal, label: str) -> ActivePolicy:
+        """The label's active version as served: derived from the audit chain's last
+        activation record of the label (not from the table's state column), its bytes
+        checked against the hash that record holds, and a signed envelope for it."""
         check_label_access(actor, label)
         with self.engine.connect() as conn:
-            row = (
-                conn.execute(
-                    select(db.policies).where(
-                        db.policies.c.label == label, db.policies.c.state == "active"
-                    )
-                )
-                .mappings()
-                .first()
+            acts = activations(conn, label).get(label, [])
+            if not acts:
+                raise not_found(f"active policy for {label}")
+            last = acts[-1]
+            row = self.row(conn, label, int(last["version"]))
+        body = row["document"].encode("utf-8")
+        sha = hashlib.sha256(body).hexdigest()
+        if sha != last.get("sha256") or sha != row["sha256"]:
+            # Someone changed the stored document behind the chain's back: serve nothing.
+            raise ApiError(
+                503,
+                "policy_integrity",
+                f"the stored policy {label} does not match its audited activation;"
+                " run `cape audit verify`",
             )
-        if row is None:
-            raise not_found(f"active policy for {label}")
-        return row["document"].encode("utf-8"), row["sha256"], row["signature"], row["version"]
+        envelope = {
+            "label": label,
+            "version": int(last["version"]),
+            "activation_seq": len(acts),
+            "activated_at": db.normalize_time(str(last["time"])),
+            "sha256": sha,
+        }
+        envelope_bytes = json.dumps(
+            envelope, sort_keys=True, separators=(",", ":"), ensure_ascii=True
+        ).encode("ascii")
+        signature = b64e(self._signer.sign(ENVELOPE_DOMAIN + envelope_bytes))
+        return ActivePolicy(body, sha, int(last["version"]), envelope_bytes, signature)

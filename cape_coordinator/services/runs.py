@@ -6,7 +6,7 @@ updated in the same transaction that appends the records.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -17,10 +17,13 @@ from .. import db
 _UPDATE_RUN = update(db.runs).where(db.runs.c.run_id == bindparam("key"))
 
 
-def merge_run(run: dict[str, Any], rec: Mapping[str, Any]) -> None:
-    """Fold one run record into the run's summary row."""
+def merge_run(run: dict[str, Any], rec: Mapping[str, Any], received: str) -> None:
+    """Fold one run record, received at ``received``, into the run's summary row: its
+    start and end are the coordinator's receipt times, the pipeline's own are kept apart."""
     run["records"] = (run["records"] or 0) + 1
     t = db.normalize_time(rec["time"])
+    if run["client_started_at"] is None or t < run["client_started_at"]:
+        run["client_started_at"] = t
     for col in ("engine", "engine_version", "principal"):
         if run[col] is None and isinstance(rec.get(col), str):
             run[col] = rec[col][: 64 if col != "principal" else 128]
@@ -30,12 +33,13 @@ def merge_run(run: dict[str, Any], rec: Mapping[str, Any]) -> None:
             run["label"] = policy["label"]
         if isinstance(policy.get("version"), int):
             run["version"] = policy["version"]
-    if run["started_at"] is None or t < run["started_at"]:
-        run["started_at"] = t
+    if run["started_at"] is None or received < run["started_at"]:
+        run["started_at"] = received
     event = rec["event"]
     if event in ("run.completed", "run.failed") and run["status"] == "running":
         run["status"] = "succeeded" if event == "run.completed" else "failed"
-        run["ended_at"] = t
+        run["ended_at"] = received
+        run["client_ended_at"] = t
         for col in ("rows_in", "rows_out", "rows_redacted"):
             if isinstance(rec.get(col), int):
                 run[col] = rec[col]
@@ -51,8 +55,29 @@ class RunService:
         self.engine = engine
         self.lost_after_seconds = lost_after_seconds
 
-    def fold(self, conn: Connection, records: Sequence[tuple[dict[str, Any], str]]) -> None:
-        """Fold (record, received_at) pairs into the runs' summary rows."""
+    def bindings(
+        self, conn: Connection, run_ids: Iterable[str]
+    ) -> dict[str, tuple[str | None, str | None]]:
+        """run id -> (sending token, label) of the runs already known."""
+        ids = list(run_ids)
+        out: dict[str, tuple[str | None, str | None]] = {}
+        for i in range(0, len(ids), 500):
+            rows = conn.execute(
+                select(db.runs.c.run_id, db.runs.c.sender, db.runs.c.label).where(
+                    db.runs.c.run_id.in_(ids[i : i + 500])
+                )
+            )
+            out.update((r[0], (r[1], r[2])) for r in rows)
+        return out
+
+    def fold(
+        self,
+        conn: Connection,
+        records: Sequence[tuple[dict[str, Any], str]],
+        senders: Mapping[str, str | None] | None = None,
+    ) -> None:
+        """Fold (record, received_at) pairs into the runs' summary rows; a new run (or one
+        stored before senders were kept) is bound to ``senders[run_id]``."""
         by_run: dict[str, list[tuple[dict[str, Any], str]]] = {}
         for rec, stamp in records:
             by_run.setdefault(rec["run_id"], []).append((rec, stamp))
@@ -73,8 +98,10 @@ class RunService:
                 inserts.append(run)
             else:
                 updates.append(run)
-            for rec, _ in recs:
-                merge_run(run, rec)
+            for rec, stamp in recs:
+                merge_run(run, rec, stamp)
+            if run["sender"] is None and senders:
+                run["sender"] = senders.get(run_id)
             run["last_seen"] = max(stamp for _, stamp in recs)
         if inserts:
             conn.execute(insert(db.runs), inserts)

@@ -124,6 +124,13 @@ class TokenService:
             if row["revoked_at"] is not None:
                 raise ApiError(409, "already_revoked", "token is already revoked")
             stamp = db.now()
+            if row["role"] == "admin" and not self._other_admins(conn, token_id, stamp):
+                raise ApiError(
+                    409,
+                    "last_admin",
+                    "this is the last valid admin token; make another admin first"
+                    " (or recover offline with `cape coordinator admin-token --db`)",
+                )
             conn.execute(
                 update(db.tokens).where(db.tokens.c.id == token_id).values(revoked_at=stamp)
             )
@@ -134,6 +141,18 @@ class TokenService:
             self._revocations += 1
             self._cache.pop(token_id, None)
         return {**token_info(row), "revoked_at": stamp}
+
+    @staticmethod
+    def _other_admins(conn: Any, token_id: str, stamp: str) -> int:
+        """How many admin tokens other than ``token_id`` are neither revoked nor expired."""
+        rows = conn.execute(
+            select(db.tokens.c.expires_at).where(
+                db.tokens.c.role == "admin",
+                db.tokens.c.id != token_id,
+                db.tokens.c.revoked_at.is_(None),
+            )
+        ).all()
+        return sum(1 for (expires,) in rows if expires is None or expires > stamp)
 
     def list(self) -> list[dict[str, Any]]:
         """Every token's description (never a secret or its hash)."""

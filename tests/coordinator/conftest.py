@@ -62,6 +62,7 @@ def server(
         "1000000",
         "--lost-after",
         "5",
+        "--api-docs",
         db_url=_db_url(request),
     )
     srv.start()

@@ -182,6 +182,9 @@ def fill_first_wave(url: str, key_file: Path) -> dict[str, str]:
 
     own("token.created", token_id=admin_id, name="admin", token_role="admin", labels=[])
     own("token.created", token_id=pipe_id, name="job", token_role="pipeline", labels=[LABEL])
+    for version in (1, 2):
+        sha = hashlib.sha256(_policy(version)).hexdigest()
+        own("policy.approved", label=LABEL, version=version, sha256=sha)
     for i, event in enumerate(("run.started", "run.completed")):
         rec = {
             "record_id": f"run-rec-{i}",
@@ -311,13 +314,14 @@ def test_upgrade_keeps_data_and_behaviour(first_wave):
         # The chain written before the upgrade still verifies, and grows on.
         before = coord.verify_audit()
         assert before.intact, before.problems
-        assert before.count == 4
+        assert before.count == 6
         admin = coord.tokens.authenticate(tokens["admin"])
         pipe = coord.tokens.authenticate(tokens["pipeline"])
         assert (admin.role, pipe.labels) == ("admin", (LABEL,))
-        body, sha, _sig, version = coord.policies.active(pipe, LABEL)
-        assert (body, version) == (_policy(2), 2)
-        assert sha == hashlib.sha256(body).hexdigest()
+        served = coord.policies.active(pipe, LABEL)
+        assert (served.body, served.version) == (_policy(2), 2)
+        assert served.sha256 == hashlib.sha256(served.body).hexdigest()
+        assert json.loads(served.envelope)["activation_seq"] == 2
         assert [p["state"] for p in coord.policies.history(LABEL)] == [
             "superseded",
             "active",
@@ -331,7 +335,7 @@ def test_upgrade_keeps_data_and_behaviour(first_wave):
         ]
         reviewer = Principal("-", "bob", "reviewer")
         coord.policies.approve(reviewer, LABEL, 3)
-        assert coord.policies.active(pipe, LABEL)[3] == 3
+        assert coord.policies.active(pipe, LABEL).version == 3
         new = {
             "record_id": "after-upgrade",
             "run_id": "run-2",
@@ -346,7 +350,7 @@ def test_upgrade_keeps_data_and_behaviour(first_wave):
         with coord.engine.connect() as conn:
             old = conn.execute(
                 select(FIRST_WAVE.tables["audit"].c.hash).where(
-                    FIRST_WAVE.tables["audit"].c.seq == 4
+                    FIRST_WAVE.tables["audit"].c.seq == 6
                 )
             ).scalar_one()
         assert old == before.last_hash
