@@ -13,7 +13,7 @@ from typing import Any
 import pandas as pd
 import pytest
 from _browser import LiveServer, chromium, chromium_path, sign_in
-from conftest import Coord, make_coord
+from _console_support import Coord, make_coord
 from sqlalchemy import update
 
 from cape_coordinator import db
@@ -219,30 +219,36 @@ def test_two_reviewers_approve_under_the_two_person_rule(browser, live, story):
     page.context.close()
 
 
-def test_pipeline_applies_the_policy_by_label(live, story, tmp_path: Path):
+def test_pipeline_applies_the_policy_by_label(live, story):
+    """A pipeline token reads the label's active policy and keys over HTTP, applies them, and
+    sends the run's records back (the verifying client is tested in tests/coordinator)."""
+    import base64
+
+    import requests
+
     from cape_pipelines.api import apply_policy
-    from coordinator_client import Client
+    from cape_pipelines.audit import MemorySink
 
     c, srv = live
-    client = Client(
-        srv.url,
-        c.tokens["pipeline"],
-        public_key=c.coord.public_key_text,
-        spool_dir=tmp_path / "spool",
+    headers = {"Authorization": f"Bearer {c.tokens['pipeline']}"}
+    active = c.coord.policies.info("customers", 2, with_document=True)
+    assert active["state"] == "active"
+    served = requests.get(srv.url + "/v1/labels/customers/keys", headers=headers, timeout=30)
+    served.raise_for_status()
+    keys = {
+        name: base64.urlsafe_b64decode(k["versions"][str(k["current"])] + "==")
+        for name, k in served.json()["keys"].items()
+    }
+    df = pd.DataFrame(
+        {"id": [1, 2, 3], "email": ["a@x", None, "c@x"], "ssn": ["1", "2", "3"], "age": [1, 2, 3]}
     )
-    try:
-        df = pd.DataFrame(
-            {
-                "id": [1, 2, 3],
-                "email": ["a@x", None, "c@x"],
-                "ssn": ["1", "2", "3"],
-                "age": [1, 2, 3],
-            }
-        )
-        out = apply_policy("customers", df, client=client)
-    finally:
-        client.close()
-    assert "ssn" not in out.columns
+    sink = MemorySink()
+    out = apply_policy(active["document"], df, keys=keys, audit=sink)
+    assert "ssn" not in out.columns and out["email"][0] != "a@x"
+    resp = requests.post(
+        srv.url + "/v1/audit", json={"records": sink.records}, headers=headers, timeout=30
+    )
+    assert resp.status_code == 200, resp.text
     runs = c.coord.runs.list(label="customers")
     assert runs and runs[0]["status"] == "succeeded"
     story["run"] = runs[0]["run_id"]

@@ -7,7 +7,7 @@ import re
 from importlib import resources
 
 import pytest
-from conftest import POLICY, Coord
+from _console_support import POLICY, Coord
 from fastapi.testclient import TestClient
 
 BASE = "http://127.0.0.1"

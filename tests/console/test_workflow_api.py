@@ -9,7 +9,7 @@ import json
 from typing import Any
 
 import pytest
-from conftest import POLICY, Coord
+from _console_support import POLICY, Coord
 from sqlalchemy import func, select
 
 from cape_coordinator.services.workflow import (

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from _browser import LiveServer
-from conftest import POLICY, ROOT, Coord, make_coord
+from _console_support import POLICY, ROOT, Coord, make_coord
 
 
 @pytest.fixture(scope="module")
