@@ -26,7 +26,13 @@ from typing import Any
 from urllib.parse import urlencode
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.responses import (
+    HTMLResponse,
+    JSONResponse,
+    RedirectResponse,
+    Response,
+    StreamingResponse,
+)
 from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, PackageLoader
 from sqlalchemy import select
@@ -865,9 +871,9 @@ def install(app: FastAPI) -> None:
                     return
                 after = rows[-1]["seq"]
 
-        text = await call(lambda: "".join(lines()))
-        return Response(
-            text,
+        # Streamed page by page (the generator runs in the thread pool), never held whole.
+        return StreamingResponse(
+            lines(),
             media_type="application/x-ndjson",
             headers={"Content-Disposition": 'attachment; filename="cape-audit.jsonl"'},
         )

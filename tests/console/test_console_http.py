@@ -332,3 +332,17 @@ def test_expired_sessions_are_dropped_when_a_new_one_starts(cc):
     with cc.coord.engine.connect() as conn:
         left = conn.execute(select(func.count()).select_from(sessions_table)).scalar_one()
     assert left == 1
+
+
+def test_audit_export_is_every_matching_entry_as_json_lines(seeded):
+    import json
+
+    t = sign_in(seeded, "auditor")
+    resp = t.get("/ui/audit/export.jsonl")
+    assert resp.headers["content-type"].startswith("application/x-ndjson")
+    assert "attachment" in resp.headers["content-disposition"]
+    entries = [json.loads(line) for line in resp.text.splitlines()]
+    assert [e["seq"] for e in entries] == list(range(1, seeded.audit_count() + 1))
+    only = t.get("/ui/audit/export.jsonl?event=policy.pushed").text.splitlines()
+    assert len(only) == 1 and json.loads(only[0])["record"]["label"] == "customers"
+    assert t.get("/ui/audit/export.jsonl?since=yesterday").status_code == 422
