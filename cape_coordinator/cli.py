@@ -24,6 +24,8 @@ import yaml
 
 from cape_pipelines.errors import CapeError, PolicyError
 
+from . import cli_server
+
 URL_ENV = "CAPE_COORDINATOR_URL"
 TOKEN_ENV = "CAPE_TOKEN"  # noqa: S105 - the variable's name, not a token
 
@@ -78,28 +80,28 @@ def register(
     csub = coord.add_subparsers(dest="coordinator_command", required=True)
     p = csub.add_parser("init", parents=[dbp], help="create the database, keys and an admin token")
     _settings_flags(p)
-    p.set_defaults(func=cmd_init)
+    p.set_defaults(func=cli_server.cmd_init)
     p = csub.add_parser("serve", parents=[dbp], help="serve the HTTP API")
     _settings_flags(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8686)
     p.add_argument("--access-log", action="store_true", help="log every request (no bodies)")
-    p.set_defaults(func=cmd_serve)
+    p.set_defaults(func=cli_server.cmd_serve)
     p = csub.add_parser(
         "admin-token",
         parents=[dbp],
         help="offline recovery: make an admin token in the database directly (audited)",
     )
     p.add_argument("--name", default="recovered-admin", help="who the token is for")
-    p.set_defaults(func=cmd_admin_token)
+    p.set_defaults(func=cli_server.cmd_admin_token)
     p = csub.add_parser(
         "upgrade", parents=[dbp], help="migrate the database schema to this version's"
     )
-    p.set_defaults(func=cmd_upgrade)
+    p.set_defaults(func=cli_server.cmd_upgrade)
     p = csub.add_parser(
         "public-key", parents=[dbp], help="print the signing public key (to pin in clients)"
     )
-    p.set_defaults(func=cmd_public_key)
+    p.set_defaults(func=cli_server.cmd_public_key)
 
     token = subparsers.add_parser("token", help="API tokens (admin)")
     tsub = token.add_subparsers(dest="token_command", required=True)
@@ -144,11 +146,12 @@ def register(
         ("submit", "send a draft to review"),
         ("approve", "approve and activate (a reviewer, not the author)"),
         ("reject", "reject with --reason"),
+        ("rollback", "re-activate a superseded version, with --reason (a reviewer)"),
     ):
         p = psub.add_parser(verb, parents=[conn], help=helptext)
         p.add_argument("label")
         p.add_argument("version", type=int)
-        if verb == "reject":
+        if verb in ("reject", "rollback"):
             p.add_argument("--reason", required=True)
         p.set_defaults(func=cmd_policy_transition, verb=verb)
     p = psub.add_parser("diff", parents=[conn], help="diff two versions")
@@ -230,131 +233,6 @@ def _table(rows: list[dict[str, Any]], columns: list[str]) -> None:
     print("\t".join(columns))
     for row in rows:
         print("\t".join("" if row.get(c) is None else str(row.get(c)) for c in columns))
-
-
-def _paths_and_settings(args: argparse.Namespace) -> tuple[Any, Any]:
-    from .config import Paths, load_settings
-
-    paths = Paths.resolve(args.db, args.key_file, args.config)
-    settings = load_settings(paths.config_file)
-    return paths, _with_flags(settings, args)
-
-
-def _with_flags(settings: Any, args: argparse.Namespace) -> Any:
-    """``settings`` overridden by the command's flags, validated as a whole."""
-    from .config import Settings
-
-    data = settings.model_dump()
-    if getattr(args, "audit_jsonl", None):
-        data["audit_jsonl"] = str(Path(args.audit_jsonl).resolve())
-    if getattr(args, "audit_stdout", None):
-        data["audit_stdout"] = True
-    if getattr(args, "lost_after", None) is not None:
-        data["lost_after_seconds"] = args.lost_after
-    if getattr(args, "max_body_bytes", None) is not None:
-        data["max_body_bytes"] = args.max_body_bytes
-    if getattr(args, "api_docs", None):
-        data["api_docs"] = True
-    return Settings.from_dict(data)
-
-
-# ---- handlers ---------------------------------------------------------------------------
-
-
-def cmd_init(args: argparse.Namespace) -> int:
-    """Create the database, master key, signing key and settings; print an admin token."""
-    from .config import Paths, Settings
-    from .coordinator import Coordinator
-
-    paths = Paths.resolve(args.db, args.key_file, args.config)
-    settings = _with_flags(Settings(), args)
-    coord, token = Coordinator.initialize(paths, settings)
-    public = coord.public_key_text
-    coord.close()
-    print(f"database: {paths.sqlite_file or 'initialised at the given URL'}")
-    if os.environ.get("CAPE_COORDINATOR_MASTER_KEY"):
-        print("master key: from CAPE_COORDINATOR_MASTER_KEY (back it up with the database)")
-    else:
-        print(f"master key: {paths.key_file} (back it up, apart from the database)")
-    if paths.config_file is not None:
-        print(f"settings: {paths.config_file}")
-    print(f"signing public key (pin it in clients): {public}")
-    print("admin token (shown once):")
-    print(token)
-    return 0
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    """Serve the HTTP API with uvicorn until interrupted."""
-    import uvicorn
-
-    from .app import create_app
-    from .coordinator import Coordinator
-
-    paths, settings = _paths_and_settings(args)
-    coord = Coordinator.open(paths, settings, upgrade=True)
-    app = create_app(coord)
-    print(
-        f"cape coordinator on http://{args.host}:{args.port} (signing key {coord.public_key_text})",
-        file=sys.stderr,
-        flush=True,
-    )
-    try:
-        uvicorn.run(
-            app,
-            host=args.host,
-            port=args.port,
-            access_log=args.access_log,
-            log_level="info" if args.access_log else "warning",
-            server_header=False,
-        )
-    finally:
-        coord.close()
-    return 0
-
-
-def cmd_upgrade(args: argparse.Namespace) -> int:
-    """Migrate the database schema to the newest revision (``serve`` does this too)."""
-    from . import migrate
-    from .coordinator import Coordinator
-
-    paths, settings = _paths_and_settings(args)
-    coord = Coordinator.open(paths, settings, upgrade=True)
-    coord.close()
-    print(f"database schema at revision {migrate.head()}")
-    return 0
-
-
-def cmd_admin_token(args: argparse.Namespace) -> int:
-    """Make an admin token with the database and master key at hand (no server, no token):
-    the way back into a locked-out install. Recorded in the audit chain as
-    ``token.created`` by ``offline-recovery``; the token alone on the last line."""
-    from .coordinator import Coordinator
-    from .services.base import Principal
-
-    paths, settings = _paths_and_settings(args)
-    coord = Coordinator.open(paths, settings)
-    try:
-        system = Principal(token_id="-", name="offline-recovery", role="admin")  # noqa: S106
-        info, token = coord.tokens.create(system, name=args.name, role="admin")
-    finally:
-        coord.close()
-    print(f"admin token {info['id']} for {info['name']} (shown once):")
-    print(token)
-    return 0
-
-
-def cmd_public_key(args: argparse.Namespace) -> int:
-    """Print the signing public key alone on the last line (read from the database itself)."""
-    from .coordinator import Coordinator
-
-    paths, settings = _paths_and_settings(args)
-    coord = Coordinator.open(paths, settings)
-    try:
-        print(coord.public_key_text)
-    finally:
-        coord.close()
-    return 0
 
 
 def cmd_token_create(args: argparse.Namespace) -> int:
@@ -448,12 +326,15 @@ def cmd_policy_push(args: argparse.Namespace) -> int:
 
 
 def cmd_policy_transition(args: argparse.Namespace) -> int:
-    """submit, approve or reject a version."""
+    """submit, approve, reject or roll back to a version."""
     with _client(args) as client:
         if args.verb == "submit":
             info = client.submit_policy(args.label, args.version)
         elif args.verb == "approve":
             info = client.approve_policy(args.label, args.version)
+        elif args.verb == "rollback":
+            path = f"/v1/policies/{args.label}/versions/{int(args.version)}/rollback"
+            info = client.request("POST", path, json_body={"reason": args.reason}).json()
         else:
             info = client.reject_policy(args.label, args.version, args.reason)
     print(f"{info['label']} version {info['version']} is now {info['state']}")

@@ -26,7 +26,7 @@ from sqlalchemy import Connection, bindparam, select
 
 from .. import db
 from ..errors import ApiError
-from .base import Principal
+from .base import CONTROL_RE, Principal
 from .chain import AuditChain, run_label
 from .runs import RunService
 
@@ -72,7 +72,7 @@ MAX_RECORD_DEPTH = 16
 # Records per request the API takes at all (the max_batch_records setting may lower it).
 MAX_BATCH = 1000
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
-_BAD_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_BAD_CHARS = CONTROL_RE
 
 
 def _record_problem(value: Any, depth: int = 0) -> str | None:

@@ -24,7 +24,7 @@ from cape_pipelines.policy import canonical_json, load_policy
 from .. import db
 from ..crypto import b64e
 from ..errors import ApiError, not_found
-from .base import Principal, check_label_access
+from .base import Principal, check_label_access, refuse_control_chars
 from .chain import AuditChain, activations
 
 # What a policy envelope's signature covers: this prefix, then the envelope's bytes.
@@ -124,6 +124,7 @@ class PolicyService:
                     {"loc": "policy", "msg": "a policy must be a mapping (label, rules, ...)"}
                 ],
             )
+        refuse_control_chars(dict(document), "document")
         doc = json.loads(canonical_json(document))
         try:
             load_policy(doc)
@@ -271,6 +272,7 @@ class PolicyService:
         reason = reason.strip()
         if not reason:
             raise ApiError(422, "reason_required", "a rollback needs a reason")
+        refuse_control_chars(reason, "reason")
         with self.chain.write() as (conn, appended):
             row = self.in_state(conn, label, version, "superseded")
             acts = activations(conn, label).get(label, [])
@@ -305,6 +307,7 @@ class PolicyService:
         reason = reason.strip()
         if not reason:
             raise ApiError(422, "reason_required", "a rejection needs a reason")
+        refuse_control_chars(reason, "reason")
         with self.chain.write() as (conn, appended):
             row = self.in_state(conn, label, version, "in_review")
             conn.execute(

@@ -78,6 +78,14 @@ class Server:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def replica(self) -> Server:
+        """Another serving process on this same database (its own port, no init)."""
+        other = object.__new__(Server)
+        other.dir, other.db, other.flags = self.dir, self.db, list(self.flags)
+        other.admin_token, other.public_key = self.admin_token, self.public_key
+        other.port, other.proc = _free_port(), None
+        return other
+
     def start(self) -> None:
         """Start serving (on the same port as before, so clients keep their URL)."""
         for _ in range(3):

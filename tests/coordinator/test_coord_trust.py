@@ -439,3 +439,43 @@ def test_offline_admin_token_recovery_is_audited(tmp_path):
         coord.close()
     with sqlite3.connect(db_file) as con:
         assert con.execute("SELECT count(*) FROM tokens WHERE role = 'admin'").fetchone()[0] == 2
+
+
+def test_server_logs_never_print_exception_details(capsys):
+    import logging
+    import logging.config
+
+    from cape_coordinator.logs import uvicorn_log_config
+
+    logging.config.dictConfig(uvicorn_log_config())
+    try:
+        raise ValueError("4f1c-secret-from-a-request")
+    except ValueError:
+        logging.getLogger("uvicorn.error").exception("Exception in ASGI application")
+    err = capsys.readouterr().err
+    assert "Exception in ASGI application" in err and "ValueError" in err
+    assert "4f1c-secret" not in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("where", ["column", "key"])
+def test_nul_in_a_policy_is_refused_and_nothing_stored(api, where):
+    doc = policy_doc("orders", "ss\x00n")
+    if where == "key":
+        doc = {**policy_doc("orders"), "descr\x01ption": "x"}
+    count = api.coord.audit_count()
+    resp = api.call("alice", "POST", "/v1/policies", json={"document": doc})
+    assert resp.status_code == 422 and resp.json()["error"]["code"] == "invalid_text"
+    assert api.coord.audit_count() == count
+    assert api.coord.policies.labels() == []
+
+
+def test_nul_in_a_reason_is_refused_and_nothing_stored(api):
+    version = api.call(
+        "alice", "POST", "/v1/policies", json={"document": policy_doc("orders")}
+    ).json()["version"]
+    api.call("alice", "POST", f"/v1/policies/orders/versions/{version}/submit")
+    resp = api.call(
+        "bob", "POST", f"/v1/policies/orders/versions/{version}/reject", json={"reason": "no\x00"}
+    )
+    assert resp.status_code == 422
+    assert api.coord.policies.info("orders", version)["state"] == "in_review"
