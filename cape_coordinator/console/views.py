@@ -970,7 +970,11 @@ def _in_review(
     for item in coord.policies.labels():
         for v in coord.policies.history(item["label"]):
             mine = v["author"] == me.name
-            if v["state"] == "in_review" or (mine and v["state"] in ("draft", "returned")):
+            # A returned version stays on its author's list until a newer version follows it.
+            waiting = v["state"] == "draft" or (
+                v["state"] == "returned" and v["version"] == item["latest"]
+            )
+            if v["state"] == "in_review" or (mine and waiting):
                 state = workflow.review_state(v["label"], v["version"])
                 out.append(
                     {

@@ -346,3 +346,15 @@ def test_audit_export_is_every_matching_entry_as_json_lines(seeded):
     only = t.get("/ui/audit/export.jsonl?event=policy.pushed").text.splitlines()
     assert len(only) == 1 and json.loads(only[0])["record"]["label"] == "customers"
     assert t.get("/ui/audit/export.jsonl?since=yesterday").status_code == 422
+
+
+def test_a_returned_version_leaves_the_authors_list_once_revised(seeded):
+    author, reviewer = seeded.principals["author"], seeded.principals["reviewer"]
+    seeded.coord.policies.submit(author, "customers", 1)
+    seeded.coord.workflow.request_changes(reviewer, "customers", 1, "tokenize more")
+    t = sign_in(seeded, "author")
+    assert 'href="/ui/policies/customers/1"' in t.get("/ui/home").text
+    seeded.coord.policies.push(author, POLICY)
+    home = t.get("/ui/home").text
+    assert 'href="/ui/policies/customers/1"' not in home
+    assert 'href="/ui/policies/customers/2"' in home
