@@ -370,8 +370,8 @@ def install(app: FastAPI) -> None:
             response.set_cookie(SIGNIN_COOKIE, nonce, path="/ui", httponly=True, samesite="strict")
             return response
         session_id = await call(con.sessions.create, principal)
-        response = RedirectResponse("/ui/home", status_code=303)
-        response.set_cookie(
+        done = RedirectResponse("/ui/home", status_code=303)
+        done.set_cookie(
             COOKIE,
             session_id,
             path="/ui",
@@ -379,8 +379,8 @@ def install(app: FastAPI) -> None:
             samesite="strict",
             secure=request.url.scheme == "https",
         )
-        response.delete_cookie(SIGNIN_COOKIE, path="/ui")
-        return response
+        done.delete_cookie(SIGNIN_COOKIE, path="/ui")
+        return done
 
     @post("/ui/signout")
     async def signout(request: Request, session: Session) -> Response:
@@ -1131,7 +1131,7 @@ def _chart(rows: list[dict[str, Any]]) -> dict[str, Any]:
     n = 12
     step = span / n
     start = times[0]
-    buckets = [
+    buckets: list[dict[str, Any]] = [
         {"start": start + step * i, "rows": 0, "failures": 0, "runs": 0} for i in range(n + 1)
     ]
     for r in timed:

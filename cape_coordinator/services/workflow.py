@@ -334,7 +334,7 @@ class WorkflowService:
             )
         return self.get_request(actor, request_id)
 
-    def _request_row(self, conn: Connection, request_id: str) -> Mapping[str, Any]:
+    def _request_row(self, conn: Connection, request_id: str) -> Any:
         row = (
             conn.execute(select(requests_table).where(requests_table.c.id == request_id))
             .mappings()
@@ -344,7 +344,7 @@ class WorkflowService:
             raise not_found(f"request {request_id}")
         return row
 
-    def _request_state(self, conn: Connection, row: Mapping[str, Any]) -> str:
+    def _request_state(self, conn: Connection, row: Any) -> str:
         if row["declined_at"] is not None:
             return "declined"
         if row["label"] is None:
@@ -362,7 +362,7 @@ class WorkflowService:
             return "in_review"
         return "drafting"
 
-    def _request_info(self, conn: Connection, row: Mapping[str, Any]) -> dict[str, Any]:
+    def _request_info(self, conn: Connection, row: Any) -> dict[str, Any]:
         latest = None
         if row["label"] is not None:
             latest = conn.execute(
@@ -573,7 +573,7 @@ class WorkflowService:
             row = self.policies.row(conn, label, version)
             return self._review_state(conn, row)
 
-    def _review_state(self, conn: Connection, row: Mapping[str, Any]) -> dict[str, Any]:
+    def _review_state(self, conn: Connection, row: Any) -> dict[str, Any]:
         label, version = row["label"], row["version"]
         approved = list(
             conn.execute(
@@ -594,7 +594,7 @@ class WorkflowService:
 
     # ---- decisions ------------------------------------------------------------------------
 
-    def _check_reviewer(self, conn: Connection, actor: Principal, row: Mapping[str, Any]) -> None:
+    def _check_reviewer(self, conn: Connection, actor: Principal, row: Any) -> None:
         if row["author"] == actor.name:
             raise ApiError(403, "self_approval", "the author of a policy cannot review it")
         reviewers = self._reviewers(conn, row["label"], row["version"])
@@ -730,7 +730,9 @@ class WorkflowService:
                     "created_at": db.now(),
                 },
             )
-            comment_id = int(result.inserted_primary_key[0])
+            key = result.inserted_primary_key
+            assert key is not None  # an INSERT of one row always has one
+            comment_id = int(key[0])
             self.chain.record(
                 conn,
                 appended,
