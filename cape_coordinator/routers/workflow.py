@@ -172,7 +172,11 @@ class Review(ReviewState):
     document: dict[str, Any]
     yaml: str
     active_version: int | None
-    diff: str = Field(description="unified diff against the active version")
+    base_version: int | None = Field(
+        description="what the diff compares with: the active version, or for the active "
+        "version itself the one it replaced"
+    )
+    diff: str = Field(description="unified diff against base_version")
     side_by_side: list[DiffRow]
     request: RequestInfo | None = Field(description="who asked for it and why")
     plan: PlanOut | None = Field(description="the plan over the requested dataset's schema")

@@ -763,8 +763,9 @@ class WorkflowService:
 
     def review(self, label: str, version: int) -> dict[str, Any]:
         """Everything to decide on a version: its document, the diff against the active
-        version, the plan against the requested dataset's schema, who asked and why, the
-        reviewers, approvals and the comment thread."""
+        version (for the active version itself, against the one it replaced), the plan
+        against the requested dataset's schema, who asked and why, the reviewers,
+        approvals and the comment thread."""
         with self.engine.connect() as conn:
             row = self.policies.row(conn, label, version)
             state = self._review_state(conn, row)
@@ -777,9 +778,24 @@ class WorkflowService:
                 .mappings()
                 .first()
             )
+            base = active
+            if active is not None and active["version"] == version:
+                base = (
+                    conn.execute(
+                        select(db.policies)
+                        .where(
+                            db.policies.c.label == label,
+                            db.policies.c.version < version,
+                            db.policies.c.state == "superseded",
+                        )
+                        .order_by(db.policies.c.version.desc())
+                    )
+                    .mappings()
+                    .first()
+                )
         document = json.loads(row["document"])
         new_text = canonical_yaml(document)
-        old_text = canonical_yaml(json.loads(active["document"])) if active else ""
+        old_text = canonical_yaml(json.loads(base["document"])) if base else ""
         request = self.request_for_version(label, version)
         plan = plan_for_schema(document, request["schema"]) if request else None
         return {
@@ -788,11 +804,12 @@ class WorkflowService:
             "document": document,
             "yaml": new_text,
             "active_version": active["version"] if active else None,
+            "base_version": base["version"] if base else None,
             "diff": "".join(
                 difflib.unified_diff(
                     old_text.splitlines(keepends=True),
                     new_text.splitlines(keepends=True),
-                    fromfile=f"{label}@{active['version']}" if active else "(no active version)",
+                    fromfile=f"{label}@{base['version']}" if base else "(no earlier version)",
                     tofile=f"{label}@{version}",
                 )
             ),

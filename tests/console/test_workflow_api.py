@@ -275,6 +275,12 @@ def test_review_shows_diff_against_active_plan_over_the_schema_and_who_asked(cc)
     assert any("age" in line for line in added)
     plan = {c["column"]: c["status"] for c in review["plan"]["columns"]}
     assert plan["age"] == "dropped"
+    ok(cc.client("author").post(f"/v1/policies/customers/versions/{v2}/submit"))
+    ok(bob.post(f"/v1/policies/customers/versions/{v2}/approve"))
+    # The active version itself is compared with the version it replaced.
+    review = ok(bob.get(f"/v1/policies/customers/versions/{v2}/review"))
+    assert review["active_version"] == v2 and review["base_version"] == v1
+    assert any(r["kind"] == "added" for r in review["side_by_side"])
 
 
 def test_a_plan_that_cannot_apply_to_the_requested_schema_says_why(cc):
