@@ -358,3 +358,38 @@ def test_a_returned_version_leaves_the_authors_list_once_revised(seeded):
     home = t.get("/ui/home").text
     assert 'href="/ui/policies/customers/1"' not in home
     assert 'href="/ui/policies/customers/2"' in home
+
+
+def test_a_request_takes_its_schema_from_an_uploaded_sample(cc):
+    t = sign_in(cc, "requester")
+    token = csrf_of(t.get("/ui/requests/new").text)
+    form = {
+        "csrf": token,
+        "dataset": "customers",
+        "schema": "",
+        "purpose": "churn",
+        "needs": "age: feature",
+    }
+    sample = ("customers.csv", b"id,email,age\n1,a@x,40\n", "text/csv")
+    resp = t.post("/ui/requests", data=form, files={"sample": sample})
+    assert resp.status_code == 200, resp.text[:300]
+    rita = cc.principals["requester"]
+    (req,) = cc.coord.workflow.list_requests(rita)
+    assert req["schema"] == {"id": "int64", "email": "string", "age": "int64"}
+    bad = ("evil.sh", b"#!/bin/sh\n", "text/plain")
+    resp = t.post("/ui/requests", data=form, files={"sample": bad})
+    assert resp.status_code == 422 and "invalid_sample" in resp.text
+    assert len(cc.coord.workflow.list_requests(rita)) == 1
+
+
+def test_a_tampered_chain_shows_as_not_verified(seeded):
+    from sqlalchemy import update
+
+    from cape_coordinator import db
+
+    t = sign_in(seeded, "auditor")
+    assert "Chain verified" in t.get("/ui/audit").text
+    with seeded.coord.engine.begin() as conn:
+        conn.execute(update(db.audit).where(db.audit.c.seq == 2).values(body='{"edited": true}'))
+    page = t.get("/ui/audit").text
+    assert "does not verify" in page and "seq 2" in page
