@@ -283,6 +283,9 @@ def install(app: FastAPI) -> None:
                 return await handler(request, session, **kwargs)
             except _Refused as exc:
                 return con.refused(request, session, exc)
+            except ApiError as exc:
+                # Any refusal a page did not expect is still shown in words, as a page.
+                return con.refused(request, session, _Refused(exc.status, "Refused", _words(exc)))
 
         # FastAPI reads the path parameters from the signature: the handler's, less session.
         sig = inspect.signature(handler)

@@ -393,3 +393,11 @@ def test_a_tampered_chain_shows_as_not_verified(seeded):
         conn.execute(update(db.audit).where(db.audit.c.seq == 2).values(body='{"edited": true}'))
     page = t.get("/ui/audit").text
     assert "does not verify" in page and "seq 2" in page
+
+
+def test_refusals_are_pages_in_words_not_json(seeded):
+    t = sign_in(seeded, "reviewer")
+    for path in ("/ui/policies/nope", "/ui/policies/customers/9", "/ui/requests/req-000000000000"):
+        resp = t.get(path)
+        assert resp.status_code == 404 and resp.headers["content-type"].startswith("text/html")
+        assert "not_found" in resp.text
