@@ -13,6 +13,7 @@ numbers depend on what else runs.
     python bench/coordinator.py --clients 20 --seconds 30 --batch 100
     python bench/coordinator.py --sqlite-synchronous NORMAL   # the weaker setting
     python bench/coordinator.py --postgres --replicas 1,2      # 1 vs 2 replicas
+    python bench/coordinator.py --flood --seconds 10           # /healthz under junk bodies
 """
 
 from __future__ import annotations
@@ -223,6 +224,59 @@ def _run(args: argparse.Namespace, db: str, extra: list[str], replicas: int) -> 
     }
 
 
+def _healthz_p50(url: str, seconds: float) -> float:
+    session = requests.Session()
+    times = []
+    stop = time.monotonic() + seconds
+    while time.monotonic() < stop:
+        t0 = time.perf_counter()
+        session.get(url + "/healthz", timeout=60)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1000
+
+
+def _flood(url: str, stop: float) -> None:
+    """Unauthenticated 4 MiB bodies, one after the other, until ``stop``."""
+    body = b'{"records": [' + b" " * (4 * 1024 * 1024 - 16) + b"]}"
+    session = requests.Session()
+    while time.monotonic() < stop:
+        try:
+            session.post(url + "/v1/audit", data=body, timeout=60)
+        except requests.RequestException:
+            session = requests.Session()
+
+
+def flood(args: argparse.Namespace) -> int:
+    """/healthz p50 alone, then while 4 threads post unauthenticated 4 MiB bodies."""
+    with tempfile.TemporaryDirectory() as tmp:
+        db = str(Path(tmp) / "flood.db")
+        subprocess.run(
+            [sys.executable, "-m", "cape_coordinator", "coordinator", "init", "--db", db],
+            capture_output=True,
+            env=_env(),
+            check=True,
+        )
+        port = _free_port()
+        proc = _start(db, port, ["--max-body-bytes", str(8 * 1024 * 1024)])
+        url = f"http://127.0.0.1:{port}"
+        try:
+            quiet = _healthz_p50(url, args.seconds)
+            stop = time.monotonic() + args.seconds + 2
+            threads = [threading.Thread(target=_flood, args=(url, stop)) for _ in range(4)]
+            for t in threads:
+                t.start()
+            time.sleep(1)
+            loud = _healthz_p50(url, args.seconds)
+            for t in threads:
+                t.join()
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    print(f"/healthz p50 alone {quiet:.1f} ms; under an unauthenticated 4 MiB flood {loud:.1f} ms")
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=20)
@@ -244,7 +298,14 @@ def main() -> int:
         default="1",
         help="with --postgres: replica counts to measure one after the other, e.g. 1,2",
     )
+    parser.add_argument(
+        "--flood",
+        action="store_true",
+        help="instead: /healthz latency while unauthenticated 4 MiB bodies arrive",
+    )
     args = parser.parse_args()
+    if args.flood:
+        return flood(args)
     counts = [int(x) for x in args.replicas.split(",")]
     results = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -146,6 +146,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        body: dict[str, Any]
         if any(e.get("type") == "json_invalid" for e in exc.errors()):
             body = {
                 "error": {"code": "malformed_json", "message": "request body is not valid JSON"}

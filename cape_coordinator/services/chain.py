@@ -26,7 +26,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import Connection, Engine, func, insert, select, update
 
@@ -118,16 +118,15 @@ def anchor_message(count: int, last_hash: str) -> bytes:
 def run_label(rec: Mapping[str, Any]) -> str | None:
     """The policy label a run record names, if any."""
     policy = rec.get("policy")
-    if isinstance(policy, Mapping) and isinstance(policy.get("label"), str):
-        return policy["label"]
-    return None
+    label = policy.get("label") if isinstance(policy, Mapping) else None
+    return label if isinstance(label, str) else None
 
 
 def record_label(entry: Mapping[str, Any]) -> str | None:
     """The label column of a chain entry (coordinator records carry it plainly)."""
     rec = entry["record"]
     if entry["kind"] == "coordinator":
-        return rec.get("label")
+        return cast("str | None", rec.get("label"))
     return run_label(rec)
 
 
@@ -356,7 +355,7 @@ def verify_chain(
         select(db.settings.c.value).where(db.settings.c.name == "audit_anchor")
     ).scalar()
     try:
-        anchor = json.loads(raw)
+        anchor = json.loads(str(raw))
         a_count, a_hash = int(anchor["count"]), str(anchor["hash"])
         good = verify_signature(
             public_key, b64d(anchor["signature"]), anchor_message(a_count, a_hash)
@@ -424,7 +423,7 @@ def policy_state_problems(conn: Connection) -> list[str]:
     return problems
 
 
-def _column_problems(r: Mapping[str, Any]) -> list[str]:
+def _column_problems(r: Mapping[Any, Any]) -> list[str]:
     """The indexed columns must say what the hashed body says."""
     try:
         entry = json.loads(r["body"])

@@ -1,5 +1,12 @@
-"""Audit ingest: run records posted by pipelines, committed by one group-commit writer,
-and reading the chain back (filtered listing).
+"""Audit ingest: run records posted by pipelines, checked, committed by one group-commit
+writer, and reading the chain back (filtered listing).
+
+A record is stored only if it can be (bounded depth, no NUL or control characters,
+the API's fields: else 422 ``record_invalid``), names only labels its token holds
+(403 ``label_not_allowed``), belongs to a run bound to the same token and label by
+the run's first record (403 ``run_not_yours``), and does not reuse a stored id
+with other content or from another token (409 ``record_conflict``). A refused
+batch stores nothing; every refusal names the record's position and id.
 
 Callers hand a batch to :meth:`AuditIngest.submit` and wait on its future; one
 writer thread commits every batch waiting at that moment in one transaction
@@ -26,6 +33,7 @@ from sqlalchemy import Connection, bindparam, select
 
 from .. import db
 from ..errors import ApiError
+from ..schemas import RunRecord
 from .base import CONTROL_RE, Principal
 from .chain import AuditChain, run_label
 from .runs import RunService
@@ -102,8 +110,6 @@ def _readable_id(raw: Any) -> str | None:
 def check_records(raw: Any, max_records: int) -> list[dict[str, Any]]:
     """The records of a ``POST /v1/audit`` body, each checked; the first record that cannot
     be stored is a 422 ``record_invalid`` naming its index (and id, if readable)."""
-    from ..schemas import RunRecord
-
     if (
         not isinstance(raw, Mapping)
         or set(raw) != {"records"}
@@ -168,6 +174,8 @@ class PendingBatch:
     sent: int
     future: Future[dict[str, int]] = field(default_factory=Future)
     actor: Principal | None = None
+    # Each record's position in the batch as sent (refusals name it).
+    positions: list[int] | None = None
 
 
 def _refusal(status: int, code: str, message: str, index: int, rec: Mapping[str, Any]) -> ApiError:
@@ -274,8 +282,8 @@ class AuditIngest:
         self._closed = False
 
     def post(self, actor: Principal, records: Sequence[Mapping[str, Any]]) -> dict[str, int]:
-        """Append a batch of run records; a record id already stored is skipped (idempotent).
-        Returns once the transaction holding the batch has committed."""
+        """Append a batch of run records, all or none; an identical resend by the same token
+        is counted as duplicates. Returns once the transaction holding it has committed."""
         return self.submit(actor, records).result()
 
     def submit(
@@ -283,8 +291,12 @@ class AuditIngest:
     ) -> Future[dict[str, int]]:
         """Queue a batch of run records for the audit writer; the future holds
         ``{accepted, duplicates}`` once the batch is committed (group commit: one
-        transaction may carry several callers' batches, each chained in arrival order)."""
+        transaction may carry several callers' batches, each chained in arrival order),
+        or the batch's refusal (:class:`ApiError` naming the record): a label the token
+        does not hold (here, at once), another sender's run or a conflicting id (checked
+        by the writer against the database)."""
         unique: dict[str, dict[str, Any]] = {}
+        positions: dict[str, int] = {}
         for index, rec in enumerate(records):
             label = run_label(rec)
             # A record naming no label is taken only into a run of this same token (see
@@ -297,6 +309,7 @@ class AuditIngest:
                     index,
                     rec,
                 )
+            positions.setdefault(rec["record_id"], index)
             first = unique.setdefault(rec["record_id"], dict(rec))
             if first != rec:
                 raise _refusal(
@@ -307,7 +320,13 @@ class AuditIngest:
                     rec,
                 )
         rows = run_rows(actor, db.now(), unique.values())
-        pending = PendingBatch(rows, list(unique.values()), len(records), actor=actor)
+        pending = PendingBatch(
+            rows,
+            list(unique.values()),
+            len(records),
+            actor=actor,
+            positions=[positions[rid] for rid in unique],
+        )
         self._audit_writer().submit(pending)
         return pending.future
 
@@ -373,9 +392,16 @@ class AuditIngest:
         label (403). An identical resend by its sender is a duplicate, not stored again."""
         rows, records = [], []
         actor = batch.actor
-        for index, (row, rec) in enumerate(zip(batch.rows, batch.records, strict=True)):
+        # Runs this batch starts are bound by its first record for them, like stored ones.
+        local: dict[str, tuple[str | None, str | None]] = {}
+        for i, (row, rec) in enumerate(zip(batch.rows, batch.records, strict=True)):
+            index = batch.positions[i] if batch.positions else i
             if actor is not None:
-                run = bound.get(rec["run_id"])
+                run = bound.get(rec["run_id"]) or local.get(rec["run_id"])
+                if run is None:
+                    local[rec["run_id"]] = (actor.token_id, row["label"])
+                elif run[1] is None and row["label"] is not None:
+                    local[rec["run_id"]] = (run[0], row["label"])
                 if run is not None:
                     sender, label = run
                     if (sender is not None and sender != actor.token_id) or (

@@ -88,12 +88,14 @@ def inline_key_locations(document: Any) -> list[str]:
 
 def canonical_yaml(document: Any) -> str:
     """The document as sorted, block-style YAML: what diffs are computed over."""
-    return yaml.safe_dump(
-        document, sort_keys=True, default_flow_style=False, allow_unicode=True, width=100
+    return str(
+        yaml.safe_dump(
+            document, sort_keys=True, default_flow_style=False, allow_unicode=True, width=100
+        )
     )
 
 
-def policy_info(row: Mapping[str, Any], with_document: bool) -> dict[str, Any]:
+def policy_info(row: Mapping[Any, Any], with_document: bool) -> dict[str, Any]:
     """A version's metadata (and its document, on request)."""
     info = {k: row[k] for k in _INFO_FIELDS}
     if with_document:
@@ -170,7 +172,7 @@ class PolicyService:
             )
         return self.info(label, version)
 
-    def row(self, conn: Connection, label: str, version: int) -> Mapping[str, Any]:
+    def row(self, conn: Connection, label: str, version: int) -> Mapping[Any, Any]:
         """A version's row, or 404."""
         row = (
             conn.execute(

@@ -31,7 +31,7 @@ TOKEN_CACHE_SECONDS = 1.0
 _TOKEN_CACHE_MAX = 4096
 
 
-def token_info(row: Mapping[str, Any]) -> dict[str, Any]:
+def token_info(row: Mapping[Any, Any]) -> dict[str, Any]:
     """A token's public description (never its secret or hash)."""
     return {
         "id": row["id"],

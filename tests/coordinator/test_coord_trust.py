@@ -479,3 +479,21 @@ def test_nul_in_a_reason_is_refused_and_nothing_stored(api):
     )
     assert resp.status_code == 422
     assert api.coord.policies.info("orders", version)["state"] == "in_review"
+
+
+def test_refusals_name_the_position_as_sent_and_runs_bind_within_a_batch(api):
+    # Within one batch, a new run is bound to its first record's label too; the refusal
+    # names the record's position as sent (the repeat of `a` before it counts).
+    new = "new-run"
+    a = record(new, label="orders")
+    b = record(new, "run.completed", label=None)
+    stranger = api.coord.tokens.create(
+        ADMIN, name="multi", role="pipeline", labels=["orders", "customers"]
+    )[1]
+    api.tokens["multi"] = stranger
+    c = record(new, "run.failed", label="customers")
+    resp = api.call("multi", "POST", "/v1/audit", json={"records": [a, b, a, c]})
+    assert resp.status_code == 403
+    err = resp.json()["error"]
+    assert (err["code"], err["index"], err["record_id"]) == ("run_not_yours", 3, c["record_id"])
+    assert api.stored(new) == []
