@@ -60,8 +60,8 @@ def _cmac_one(key: bytes, message: bytes, k1: bytes, k2: bytes) -> bytes:
     last = _xor(last, k1) if complete else _xor(last + b"\x80" + bytes(BLOCK - 1 - len(last)), k2)
     x = bytes(BLOCK)
     for i in range(n - 1):
-        x = _aes(key, np.frombuffer(_xor(x, message[i * BLOCK : (i + 1) * BLOCK]), np.uint8)[None])
-        x = x.tobytes()
+        block = np.frombuffer(_xor(x, message[i * BLOCK : (i + 1) * BLOCK]), np.uint8)
+        x = _aes(key, block[None]).tobytes()
     return _aes(key, np.frombuffer(_xor(x, last), np.uint8)[None]).tobytes()
 
 

@@ -89,25 +89,35 @@ class Distinct:
     """An array split into its distinct ``values`` and, per row, an index into them.
 
     ``indices`` is null where the row is null. ``values`` may still hold a null
-    (a dictionary array's dictionary may), which the caller keeps null. When
-    ``indices`` is None the split was not worth making: ``values`` is the array
-    itself, row for row (see :func:`distinct`'s ``max_fraction``).
+    (a dictionary array's dictionary may), which the caller keeps null.
     """
 
     values: pa.Array
-    indices: pa.Array | None
+    indices: pa.Array
 
     def first_row(self, position: int) -> int:
         """The first row whose value is ``values[position]`` (for error messages)."""
-        if self.indices is None:
-            return position
         return int(pc.index(self.indices, pa.scalar(position, self.indices.type)).as_py())
 
     def gather(self, per_value: pa.Array) -> pa.Array:
         """``per_value`` (one result per entry of ``values``) put back in row order."""
-        if self.indices is None:
-            return per_value
         return pc.take(per_value, self.indices)
+
+
+@dataclass(frozen=True)
+class Rows:
+    """An array left row for row (not worth splitting): the same interface as :class:`Distinct`."""
+
+    values: pa.Array
+    indices: None = None
+
+    def first_row(self, position: int) -> int:
+        """The row of ``values[position]``: itself."""
+        return position
+
+    def gather(self, per_value: pa.Array) -> pa.Array:
+        """``per_value`` is already in row order."""
+        return per_value
 
 
 # Rows sampled to estimate how many distinct values a batch has; a few thousand
@@ -145,24 +155,30 @@ def estimated_distinct_fraction(array: pa.Array) -> float:
     return min(1.0, s * (s - 1.0) / 2.0 / equal_pairs / valid_rows)
 
 
-def distinct(array: pa.Array | pa.ChunkedArray, max_fraction: float | None = None) -> Distinct:
-    """Split ``array`` into its distinct values and per-row indices (one hash pass).
+def distinct_or_rows(array: pa.Array | pa.ChunkedArray, max_fraction: float) -> Distinct | Rows:
+    """:func:`distinct`, unless the estimated share of distinct values is above ``max_fraction``.
 
-    With ``max_fraction``, an array whose estimated share of distinct values
-    (:func:`estimated_distinct_fraction`) is above it is not split (``indices``
-    is None): when nearly every value is distinct, building the split costs
-    more than the per-value work it saves.
+    When nearly every value is distinct, splitting the array (a hash pass and a
+    gather) costs more than the per-value work it saves; the array is then
+    returned as :class:`Rows`. See :func:`estimated_distinct_fraction`.
     """
     if isinstance(array, pa.ChunkedArray):
         array = array.combine_chunks() if array.num_chunks != 1 else array.chunk(0)
     t = array.type
     if (
-        max_fraction is not None
-        and not pa.types.is_dictionary(t)
+        not pa.types.is_dictionary(t)
         and not pa.types.is_float16(t)
         and estimated_distinct_fraction(array) > max_fraction
     ):
-        return Distinct(array, None)
+        return Rows(array)
+    return distinct(array)
+
+
+def distinct(array: pa.Array | pa.ChunkedArray) -> Distinct:
+    """Split ``array`` into its distinct values and per-row indices (one hash pass)."""
+    if isinstance(array, pa.ChunkedArray):
+        array = array.combine_chunks() if array.num_chunks != 1 else array.chunk(0)
+    t = array.type
     if pa.types.is_dictionary(t):
         if len(array.dictionary) <= len(array):
             return Distinct(array.dictionary, array.indices)

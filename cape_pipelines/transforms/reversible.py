@@ -47,10 +47,11 @@ from ..keys import KeyRef, KeyResolver
 from ._siv import BulkSiv
 from ._text import (
     Distinct,
+    Rows,
     ValueCache,
     bytes_of,
     canonical_text,
-    distinct,
+    distinct_or_rows,
     has_canonical_text,
     is_binary,
     is_text,
@@ -218,20 +219,20 @@ class ReversibleTokenizer(_SivTransformation):
         """Tokens for ``array``, one encryption per distinct value."""
         cipher = self.cipher(ctx)
         bulk = self._bulk_ok(array)
-        parts = distinct(array, max_fraction=_DEDUP_BELOW_BULK if bulk else _DEDUP_BELOW)
+        parts = distinct_or_rows(array, _DEDUP_BELOW_BULK if bulk else _DEDUP_BELOW)
         text = canonical_text(parts.values)
         if is_binary(text.type):
             raise TransformError(f"{self.type_name} cannot take binary values")
         if bulk and len(text) >= _BULK_MIN:
             sealed, offsets = self.bulk(ctx).seal(*_buffers(text))
-            return parts.gather(_string_array(binascii.hexlify(sealed), offsets * 2, text))
+            return parts.gather(_string_array(binascii.hexlify(sealed.data), offsets * 2, text))
         data = self._encode(text, parts)
         cache = ctx.state.setdefault("tokens", ValueCache())
         sealed = cache.compute(data, lambda values: siv_encrypt(cipher, values))
         tokens = strings_from_parts(sealed, text, as_hex=True)
         return parts.gather(tokens)
 
-    def _encode(self, text: pa.Array, parts: Distinct) -> list[bytes]:
+    def _encode(self, text: pa.Array, parts: Distinct | Rows) -> list[bytes]:
         if _is_utf8(self.encoding):
             return [b"" if v is None else v for v in bytes_of(text)]
         out = []
@@ -270,7 +271,7 @@ class TokenReverser(_SivTransformation):
         """The original strings, one decryption per distinct token."""
         cipher = self.cipher(ctx)
         bulk = self._bulk_ok(array)
-        parts = distinct(array, max_fraction=_DEDUP_BELOW_BULK if bulk else _DEDUP_BELOW)
+        parts = distinct_or_rows(array, _DEDUP_BELOW_BULK if bulk else _DEDUP_BELOW)
         tokens = canonical_text(parts.values)
         if not is_text(tokens.type):
             raise TransformError(f"{self.type_name} takes strings, not {tokens.type}")
@@ -309,7 +310,7 @@ class TokenReverser(_SivTransformation):
             return None
         first, last = int(starts[0]), int(starts[-1] + lengths[-1])
         try:
-            raw = binascii.unhexlify(data[first:last])
+            raw = binascii.unhexlify(data[first:last].data)
         except (binascii.Error, ValueError):
             return None
         rows = np.flatnonzero(valid)
@@ -330,7 +331,11 @@ class TokenReverser(_SivTransformation):
         return values
 
     def _reverse_each(
-        self, cipher: AESSIV, hex_tokens: list[bytes | None], failed: list[bool], parts: Distinct
+        self,
+        cipher: AESSIV,
+        hex_tokens: list[bytes | None],
+        failed: list[bool],
+        parts: Distinct | Rows,
     ) -> list[bytes]:
         """Token by token, to name the first bad one (or null each bad one)."""
         plain = []
@@ -342,7 +347,7 @@ class TokenReverser(_SivTransformation):
             plain.append(value)
         return plain
 
-    def _recode(self, plain: list[bytes], failed: list[bool], parts: Distinct) -> None:
+    def _recode(self, plain: list[bytes], failed: list[bool], parts: Distinct | Rows) -> None:
         """Plaintexts in ``encoding`` to UTF-8, in place."""
         for position, value in enumerate(plain):
             if failed[position]:
@@ -354,13 +359,13 @@ class TokenReverser(_SivTransformation):
                 failed[position] = True
                 plain[position] = b""
 
-    def _fail(self, parts: Distinct, position: int, problem: str) -> None:
+    def _fail(self, parts: Distinct | Rows, position: int, problem: str) -> None:
         if self.on_error == "error":
             row = parts.first_row(position)
             raise TransformError(f"the token at row {row} {problem}")
 
     def _check_utf8(
-        self, values: pa.Array, plain: list[bytes], failed: list[bool], parts: Distinct
+        self, values: pa.Array, plain: list[bytes], failed: list[bool], parts: Distinct | Rows
     ) -> pa.Array:
         """``values``, with plaintexts that are not UTF-8 (made with another encoding) nulled."""
         try:

@@ -38,7 +38,7 @@ from ._text import (
     ValueCache,
     bytes_of,
     canonical_text,
-    distinct,
+    distinct_or_rows,
     gather_fixed_width,
     has_canonical_text,
 )
@@ -161,7 +161,7 @@ class Tokenizer(KeyedTransformation):
         if digester is None:
             digester = ctx.state[memo] = _DIGESTERS[self.algorithm](key)
         cache = ctx.state.setdefault("tokens", ValueCache())
-        parts = distinct(array, max_fraction=_DEDUP_BELOW)
+        parts = distinct_or_rows(array, _DEDUP_BELOW)
         text = canonical_text(parts.values)
         data = [b"" if v is None else v for v in bytes_of(text)]
         blob = _hex(cache.compute(data, digester), self.token_len)

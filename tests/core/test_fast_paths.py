@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESSIV
 
 from cape_pipelines.errors import TransformError
 from cape_pipelines.transforms._siv import BulkSiv
-from cape_pipelines.transforms._text import distinct, estimated_distinct_fraction
+from cape_pipelines.transforms._text import distinct_or_rows, estimated_distinct_fraction
 from cape_pipelines.transforms.base import ColumnContext
 from cape_pipelines.transforms.reversible import ReversibleTokenizer, TokenReverser
 from cape_pipelines.transforms.tokenize import Tokenizer, hmac_sha256_digester
@@ -97,7 +97,7 @@ def test_tokens_are_the_same_split_or_row_by_row(distinct_values: int, nulls: bo
 
 def test_a_sliced_high_cardinality_batch_keeps_its_rows_and_nulls() -> None:
     array = _strings(30_000, 1_000_000, seed=3, nulls=True).slice(777, 20_000)
-    assert distinct(array, max_fraction=0.5).indices is None
+    assert distinct_or_rows(array, 0.5).indices is None
     out = Tokenizer(key={"secret": "k"}).apply(array, ColumnContext("x", key=KEY))
     out.validate(full=True)
     assert out.null_count == array.null_count
@@ -116,10 +116,10 @@ def test_distinct_fraction_estimate(distinct_values: int, low: float, high: floa
 def test_split_is_decided_by_the_estimate() -> None:
     few = _strings(100_000, 100, seed=5)
     many = _strings(100_000, 10_000_000, seed=5)
-    assert distinct(few, max_fraction=0.5).indices is not None
-    assert distinct(many, max_fraction=0.5).indices is None
-    # Without a limit every batch is split, as before.
-    assert distinct(many).indices is not None
+    assert distinct_or_rows(few, 0.5).indices is not None
+    assert distinct_or_rows(many, 0.5).indices is None
+    # A dictionary array is already split, whatever its cardinality.
+    assert distinct_or_rows(many.dictionary_encode(), 0.5).indices is not None
 
 
 # -- AES-SIV over whole batches -------------------------------------------------------------
