@@ -65,14 +65,67 @@ def _read_source(source: PolicySource) -> tuple[Any, str | None]:
     return _parse_text(str(source), None), None
 
 
+def _mark(node: yaml.Node) -> str:
+    return f"line {node.start_mark.line + 1}, column {node.start_mark.column + 1}"
+
+
+def _duplicate_keys(loader: yaml.SafeLoader, root: yaml.Node) -> list[tuple[str, str]]:
+    """Every mapping key given twice anywhere in the document, with both places.
+
+    YAML (and ``json.loads``) keep the last of two equal keys, so a second
+    ``rules:`` block would silently replace the first one a reviewer read. The
+    walk is iterative so that a deeply nested document cannot exhaust the stack.
+    """
+    problems: list[tuple[str, str]] = []
+    stack: list[tuple[yaml.Node, tuple[Any, ...]]] = [(root, ())]
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend((child, (*path, i)) for i, child in enumerate(node.value))
+        elif isinstance(node, yaml.MappingNode):
+            seen: dict[Any, yaml.Node] = {}
+            for key_node, value_node in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                if isinstance(key_node, yaml.ScalarNode):
+                    key = (key_node.tag, loader.construct_object(key_node))
+                    shown = key[1]
+                else:
+                    key = (key_node.tag, yaml.serialize(key_node))
+                    shown = "(complex key)"
+                first = seen.get(key)
+                if first is not None:
+                    problems.append(
+                        (
+                            _loc((*path, shown)) if isinstance(shown, str) else _loc(path),
+                            f"duplicate key {shown!r} at {_mark(first)} and {_mark(key_node)}; "
+                            "give each key once",
+                        )
+                    )
+                else:
+                    seen[key] = key_node
+                stack.append((value_node, (*path, shown)))
+    problems.sort(key=lambda p: _natural_key(p[0]))
+    return problems
+
+
 def _parse_text(text: str, where: str | None) -> Any:
+    loader = yaml.SafeLoader(text)
     try:
-        return yaml.safe_load(text)
+        root = loader.get_single_node()
+        if root is None:
+            return None
+        duplicates = _duplicate_keys(loader, root)
+        if duplicates:
+            raise PolicyError(duplicates, source=where)
+        return loader.construct_document(root)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         loc = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "policy"
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise PolicyError([(loc, f"malformed YAML/JSON: {problem}")], source=where) from None
+    finally:
+        loader.dispose()
 
 
 def build_transformation(type_name: str, params: Mapping[str, Any], where: str) -> Transformation:
