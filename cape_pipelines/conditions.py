@@ -5,7 +5,7 @@ parsed here by hand (never ``eval``, never pandas ``query``) into an AST of
 frozen dataclasses, which pickles and is checked against a schema by
 :meth:`Condition.to_expression`. The grammar, keywords case-insensitive::
 
-    condition  := or_expr
+    condition  := or_expr                        -- at most MAX_PREDICATES predicates
     or_expr    := and_expr (("or" | "|") and_expr)*
     and_expr   := not_expr (("and" | "&") not_expr)*
     not_expr   := ("not" | "~") not_expr | "(" condition ")" | predicate
@@ -61,6 +61,11 @@ __all__ = [
 ]
 
 MAX_DEPTH = 100
+# Arrow flattens a chain of and/or into one call and walks it recursively when
+# binding a filter; around 9,000 operands that overflows the native stack and
+# the process dies. Refusing long conditions when the policy is validated keeps
+# "validate says ok" meaning "apply will run", with a wide margin.
+MAX_PREDICATES = 4000
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
@@ -181,38 +186,67 @@ class IsNull(Node):
         return f.is_valid() if self.negated else f.is_null()
 
 
-@dataclass(frozen=True)
+def _balanced(exprs: list[pc.Expression], combine: Any) -> pc.Expression:
+    """Combine ``exprs`` pairwise, so a 10,000-term condition is an expression of depth 14."""
+    while len(exprs) > 1:
+        paired = [combine(exprs[i], exprs[i + 1]) for i in range(0, len(exprs) - 1, 2)]
+        if len(exprs) % 2:
+            paired.append(exprs[-1])
+        exprs = paired
+    return exprs[0]
+
+
+@dataclass(frozen=True, init=False)
 class And(Node):
-    """Kleene conjunction: false wins over null."""
+    """Kleene conjunction of two or more operands: false wins over null.
 
-    left: Node
-    right: Node
+    The parser flattens ``a and b and c`` into one node with three operands, so
+    a long flat condition neither nests the AST nor the compiled expression
+    (both would otherwise be as deep as the condition is long).
+    """
+
+    operands: tuple[Node, ...]
+
+    def __init__(self, *operands: Node):
+        if len(operands) < 2:
+            raise ValueError("and takes at least two operands")
+        object.__setattr__(self, "operands", tuple(operands))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), self.operands)
 
     def columns(self) -> set[str]:
-        return self.left.columns() | self.right.columns()
+        return set().union(*(op.columns() for op in self.operands))
 
     def __str__(self) -> str:
-        return f"({self.left} and {self.right})"
+        return "(" + " and ".join(str(op) for op in self.operands) + ")"
 
     def compile(self, schema: pa.Schema) -> pc.Expression:
-        return self.left.compile(schema) & self.right.compile(schema)
+        return _balanced([op.compile(schema) for op in self.operands], lambda a, b: a & b)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Or(Node):
-    """Kleene disjunction: true wins over null."""
+    """Kleene disjunction of two or more operands: true wins over null (flattened like And)."""
 
-    left: Node
-    right: Node
+    operands: tuple[Node, ...]
+
+    def __init__(self, *operands: Node):
+        if len(operands) < 2:
+            raise ValueError("or takes at least two operands")
+        object.__setattr__(self, "operands", tuple(operands))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), self.operands)
 
     def columns(self) -> set[str]:
-        return self.left.columns() | self.right.columns()
+        return set().union(*(op.columns() for op in self.operands))
 
     def __str__(self) -> str:
-        return f"({self.left} or {self.right})"
+        return "(" + " or ".join(str(op) for op in self.operands) + ")"
 
     def compile(self, schema: pa.Schema) -> pc.Expression:
-        return self.left.compile(schema) | self.right.compile(schema)
+        return _balanced([op.compile(schema) for op in self.operands], lambda a, b: a | b)
 
 
 @dataclass(frozen=True)
@@ -380,6 +414,7 @@ class _Parser:
         self.tokens = _tokenize(text)
         self.i = 0
         self.depth = 0
+        self.predicates = 0
 
     @property
     def tok(self) -> _Token:
@@ -424,18 +459,18 @@ class _Parser:
         return node
 
     def or_expr(self) -> Node:
-        node = self.and_expr()
+        operands = [self.and_expr()]
         while self.is_kw("or") or self.is_punct("|"):
             self.advance()
-            node = Or(node, self.and_expr())
-        return node
+            operands.append(self.and_expr())
+        return operands[0] if len(operands) == 1 else Or(*operands)
 
     def and_expr(self) -> Node:
-        node = self.not_expr()
+        operands = [self.not_expr()]
         while self.is_kw("and") or self.is_punct("&"):
             self.advance()
-            node = And(node, self.not_expr())
-        return node
+            operands.append(self.not_expr())
+        return operands[0] if len(operands) == 1 else And(*operands)
 
     def not_expr(self) -> Node:
         self.depth += 1
@@ -499,6 +534,13 @@ class _Parser:
 
     def predicate(self) -> Node:
         start = self.tok
+        self.predicates += 1
+        if self.predicates > MAX_PREDICATES:
+            raise ConditionSyntaxError(
+                f"condition has more than {MAX_PREDICATES} comparisons; split it into several "
+                "row-redact rules or use 'in (...)' lists",
+                start.pos,
+            )
         left_lit = self.literal()
         if left_lit is not None:
             if self.tok.kind != "op":

@@ -283,3 +283,50 @@ def test_string_view_column_is_compared_as_large_string() -> None:
     schema = pa.schema([("s", pa.string_view())])
     expr = parse_condition("s == 'a'").to_expression(schema)
     assert "large_string" in str(expr)
+
+
+# ---------------------------------------------------------------- long conditions
+
+
+def _row_redact(condition: str) -> dict:
+    return {
+        "label": "t",
+        "rules": [{"actions": [{"transform": {"type": "row-redact", "condition": condition}}]}],
+    }
+
+
+@pytest.mark.parametrize("joiner", [" and ", " or ", " & "])
+def test_a_long_flat_condition_validates_plans_pickles_and_applies(joiner: str) -> None:
+    import cape_pipelines as cape
+    from cape_pipelines.plan import build_plan
+
+    n = 3000
+    op = "==" if joiner == " or " else "!="
+    text = joiner.join(f"x {op} {i}" for i in range(n))
+    table = pa.table({"x": pa.array(range(n + 7), pa.int64())})
+    policy = pickle.loads(pickle.dumps(cape.load_policy(_row_redact(text))))
+    build_plan(policy, table.schema)
+    out = cape.apply_policy(policy, table)
+    # and: rows 0..n-1 make one term false (kept); or: those rows make one term true (removed)
+    kept = list(range(n)) if op == "!=" else list(range(n, n + 7))
+    assert out.column("x").to_pylist() == kept
+
+
+def test_a_flat_chain_is_one_node() -> None:
+    root = parse_condition(" and ".join(f"a > {i}" for i in range(50))).root
+    assert len(root.operands) == 50  # type: ignore[attr-defined]
+    assert parse_condition(str(parse_condition("a > 1 and b > 2 and c > 3"))).root == (
+        parse_condition("a > 1 and b > 2 and c > 3").root
+    )
+
+
+def test_a_condition_beyond_the_limit_is_a_policy_error_at_validate() -> None:
+    import cape_pipelines as cape
+    from cape_pipelines.conditions import MAX_PREDICATES
+
+    text = " and ".join(f"x != {i}" for i in range(MAX_PREDICATES + 1))
+    with pytest.raises(cape.PolicyError) as info:
+        cape.load_policy(_row_redact(text))
+    [(loc, msg)] = info.value.problems
+    assert loc == "rules[0].actions[0].transform.condition"
+    assert f"more than {MAX_PREDICATES} comparisons" in msg
