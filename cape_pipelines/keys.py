@@ -24,6 +24,18 @@ from .errors import KeyFormatError, KeyMissingError
 log = logging.getLogger(__name__)
 
 _ENV_PREFIX = "CAPE_KEY_"
+# Shorter keys can be searched exhaustively (or guessed: cape-python examples
+# used words like "secret_key"); 16 bytes is the 128-bit floor of NIST SP 800-131A.
+MIN_KEY_BYTES = 16
+
+
+def _long_enough(key: bytes, what: str) -> bytes:
+    if len(key) < MIN_KEY_BYTES:
+        raise KeyFormatError(
+            f"{what} is {len(key)} byte(s); keys must be at least {MIN_KEY_BYTES} bytes "
+            "(generate one with: python -c 'import secrets; print(secrets.token_hex(32))')"
+        )
+    return key
 
 
 class KeyRef(BaseModel):
@@ -63,9 +75,9 @@ def parse_key_ref(value: Any) -> KeyRef:
         return value
     if isinstance(value, str):
         log.warning("policy holds inline key material; use {secret: NAME} instead")
-        return KeyRef(inline=SecretBytes(value.encode("utf-8")))
+        return KeyRef(inline=SecretBytes(_inline_long_enough(value.encode("utf-8"))))
     if isinstance(value, bytes):
-        return KeyRef(inline=SecretBytes(value))
+        return KeyRef(inline=SecretBytes(_inline_long_enough(value)))
     if isinstance(value, Mapping):
         if set(value) == {"secret"} and isinstance(value["secret"], str) and value["secret"]:
             return KeyRef(secret=value["secret"])
@@ -83,8 +95,16 @@ def parse_key_ref(value: Any) -> KeyRef:
                 except (binascii.Error, ValueError):
                     raise ValueError("a {type: secret} key's value is not valid base64") from None
             log.warning("policy holds inline key material; use {secret: NAME} instead")
-            return KeyRef(inline=SecretBytes(material))
+            return KeyRef(inline=SecretBytes(_inline_long_enough(material)))
     raise ValueError("key must be {secret: NAME}, a string, or {type: secret, value: <base64>}")
+
+
+def _inline_long_enough(key: bytes) -> bytes:
+    try:
+        return _long_enough(key, "the inline key")
+    except KeyFormatError as exc:
+        # A ValueError here becomes a PolicyError at the key's location, at validate time.
+        raise ValueError(str(exc)) from None
 
 
 def env_var_name(name: str) -> str:
@@ -131,13 +151,15 @@ class KeyResolver:
     def resolve(self, ref: KeyRef) -> bytes:
         """The key bytes for ``ref``; :class:`KeyMissingError` names the key if none has it."""
         if ref.inline is not None:
-            return ref.inline.get_secret_value()
+            return _long_enough(ref.inline.get_secret_value(), "the inline key")
         name = ref.secret
         assert name is not None
         if name in self._explicit:
             value = self._explicit[name]
             if isinstance(value, str):
-                return decode_key_text(value, f"explicit key {name!r}")
+                return _long_enough(
+                    decode_key_text(value, f"explicit key {name!r}"), f"key {name!r}"
+                )
             if not isinstance(value, bytes | bytearray | memoryview):
                 raise KeyFormatError(
                     f"explicit key {name!r} must be bytes or a hex/'base64:' string, "
@@ -145,16 +167,17 @@ class KeyResolver:
                 )
             if not value:
                 raise KeyFormatError(f"explicit key {name!r} is empty")
-            return bytes(value)
+            return _long_enough(bytes(value), f"key {name!r}")
         var = env_var_name(name)
         if var in self._environ:
-            return decode_key_text(self._environ[var], f"environment variable {var}")
+            key = decode_key_text(self._environ[var], f"environment variable {var}")
+            return _long_enough(key, f"key {name!r} (from {var})")
         tried = ["keys=", var]
         for label, provider in self._providers:
             tried.append(label)
             found = provider(name)
             if found is not None:
-                return found
+                return _long_enough(found, f"key {name!r} (from {label})")
         raise KeyMissingError(name, tried)
 
     def run_key(self) -> bytes:

@@ -119,6 +119,11 @@ def _parse_text(text: str, where: str | None) -> Any:
         if duplicates:
             raise PolicyError(duplicates, source=where)
         return loader.construct_document(root)
+    except RecursionError:
+        # PyYAML composes and constructs recursively; a policy is a few levels deep.
+        raise PolicyError(
+            [("policy", "the document is nested too deeply to be a policy")], source=where
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         loc = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "policy"
