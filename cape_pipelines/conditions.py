@@ -24,7 +24,9 @@ a backslash is an ordinary character. Double-quoted strings, ``=``, ``<>``,
 ``and`` and ``or``, as in pandas. ``null`` is not a literal: write ``is null``.
 
 Semantics are SQL's three-valued logic (Arrow's Kleene ``and``/``or``): a
-comparison or ``in`` with a null operand is null. ``row-redact`` removes rows
+comparison or ``in`` with a null operand is null, and so is one with a float
+NaN (IEEE would make ``NaN < 1000`` and ``NaN >= 1000`` both false, letting
+the row through every range condition). ``row-redact`` removes rows
 where the condition is true *or null*, so a missing value never lets a row
 through. Literals are typed against the column: an integer literal against a
 float column is fine, a string against an int column is a :class:`PlanError`.
@@ -138,7 +140,23 @@ class Compare(Node):
             ">": lambda a, b: a > b,
             ">=": lambda a, b: a >= b,
         }
-        return ops[self.op](left, right)
+        return _nan_is_unknown(field_type, left, ops[self.op](left, right))
+
+
+def _nan_is_unknown(
+    field_type: pa.DataType, left: pc.Expression, result: pc.Expression
+) -> pc.Expression:
+    """``result``, but null where a float column holds NaN.
+
+    IEEE comparisons make NaN false under both ``x < 1000`` and ``x >= 1000``,
+    so a NaN row would survive every range condition. NaN is an unknown value,
+    like null, so the comparison is unknown and ``row-redact`` removes the row.
+    """
+    if pa.types.is_dictionary(field_type):
+        field_type = field_type.value_type
+    if not pa.types.is_floating(field_type):
+        return result
+    return pc.if_else(pc.is_nan(left), pa.scalar(None, pa.bool_()), result)
 
 
 @dataclass(frozen=True)
@@ -164,7 +182,8 @@ class InList(Node):
         if self.negated:
             found = ~found
         # is_in says false for a null input; SQL (and fail-closed redaction) wants null.
-        return pc.if_else(left.is_valid(), found, pa.scalar(None, pa.bool_()))
+        found = pc.if_else(left.is_valid(), found, pa.scalar(None, pa.bool_()))
+        return _nan_is_unknown(field_type, left, found)
 
 
 @dataclass(frozen=True)

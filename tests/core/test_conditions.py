@@ -92,7 +92,7 @@ def null_rows(text: str) -> list[int]:
         ("age = 40", [2]),  # '=' accepted as '=='
         ("age <> 40", [0, 1, 4]),  # '<>' accepted as '!='
         ("age != 40", [0, 1, 4]),
-        ("score > 1", [1, 3]),  # int literal against a float column; NaN compares false
+        ("score > 1", [1, 3]),  # int literal against a float column; NaN is unknown (null)
         ("age > 17.5", [1, 2, 4]),  # non-integral literal against an int column
         ("age == 18.0", [1]),  # integral decimal literal against an int column
         ("tiny < 1000", [0, 1, 2, 4]),  # literal out of int8 range
@@ -330,3 +330,40 @@ def test_a_condition_beyond_the_limit_is_a_policy_error_at_validate() -> None:
     [(loc, msg)] = info.value.problems
     assert loc == "rules[0].actions[0].transform.condition"
     assert f"more than {MAX_PREDICATES} comparisons" in msg
+
+
+# ---------------------------------------------------------------- NaN is unknown
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "score < 1000",
+        "score >= 1000",
+        "score == 2.5",
+        "score != 2.5",
+        "score in (0.5, 1.5)",
+        "score not in (0.5, 1.5)",
+        "not score < 1000",
+    ],
+)
+def test_nan_compares_as_unknown(text: str) -> None:
+    assert 4 in null_rows(text)  # row 4's score is NaN
+    assert 4 not in true_rows(text)
+
+
+@pytest.mark.parametrize("typ", [pa.float64(), pa.float32(), pa.float16()])
+@pytest.mark.parametrize("condition", ["x < 1000", "x >= 1000", "not (x >= 1000)"])
+def test_row_redact_removes_nan_rows_under_any_range_condition(typ, condition) -> None:
+    import numpy as np
+
+    import cape_pipelines as cape
+
+    if typ == pa.float16():
+        values = [np.float16(5), None, np.float16("nan")]
+    else:
+        values = [5.0, None, np.nan]
+    table = pa.table({"x": pa.array(values, typ), "i": [0, 1, 2]})
+    out = cape.apply_policy(_row_redact(condition), table)
+    assert 2 not in out.column("i").to_pylist()  # the NaN row never passes
+    assert 1 not in out.column("i").to_pylist()  # nor the null one
