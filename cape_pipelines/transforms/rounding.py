@@ -211,11 +211,41 @@ class NumericRounding(Transformation):
         elif pa.types.is_floating(t):
             result = self._round_float(array)
         else:
-            try:
-                result = pc.round(array, self.precision, round_mode="half_to_even")
-            except pa.ArrowInvalid as exc:
-                raise TransformError(f"rounding to {self.precision} digits failed: {exc}") from None
+            result = self._round_decimal(array)
         return _cast_to_dtype(result, out_type)
+
+    def _round_decimal(self, array: pa.Array) -> pa.Array:
+        whole_digits = array.type.precision - array.type.scale
+        if -self.precision >= whole_digits:
+            # Arrow refuses a power of ten the type cannot hold, whatever the data.
+            # Every value is below 10**whole_digits, so it rounds to 0, or (more
+            # than half of it) to 10**whole_digits, which the type cannot hold.
+            lo_hi = pc.min_max(array)
+            lo, hi = lo_hi["min"].as_py(), lo_hi["max"].as_py()
+            step = Decimal(10) ** -self.precision
+            if lo is not None and max(-lo, hi) * 2 > step:
+                raise self._overflow(array.type)
+            zeros = pa.array([0] * len(array), pa.int8()).cast(array.type)
+            return pc.if_else(array.is_valid(), zeros, pa.scalar(None, array.type))
+        if self.precision >= array.type.scale:
+            return array
+        try:
+            result = pc.round(array, self.precision, round_mode="half_to_even")
+        except pa.ArrowInvalid:
+            raise self._overflow(array.type) from None
+        # pyarrow 25 reports a result that does not fit only when it is the last
+        # value of the array; before that it silently writes 0. A correct rounding
+        # moves no value by more than half a step, so anything else overflowed.
+        moved = pc.abs(pc.subtract(result, array))
+        scale = max(self.precision + 1, 0)
+        digits = max(-self.precision, scale, 1)
+        half_step = pa.scalar(
+            Decimal(5).scaleb(-self.precision - 1),
+            (pa.decimal128 if digits <= 38 else pa.decimal256)(digits, scale),
+        )
+        if pc.any(pc.greater(moved, half_step)).as_py():
+            raise self._overflow(array.type)
+        return result
 
     def _round_int(self, array: pa.Array) -> pa.Array:
         if self.precision >= 0:

@@ -568,3 +568,31 @@ rules:
     out = cape.apply_policy(yaml_text, table)
     assert out.column("price").to_pylist() == [1.2, 1.4]
     assert out.column("born").to_pylist() == [dt.date(1980, 1, 1)] * 2
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(
+        st.decimals(min_value=Decimal("-999999.999"), max_value=Decimal("999999.999"), places=3)
+        | st.none(),
+        min_size=1,
+        max_size=20,
+    ),
+    st.integers(-400, 400),
+)
+def test_decimal_rounding_is_the_decimal_oracle(values, precision):
+    typ = pa.decimal128(9, 3)
+    arr = pa.array(values, typ)
+    want = []
+    for v in values:
+        if v is None:
+            want.append(None)
+            continue
+        q = v.quantize(Decimal((0, (1,), -min(precision, 3))), context=_ORACLE)
+        want.append(q)
+    if any(w is not None and abs(w) >= Decimal(10) ** 6 for w in want):
+        with pytest.raises(cape.TransformError, match="beyond the range of decimal128"):
+            NumericRounding(precision=precision).apply(arr, ColumnContext("x"))
+        return
+    got = NumericRounding(precision=precision).apply(arr, ColumnContext("x")).to_pylist()
+    assert got == want
