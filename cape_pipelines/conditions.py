@@ -713,24 +713,24 @@ def _coerce(
             values.append(v)
         if not integral:
             target = pa.float64()
-            return field.cast(target), [pa.scalar(float(lit.value), target) for lit in lits]
+            return field.cast(target), [pa.scalar(_float(lit.value), target) for lit in lits]
         if _fits(values, t):
             return field, [pa.scalar(v, t) for v in values]
         if all(_INT64_MIN <= v <= _INT64_MAX for v in values) and not pa.types.is_uint64(t):
             return field.cast(pa.int64()), [pa.scalar(v, pa.int64()) for v in values]
         target = pa.float64()
-        return field.cast(target), [pa.scalar(float(v), target) for v in values]
+        return field.cast(target), [pa.scalar(_float(v), target) for v in values]
     if family == "float":
         target = pa.float64()
         if not t.equals(target):
             field = field.cast(target)
-        return field, [pa.scalar(float(lit.value), target) for lit in lits]
+        return field, [pa.scalar(_float(lit.value), target) for lit in lits]
     if family == "decimal":
         decs = [Decimal(lit.value) for lit in lits]
         if _fits(decs, t):
             return field, [pa.scalar(d, t) for d in decs]
         target = pa.float64()
-        return field.cast(target), [pa.scalar(float(d), target) for d in decs]
+        return field.cast(target), [pa.scalar(_float(d), target) for d in decs]
     if family == "string":
         if pa.types.is_string_view(t):
             # Acero has no kernels for string_view yet; large_string holds the same values.
@@ -778,11 +778,19 @@ def _family(t: pa.DataType) -> str | None:
     return None
 
 
+def _float(value: int | Decimal) -> float:
+    """``value`` as the nearest float; beyond float64's range, an infinity (never OverflowError).
+
+    ``x < 1e400`` is then true for every finite ``x``, as it is for the exact number.
+    """
+    return float(Decimal(value))
+
+
 def _py(lit: Literal | dt.datetime) -> Any:
     if isinstance(lit, dt.datetime):
         return lit
     if lit.kind == "decimal":
-        return float(lit.value)
+        return _float(lit.value)
     return lit.value
 
 

@@ -194,8 +194,17 @@ def _build_actions(
         if not isinstance(rule, Mapping) or not isinstance(rule.get("actions"), list):
             continue
         has_match = rule.get("match") is not None
+        dropped_at: int | None = None
         for a, action in enumerate(rule["actions"]):
             aloc = f"rules[{r}].actions[{a}].transform"
+            if dropped_at is not None:
+                problems.append(
+                    (
+                        f"rules[{r}].actions[{a}]",
+                        f"actions[{dropped_at}] already removed the rule's columns",
+                    )
+                )
+                continue
             if action == "drop":
                 action = {"transform": {"type": "column-redact"}}
             if not isinstance(action, Mapping) or not isinstance(action.get("transform"), Mapping):
@@ -227,6 +236,8 @@ def _build_actions(
                 problems.append((aloc, "column-redact without a match needs columns"))
                 continue
             built[(r, a)] = t
+            if has_match and t.kind == "columns" and not getattr(t, "columns", None):
+                dropped_at = a
     return built, problems
 
 
