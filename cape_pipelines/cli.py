@@ -18,14 +18,17 @@ exit code (None means 0) and raises :class:`~cape_pipelines.CapeError` or
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import importlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -357,7 +360,12 @@ def demo_paths() -> tuple[Path, Path]:
 
 
 def _show(title: str, table: Any, rows: int) -> None:
-    import pandas as pd
+    try:
+        import pandas as pd
+    except ImportError:  # pandas is an optional extra; Arrow prints a table too
+        print(f"\n{title}")
+        print(table.slice(0, rows).to_string(preview_cols=20))
+        return
 
     frame = table.slice(0, rows).to_pandas(integer_object_nulls=True)
     with pd.option_context("display.width", 250, "display.max_columns", None):
@@ -603,6 +611,38 @@ def _reason(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP arrived: stop exactly as for Ctrl-C, then exit 128 + the signal.
+
+    A subclass of KeyboardInterrupt, so every cleanup that already handles
+    Ctrl-C (temporary output removed, destination untouched, ``run.failed``
+    recorded) handles what Kubernetes, Airflow and systemd send as well.
+    """
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"terminated by {signal.Signals(signum).name}")
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def _stop_signals_as_interrupts() -> Iterator[None]:
+    """While a command runs, SIGTERM and SIGHUP raise :class:`Terminated` in the main thread."""
+    wanted = [getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n)]
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be installed from the main thread
+        return
+    previous = {s: signal.signal(s, _raise_terminated) for s in wanted}
+    try:
+        yield
+    finally:
+        for s, old in previous.items():
+            signal.signal(s, old)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``cape`` with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
     parser = build_parser()
@@ -614,7 +654,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(debug)
     handler: Handler = args.func
     try:
-        return int(handler(args) or EXIT_OK)
+        with _stop_signals_as_interrupts():
+            return int(handler(args) or EXIT_OK)
+    except Terminated as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"cape: {exc}", file=sys.stderr)
+        return 128 + exc.signum
     except KeyboardInterrupt:
         if debug:
             traceback.print_exc()
