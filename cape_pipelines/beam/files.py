@@ -43,8 +43,9 @@ from .._engine_files import conform, count_output, first_line
 from ..audit import NullSink
 from ..core import Counters
 from ..errors import CapeError, DataError
-from ..io import EnginePolicy, InputSet, Progress, register_engine
+from ..io import EnginePolicy, InputSet, register_engine
 from ..plan import Plan
+from ..progress import ProgressFn
 from .transform import ApplyPolicy
 
 ROW_ID = "__cape_files_row_id__"
@@ -215,7 +216,7 @@ def apply_files_beam(
     *,
     batch_size: int,
     counters: Counters,
-    progress: Progress,
+    progress: ProgressFn,
     policy: EnginePolicy,
 ) -> Iterator[pa.RecordBatch]:
     """The :data:`~cape_pipelines.io.ENGINES` function for ``--engine beam``.
@@ -244,7 +245,7 @@ def apply_files_beam(
                 count_output(counters, plan, batch)
                 yield batch
         counters.rows_in += rows_in
-        progress.update(rows_in)
+        progress(rows_in)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 

@@ -27,8 +27,9 @@ import pyarrow as pa
 from .._engine_files import conform, count_output
 from ..audit import NullSink
 from ..core import Counters
-from ..io import EnginePolicy, InputSet, Progress, register_engine
+from ..io import EnginePolicy, InputSet, register_engine
 from ..plan import Plan
+from ..progress import ProgressFn
 from .apply import COUNTERS_ATTR, apply_policy
 
 
@@ -75,7 +76,7 @@ def apply_files_dask(
     *,
     batch_size: int,
     counters: Counters,
-    progress: Progress,
+    progress: ProgressFn,
     policy: EnginePolicy,
 ) -> Iterator[pa.RecordBatch]:
     """The :data:`~cape_pipelines.io.ENGINES` function for ``--engine dask``.
@@ -99,14 +100,14 @@ def apply_files_dask(
 
 
 def _output(
-    plan: Plan, part: Any, counters: Counters, progress: Progress
+    plan: Plan, part: Any, counters: Counters, progress: ProgressFn
 ) -> Iterator[pa.RecordBatch]:
     produced = part.attrs.get(COUNTERS_ATTR)
     if produced is None:
         raise RuntimeError("a Dask partition came back without its counters")
     rows_in = int(produced["rows_in"])
     counters.rows_in += rows_in
-    progress.update(rows_in)
+    progress(rows_in)
     if len(part) == 0:
         return
     part.attrs.pop(COUNTERS_ATTR, None)

@@ -43,8 +43,9 @@ from .._engine_files import conform, count_output, first_line
 from ..audit import NullSink
 from ..core import Counters
 from ..errors import CapeError, DataError
-from ..io import EnginePolicy, InputSet, Progress, register_engine
+from ..io import EnginePolicy, InputSet, register_engine
 from ..plan import Plan
+from ..progress import ProgressFn
 from .apply import apply_policy
 from .io import read_parquet
 from .types import to_spark
@@ -215,7 +216,7 @@ def apply_files_spark(
     *,
     batch_size: int,
     counters: Counters,
-    progress: Progress,
+    progress: ProgressFn,
     policy: EnginePolicy,
 ) -> Iterator[pa.RecordBatch]:
     """The :data:`~cape_pipelines.io.ENGINES` function for ``--engine spark``.
@@ -250,13 +251,13 @@ def apply_files_spark(
                     for produced in reader:
                         batch = conform(plan, produced)
                         count_output(counters, plan, batch)
-                        progress.update(batch.num_rows)
+                        progress(batch.num_rows)
                         yield batch
             rows_in = int(source.count()) if plan.filters_rows else counters.rows_out
         except (PySparkException, Py4JJavaError) as exc:
             raise _cape_error(exc) from None
     counters.rows_in += rows_in
-    progress.update(rows_in - counters.rows_out)
+    progress(rows_in - counters.rows_out)
 
 
 register_engine("spark", apply_files_spark)
