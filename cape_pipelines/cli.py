@@ -18,6 +18,7 @@ exit code (None means 0) and raises :class:`~cape_pipelines.CapeError` or
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import hashlib
 import importlib
@@ -64,13 +65,45 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
         pass
 
 
-def _setup_logging(debug: bool) -> None:
-    """Warnings (and audit records going to logging) of the package on stderr, once."""
+class _QuietAudit(logging.Filter):
+    """Drops audit records on their way to stderr unless ``--verbose`` asked for them.
+
+    Three JSON lines before every error message buried the message; records a
+    user wants are written where asked (``--audit-file``, ``CAPE_AUDIT_FILE``,
+    the coordinator), or on stderr with ``--audit-file -`` or ``--verbose``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.verbose = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.verbose or record.name != "cape_pipelines.audit"
+
+
+class _StderrSink:
+    """``--audit-file -``: each record as one JSON line on stderr."""
+
+    def emit(self, record: Mapping[str, Any]) -> None:
+        sys.stderr.write(json.dumps(record, sort_keys=True, separators=(",", ":")) + "\n")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        return None
+
+
+def _setup_logging(debug: bool, verbose: bool = False) -> None:
+    """Warnings of the package on stderr, once; audit records too with ``verbose``."""
     logger = logging.getLogger("cape_pipelines")
-    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+    handler = next((h for h in logger.handlers if isinstance(h, _StderrHandler)), None)
+    if handler is None:
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("cape: %(name)s: %(message)s"))
+        handler.addFilter(_QuietAudit())
         logger.addHandler(handler)
+    for f in handler.filters:
+        if isinstance(f, _QuietAudit):
+            f.verbose = verbose or debug
     logger.setLevel(logging.DEBUG if debug else logging.INFO)
 
 
@@ -118,10 +151,19 @@ def _csv_options(args: argparse.Namespace) -> CsvOptions:
     delimiter = {"\\t": "\t", "tab": "\t"}.get(args.delimiter, args.delimiter)
     if len(delimiter) != 1:
         raise CapeError("--delimiter takes one character (or '\\t' or 'tab' for a tab)")
-    return CsvOptions(delimiter=delimiter, column_types=_csv_types(args.csv_type))
+    encoding = getattr(args, "encoding", None) or "utf-8"
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise CapeError(f"--encoding {encoding}: unknown encoding") from None
+    return CsvOptions(
+        delimiter=delimiter, column_types=_csv_types(args.csv_type), encoding=encoding
+    )
 
 
-def _audit_target(args: argparse.Namespace) -> str | None:
+def _audit_target(args: argparse.Namespace) -> Any:
+    if args.audit_file == "-":
+        return _StderrSink()
     return args.audit_file or None
 
 
@@ -450,7 +492,9 @@ def _add_io_options(p: argparse.ArgumentParser) -> None:
         "--format", choices=["csv", "parquet"], help="output format (default: from --output)"
     )
     p.add_argument("--keys-file", metavar="FILE", help="YAML/JSON mapping: key name -> hex")
-    p.add_argument("--audit-file", metavar="FILE", help="append audit records (JSONL) here")
+    p.add_argument(
+        "--audit-file", metavar="FILE", help="append audit records (JSONL) here; '-': stderr"
+    )
     p.add_argument(
         "--batch-size",
         type=_positive_int,
@@ -468,6 +512,12 @@ def _add_io_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--delimiter", default=",", help="CSV field delimiter (default ','; '\\t' or tab: a tab)"
     )
+    p.add_argument(
+        "--encoding",
+        default="utf-8",
+        metavar="NAME",
+        help="text encoding of CSV inputs (default utf-8; e.g. latin-1, utf-16, cp1252)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--no-progress", action="store_true", help="never show a progress bar")
 
@@ -479,6 +529,13 @@ def _debug_parent() -> argparse.ArgumentParser:
         action="store_true",
         default=argparse.SUPPRESS,
         help="show tracebacks and debug logs",
+    )
+    parent.add_argument(
+        "--verbose",
+        "-v",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="also print the run's audit records on stderr",
     )
     return parent
 
@@ -651,7 +708,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:
         return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
     debug = bool(getattr(args, "debug", False)) or os.environ.get("CAPE_DEBUG") == "1"
-    _setup_logging(debug)
+    _setup_logging(debug, bool(getattr(args, "verbose", False)))
     handler: Handler = args.func
     try:
         with _stop_signals_as_interrupts():
