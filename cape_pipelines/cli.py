@@ -34,12 +34,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import yaml
 
 from . import __version__
-from .errors import CapeError, KeyMissingError
+from .errors import CapeError, KeyMissingError, PlanError
+from .inputs import format_of, open_inputs
 from .io import DEFAULT_BATCH_SIZE, CsvOptions, apply_files, parse_arrow_type
-from .keys import KeyRef, KeyResolver, decode_key_text
+from .keys import KeyRef, KeyResolver, decode_key_text, env_var_name
 
 EXIT_OK = 0
 EXIT_REFUSED = 1
@@ -360,6 +362,13 @@ def _cmd_reveal(args: argparse.Namespace) -> int:
         raise CapeError("--key takes NAME or NAME=VALUE")
     if sep:
         keys[name] = decode_key_text(value, f"--key {name}")
+    present = open_inputs(args.input, csv_options=_csv_options(args)).schema.names
+    absent = [c for c in columns if c not in present]
+    if absent:
+        raise CapeError(
+            f"--columns: no column {', '.join(map(repr, absent))} in {args.input} "
+            f"(columns: {', '.join(present)})"
+        )
     result = apply_files(
         reveal_policy(columns, name, args.on_error),
         args.input,
@@ -700,6 +709,35 @@ def _stop_signals_as_interrupts() -> Iterator[None]:
             signal.signal(s, old)
 
 
+def _hint(exc: BaseException, args: argparse.Namespace) -> str:
+    """What a command-line user can do about ``exc``, in their terms (not the Python API's)."""
+    if isinstance(exc, KeyMissingError):
+        name = exc.key_name
+        return (
+            f"; give it with --key {name}=HEX, a '{name}: HEX' line in --keys-file FILE, "
+            f"or the environment variable {env_var_name(name)}"
+        )
+    if isinstance(exc, PlanError) and _header_only_csv(getattr(args, "input", None)):
+        return (
+            "; the CSV has no data rows, so every column was read as text: "
+            "pin the types with --csv-type COLUMN=TYPE"
+        )
+    return ""
+
+
+def _header_only_csv(path: str | None) -> bool:
+    """Whether ``path`` is a CSV file with a header and no data rows (error path only)."""
+    if not path or format_of(path) != "csv" or not os.path.isfile(path):
+        return False
+    try:
+        with pa.input_stream(path, compression="detect") as raw:
+            head = raw.read(1 << 16)
+    except (OSError, pa.ArrowException):
+        return False
+    lines = [line for line in head.splitlines() if line.strip()]
+    return len(lines) == 1 and len(head) < (1 << 16)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``cape`` with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
     parser = build_parser()
@@ -731,7 +769,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CapeError, OSError) as exc:
         if debug:
             traceback.print_exc()
-        print(f"cape: error: {_reason(exc)}", file=sys.stderr)
+        text = _reason(exc)
+        if isinstance(exc, KeyMissingError):
+            # The Python API's name for "keys you passed" means nothing on the command line.
+            text = text.replace("(tried: keys=, ", "(tried: --key, --keys-file, ")
+        print(f"cape: error: {text}{_hint(exc, args)}", file=sys.stderr)
         return EXIT_REFUSED
     except Exception as exc:
         if debug:

@@ -145,7 +145,9 @@ class InputSet:
                 schema = reader.schema
                 names = schema.names  # decodes the header: a UnicodeError here
         except pa.ArrowInvalid as exc:
-            raise _csv_error(first, exc, self.csv, None) from None
+            header = _header_names(first, self.csv)
+            names_only = pa.schema([(n, pa.string()) for n in header]) if header else None
+            raise _csv_error(first, exc, self.csv, names_only) from None
         except UnicodeError:
             raise _encoding_error(first, self.csv, "header") from None
         unknown = sorted(set(pinned) - set(names))
@@ -350,13 +352,23 @@ def _csv_error(
         col_text = f"column {col!r}" if col else f"column #{col_index + 1}"
         pinned = col is not None and col in opts.column_types
         hint = (
-            "its type is pinned"
+            f"its type is pinned by --csv-type {col}=..."
             if pinned
             else "its type was inferred from the first rows; pin another with "
             f"--csv-type {col or 'COLUMN'}=string"
         )
         return DataError(f"{path}: {where}, {col_text}: value is not a valid {type_name} ({hint})")
     return DataError(f"{path}: cannot read CSV: {_first_line(exc)}")
+
+
+def _header_names(path: Path, opts: CsvOptions) -> list[str] | None:
+    """The column names of a CSV file's header, for error messages (error path only)."""
+    try:
+        with pa.input_stream(str(path), compression="detect") as raw:
+            text = io.TextIOWrapper(raw, encoding=opts.encoding, errors="replace", newline="")
+            return next(csv.reader(text, delimiter=opts.delimiter), None)
+    except (OSError, csv.Error, pa.ArrowException, LookupError):
+        return None
 
 
 def _find_bad_line(path: Path, delimiter: str, expected: int) -> int | None:

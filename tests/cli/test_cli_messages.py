@@ -91,3 +91,94 @@ def test_a_fifo_input_says_it_is_not_a_regular_file(tmp_path, capsys):
     r = run(capsys, "apply", "--policy", pol, "--input", fifo, "--output", tmp_path / "o.csv")
     assert r.code == 1
     assert f"input {fifo} is not a regular file or a directory" in r.err
+
+
+@pytest.mark.spark
+def test_no_progress_turns_off_sparks_console_bar():
+    # PySpark counts as a shell, where Spark shows "[Stage 0:>" bars on stderr.
+    script = (
+        "from cape_pipelines.spark.files import session\n"
+        "s = session(console_progress=False)\n"
+        "print(s.sparkContext.getConf().get('spark.ui.showConsoleProgress'))\n"
+        "s.stop()\n"
+    )
+    import subprocess
+
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "false"
+
+
+# ---------------------------------------------------------------- messages in CLI terms
+
+
+def test_a_missing_key_names_the_cli_ways_to_give_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("CAPE_KEY_NAME_KEY", raising=False)
+    pol = write(tmp_path / "p.yaml", KEYED)
+    src = write(tmp_path / "in.csv", "id,name\n1,Ada\n")
+    r = run(capsys, "apply", "--policy", pol, "--input", src, "--output", tmp_path / "o.csv")
+    assert r.code == 1
+    last = r.err.strip().splitlines()[-1]
+    assert "keys=" not in last
+    assert "--key name-key=HEX" in last and "--keys-file" in last and "CAPE_KEY_NAME_KEY" in last
+
+
+def test_reveal_of_an_absent_column_names_the_columns_not_a_policy(tmp_path, capsys):
+    src = write(tmp_path / "in.csv", "id,phone\n1,00ff\n")
+    r = run(
+        capsys,
+        "reveal",
+        "--input",
+        src,
+        "--output",
+        tmp_path / "o.csv",
+        "--columns",
+        "nosuch",
+        "--key",
+        "k=" + "ab" * 32,
+    )
+    assert r.code == 1
+    last = r.err.strip().splitlines()[-1]
+    assert last == f"cape: error: --columns: no column 'nosuch' in {src} (columns: id, phone)"
+    assert "on_missing_column" not in r.err
+
+
+def test_a_pinned_type_error_names_the_column(tmp_path, capsys):
+    pol = write(tmp_path / "p.yaml", DROP_SSN)
+    src = write(tmp_path / "in.csv", "id,zip,ssn\n1,AB12,x\n")
+    r = run(
+        capsys,
+        "apply",
+        "--policy",
+        pol,
+        "--input",
+        src,
+        "--output",
+        tmp_path / "o.csv",
+        "--csv-type",
+        "zip=int64",
+    )
+    assert r.code == 1
+    last = r.err.strip().splitlines()[-1]
+    assert "column 'zip': value is not a valid int64" in last
+    assert "--csv-type zip=" in last and "AB12" not in last
+
+
+def test_a_header_only_csv_hints_at_csv_type(tmp_path, capsys):
+    pol = write(
+        tmp_path / "p.yaml",
+        """
+        label: r
+        rules:
+          - match: {name: age}
+            actions:
+              - transform: {type: numeric-rounding, precision: -1}
+        """,
+    )
+    src = write(tmp_path / "in.csv", "id,age\n")
+    r = run(capsys, "apply", "--policy", pol, "--input", src, "--output", tmp_path / "o.csv")
+    assert r.code == 1
+    last = r.err.strip().splitlines()[-1]
+    assert "the CSV has no data rows" in last and "--csv-type COLUMN=TYPE" in last
