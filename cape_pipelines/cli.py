@@ -477,7 +477,34 @@ def run_demo(output: str | None = None, audit_file: str | None = None, rows: int
     return EXIT_OK
 
 
+def write_samples(directory: str | os.PathLike[str]) -> list[Path]:
+    """Copy the sample data and demo policy into ``directory``, with a keys file of the
+    PUBLIC demo keys, so the README's "Using it" commands run as written there."""
+    target = Path(directory)
+    target.mkdir(parents=True, exist_ok=True)
+    data, policy = demo_paths()
+    keys = "".join(f"{name}: {value.hex()}\n" for name, value in sorted(demo_keys().items()))
+    files = {
+        target / "customers.csv": data.read_bytes(),
+        target / "policy.yaml": policy.read_bytes(),
+        target / "keys.yaml": (
+            "# PUBLIC demo keys (cape demo): anyone can derive them; never use for real data.\n"
+            + keys
+        ).encode(),
+    }
+    existing = [str(p) for p in files if p.exists()]
+    if existing:
+        raise CapeError(f"--write-samples: {', '.join(existing)} already exist(s); not replaced")
+    for path, content in files.items():
+        path.write_bytes(content)
+    return list(files)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.write_samples:
+        for path in write_samples(args.write_samples):
+            print(f"wrote {path}", file=sys.stderr)
+        return EXIT_OK
     return run_demo(output=args.output, audit_file=args.audit_file, rows=args.rows)
 
 
@@ -652,6 +679,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", metavar="PATH", help="keep the protected output here (.parquet)")
     p.add_argument("--audit-file", metavar="FILE", help="also append audit records here")
     p.add_argument("--rows", type=_positive_int, default=5, help="rows to show (default 5)")
+    p.add_argument(
+        "--write-samples",
+        metavar="DIR",
+        help="instead of running the demo: write customers.csv, policy.yaml and keys.yaml "
+        "(public demo keys) into DIR, to try the other commands on",
+    )
     p.set_defaults(func=_cmd_demo)
 
     _register_extensions(sub, psub)

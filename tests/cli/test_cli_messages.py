@@ -182,3 +182,52 @@ def test_a_header_only_csv_hints_at_csv_type(tmp_path, capsys):
     assert r.code == 1
     last = r.err.strip().splitlines()[-1]
     assert "the CSV has no data rows" in last and "--csv-type COLUMN=TYPE" in last
+
+
+def test_readme_using_it_commands_run_on_the_written_samples(tmp_path, capsys, monkeypatch):
+    # README "Using it": where policy.yaml, customers.csv and keys.yaml come from.
+    monkeypatch.chdir(tmp_path)
+    assert run(capsys, "demo", "--write-samples", "try").code == 0
+    monkeypatch.chdir(tmp_path / "try")
+    assert sorted(p.name for p in (tmp_path / "try").iterdir()) == [
+        "customers.csv",
+        "keys.yaml",
+        "policy.yaml",
+    ]
+    steps = [
+        ["policy", "validate", "policy.yaml"],
+        ["policy", "plan", "policy.yaml", "--data", "customers.csv"],
+        [
+            "apply",
+            "--policy",
+            "policy.yaml",
+            "--input",
+            "customers.csv",
+            "--output",
+            "protected.parquet",
+            "--keys-file",
+            "keys.yaml",
+            "--audit-file",
+            "audit.jsonl",
+        ],
+        [
+            "reveal",
+            "--input",
+            "protected.parquet",
+            "--output",
+            "revealed.csv",
+            "--columns",
+            "phone",
+            "--key",
+            "demo-phone-key",
+            "--keys-file",
+            "keys.yaml",
+        ],
+    ]
+    for argv in steps:
+        r = run(capsys, *argv)
+        assert r.code == 0, (argv, r.err)
+    # a second --write-samples never replaces files
+    monkeypatch.chdir(tmp_path)
+    r = run(capsys, "demo", "--write-samples", "try")
+    assert r.code == 1 and "already exist" in r.err
