@@ -254,7 +254,7 @@ class NumericRounding(ColumnTransformation):
         if self.precision >= 0:
             return array
         scale = 10 ** (-self.precision)
-        info = np.iinfo(array.type.to_pandas_dtype())
+        info = np.iinfo(_prf.numpy_dtype(array.type))
         if scale > info.max:
             # Arrow refuses a power of ten the type cannot hold. Its only
             # representable multiple is 0: values up to half of it round to 0
@@ -270,7 +270,7 @@ class NumericRounding(ColumnTransformation):
             raise self._overflow(array.type) from None
 
     def _round_float(self, array: pa.Array) -> pa.Array:
-        np_type = array.type.to_pandas_dtype()
+        np_type = _prf.numpy_dtype(array.type)
         values = array.fill_null(0).to_numpy(zero_copy_only=False).astype(np_type, copy=False)
         rounded = _round_floats(values, self.precision)
         if bool((np.isinf(rounded) & np.isfinite(values)).any()):
