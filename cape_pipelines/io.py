@@ -5,9 +5,11 @@ input), :mod:`.writers` (the output file, written atomically) and
 :mod:`.progress` (a plain callback engines report rows through). This module
 holds the engine table and :func:`apply_files`, which ties them together.
 
-The work itself goes through :data:`ENGINES`, a small table of engine
-functions (``pandas``, the local Arrow path, built in); engine packages add
-their own with :func:`register_engine`. Every engine hands its output batches,
+The work itself goes through an engine function, found by name in the
+``cape_pipelines.engines`` entry-point group (``pandas``, ``beam``, ``dask``,
+``spark``: each adapter's ``files.py``). The run is the seam's
+(:mod:`cape_pipelines.seam`): one binding, one audited run. Every engine hands its
+output batches,
 in input order, to the same writer, which writes fixed-size row groups, so the
 output file's bytes do not depend on the engine or the batch size.
 
@@ -20,15 +22,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Protocol
 
 import pyarrow as pa
 
-from .audit import AuditTarget, RunContext
-from .core import Counters, apply_batches
-from .errors import CapeError, TransformError
+from .audit import AuditTarget
+from .core import Counters
+from .errors import CapeError
 from .inputs import (
     CSV_INFER_BLOCK,
     DEFAULT_BATCH_SIZE,
@@ -41,10 +44,10 @@ from .inputs import (
 )
 from .inputs import first_line as _first_line
 from .keys import KeyResolver
-from .plan import Plan, build_plan
-from .policy.load import PolicySource, load_policy
-from .policy.models import Policy
+from .plan import Plan
+from .policy.load import PolicySource
 from .progress import Progress, ProgressFn
+from .seam import Binding, bind
 from .writers import (
     METADATA_KEYS,
     ROW_GROUP_SIZE,
@@ -52,27 +55,23 @@ from .writers import (
     ParquetOut,
     TimestampUnit,
     atomic_path,
+    open_writer,
     output_format,
     read_output_metadata,
 )
 
-
-@dataclass(frozen=True)
-class EnginePolicy:
-    """What an engine adapter needs to build its own plan: the policy, the run's key
-    resolver (the very one ``plan`` was built with, so every key, and a per-run random
-    key, resolves to the same bytes) and the column tags."""
-
-    policy: Policy
-    resolver: KeyResolver
-    column_tags: Mapping[str, Sequence[str]] = field(default_factory=dict)
+EnginePolicy = Binding
+"""What an engine adapter needs to build its own plan: the run's
+:class:`~cape_pipelines.seam.Binding` (its policy; its key resolver, the very one ``plan``
+was built with, so every key, and a per-run random key, resolves to the same bytes; the
+column tags)."""
 
 
 class EngineFn(Protocol):
     """An engine: applies ``plan`` to every batch of ``inputs`` and yields the output batches
-    in input order, adding each batch's counts into ``counters`` and reporting its input rows to the
-    ``progress`` callback. The caller writes the batches (so every engine gives the same file).
-    ``policy`` is for engines that run the policy through their own adapter."""
+    in input order, adding each batch's counts into ``counters`` and reporting its input rows
+    to the ``progress`` callback. The caller writes the batches (so every engine gives the
+    same file). ``policy`` is for engines that run the policy through their own adapter."""
 
     def __call__(
         self,
@@ -82,68 +81,47 @@ class EngineFn(Protocol):
         batch_size: int,
         counters: Counters,
         progress: ProgressFn,
-        policy: EnginePolicy,
+        policy: Binding,
     ) -> Iterator[pa.RecordBatch]: ...
 
 
-def _apply_files_local(
-    plan: Plan,
-    inputs: InputSet,
-    *,
-    batch_size: int,
-    counters: Counters,
-    progress: ProgressFn,
-    policy: EnginePolicy | None = None,
-) -> Iterator[pa.RecordBatch]:
-    """The built-in engine: the core over the input's batches, in this process."""
-    for path in inputs.files:
-        # Rows of this file read so far and the size of the current batch, so that an error
-        # can say which rows of the file it is about (transformations count within a batch).
-        where = {"start": 0, "rows": 0}
+ENGINE_GROUP = "cape_pipelines.engines"
+"""The entry-point group naming each ``cape apply --engine`` function (see pyproject.toml)."""
 
-        def counted(p: Path = path, w: dict[str, int] = where) -> Iterator[pa.RecordBatch]:
-            for batch in inputs.file_batches(p, batch_size):
-                w["start"] += w["rows"]
-                w["rows"] = batch.num_rows
-                progress(batch.num_rows)
-                yield batch
-
-        try:
-            yield from apply_batches(plan, counted(), counters)
-        except TransformError as exc:
-            first, last = where["start"] + 1, where["start"] + where["rows"]
-            raise TransformError(
-                f"{path}, in the batch of data rows {first}-{last}: {exc}"
-            ) from None
-
-
-ENGINES: dict[str, EngineFn] = {"pandas": _apply_files_local}
-"""Engine name -> function; ``cape apply --engine NAME`` picks one."""
-
-_OPTIONAL_ENGINES = ("beam", "dask", "spark")
+ENGINES: dict[str, EngineFn] = {}
+"""Engines registered in this process with :func:`register_engine` (tests, applications)."""
 
 
 def register_engine(name: str, fn: EngineFn) -> None:
-    """Make ``fn`` available as ``cape apply --engine name`` (engine packages call this)."""
+    """Make ``fn`` available as ``cape apply --engine name`` in this process.
+
+    Packages declare theirs in the ``cape_pipelines.engines`` entry-point group instead.
+    """
     ENGINES[name] = fn
 
 
+def engine_names() -> list[str]:
+    """Every engine name: those registered here and those declared as entry points."""
+    return sorted({*ENGINES, *(ep.name for ep in entry_points(group=ENGINE_GROUP))})
+
+
 def get_engine(name: str) -> EngineFn:
-    """The engine called ``name``; an optional one is imported on first use
-    (``cape_pipelines.<name>.files`` registers it). Unknown names list the known ones."""
-    if name not in ENGINES and name in _OPTIONAL_ENGINES:
+    """The engine called ``name``, loaded from its entry point on first use.
+
+    An engine whose extra is not installed is an error saying which extra to
+    install; unknown names list the known ones.
+    """
+    if name not in ENGINES:
+        found = [ep for ep in entry_points(group=ENGINE_GROUP) if ep.name == name]
+        if not found:
+            raise CapeError(f"unknown engine {name!r}; available: {', '.join(engine_names())}")
         try:
-            __import__(f"cape_pipelines.{name}.files")
+            ENGINES[name] = found[0].load()
         except ImportError as exc:
             raise CapeError(
                 f"engine {name!r} is not available ({_first_line(exc)}); install the '{name}' extra"
             ) from None
-    try:
-        return ENGINES[name]
-    except KeyError:
-        raise CapeError(
-            f"unknown engine {name!r}; available: {', '.join(sorted(ENGINES))}"
-        ) from None
+    return ENGINES[name]
 
 
 @dataclass
@@ -186,21 +164,20 @@ def apply_files(
     """
     src = Path(input)
     dst = Path(output)
-    run = RunContext(engine=engine, sink=audit, run_id=run_id)
-    try:
-        pol = load_policy(policy)
-    except BaseException as exc:
-        run.started()
-        run.failed(exc)
-        raise
-    # The policy is known before the first record, so every record of the run names it.
-    run.set_policy(pol.label, pol.version, pol.sha256)
-    run.started()
-    counters: Counters | None = None
-    try:
-        if policy_source is None:
-            policy_source = str(policy) if isinstance(policy, str | os.PathLike) else "inline"
-        run.policy_fetched(policy_source)
+    if policy_source is None:
+        policy_source = str(policy) if isinstance(policy, str | os.PathLike) else "inline"
+    binding = bind(
+        policy,
+        engine=engine,
+        keys=keys,
+        resolver=resolver,
+        audit=audit,
+        column_tags=column_tags,
+        source=policy_source,
+        record_failure=True,
+        run_id=run_id,
+    )
+    with binding.run(run_id=run_id) as run:
         if batch_size < 1:
             raise CapeError("batch size must be at least 1")
         fmt = output_format(dst, format)
@@ -209,45 +186,29 @@ def apply_files(
         run_engine = get_engine(engine)
         inputs = open_inputs(src, format=input_format, csv_options=csv_options)
         _refuse_overlap(inputs, dst)
-        resolver = resolver or KeyResolver(keys)
-        plan = build_plan(pol, inputs.schema, resolver=resolver, column_tags=column_tags)
-        counters = Counters.empty_for(plan)
-        bar = Progress.auto(inputs.total_rows(), progress)
+        plan = run.plan = binding.build(inputs.schema)
+        counters = run.counters = Counters.empty_for(plan)
         metadata = {
-            "cape.policy.label": pol.label,
-            "cape.policy.version": str(pol.version),
-            "cape.policy.sha256": pol.sha256,
+            "cape.policy.label": plan.label,
+            "cape.policy.version": str(plan.version),
+            "cape.policy.sha256": plan.sha256,
             "cape.run_id": run.run_id,
         }
-        with atomic_path(dst, overwrite=overwrite) as tmp:
-            writer: ParquetOut | CsvOut
-            if fmt == "parquet":
-                writer = ParquetOut(
-                    tmp, plan.output_schema, metadata, timestamp_unit=timestamp_unit
-                )
-            else:
-                delim = (csv_options or CsvOptions()).delimiter
-                writer = CsvOut(tmp, plan.output_schema, delim)
-            try:
-                for out in run_engine(
-                    plan,
-                    inputs,
-                    batch_size=batch_size,
-                    counters=counters,
-                    progress=bar,
-                    policy=EnginePolicy(pol, resolver, dict(column_tags or {})),
-                ):
-                    writer.write(out)
-                writer.close()
-            except BaseException:
-                writer.abort()
-                raise
-            finally:
-                bar.close()
-    except BaseException as exc:
-        run.failed(exc, counters)
-        raise
-    run.completed(counters)
+        delimiter = (csv_options or CsvOptions()).delimiter
+        with (
+            Progress.auto(inputs.total_rows(), progress) as bar,
+            atomic_path(dst, overwrite=overwrite) as tmp,
+            open_writer(fmt, tmp, plan.output_schema, metadata, timestamp_unit, delimiter) as out,
+        ):
+            for batch in run_engine(
+                plan,
+                inputs,
+                batch_size=batch_size,
+                counters=counters,
+                progress=bar,
+                policy=binding,
+            ):
+                out.write(batch)
     return ApplyResult(output=dst, run_id=run.run_id, counters=counters, plan=plan)
 
 
@@ -265,6 +226,7 @@ __all__ = [
     "CSV_INFER_BLOCK",
     "DEFAULT_BATCH_SIZE",
     "ENGINES",
+    "ENGINE_GROUP",
     "METADATA_KEYS",
     "ROW_GROUP_SIZE",
     "ApplyResult",
@@ -280,6 +242,7 @@ __all__ = [
     "TimestampUnit",
     "apply_files",
     "atomic_path",
+    "engine_names",
     "format_of",
     "get_engine",
     "open_inputs",

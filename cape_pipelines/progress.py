@@ -71,6 +71,12 @@ class Progress:
         self.stream.write("\n")
         self.stream.flush()
 
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     def __call__(self, rows: int) -> None:
         """Make the bar itself a :data:`ProgressFn`."""
         self.update(rows)

@@ -142,6 +142,34 @@ class CsvOut:
 
 
 @contextlib.contextmanager
+def open_writer(
+    fmt: Format,
+    path: Path,
+    schema: pa.Schema,
+    metadata: Mapping[str, str],
+    timestamp_unit: TimestampUnit = "us",
+    delimiter: str = ",",
+) -> Iterator[ParquetOut | CsvOut]:
+    """A writer of ``fmt`` to ``path``: finished if the block succeeds, else abandoned.
+
+    On any exception the file handle is closed without finishing the file
+    (the caller's :func:`atomic_path` then deletes it) and the exception
+    propagates. ``metadata`` goes into a Parquet file's key-value metadata.
+    """
+    writer: ParquetOut | CsvOut
+    if fmt == "parquet":
+        writer = ParquetOut(path, schema, metadata, timestamp_unit=timestamp_unit)
+    else:
+        writer = CsvOut(path, schema, delimiter)
+    try:
+        yield writer
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+@contextlib.contextmanager
 def atomic_path(path: Path, *, overwrite: bool = False) -> Iterator[Path]:
     """A temporary path beside ``path``, renamed to ``path`` only if the block succeeds.
 
@@ -189,6 +217,7 @@ __all__ = [
     "ParquetOut",
     "TimestampUnit",
     "atomic_path",
+    "open_writer",
     "output_format",
     "read_output_metadata",
 ]

@@ -39,7 +39,7 @@ from ..keys import KeyResolver, env_var_name, parse_key_ref
 from ..policy.load import build_transformation
 from ..transforms.base import ColumnContext, ColumnTransformation, SqlFunction
 from ..transforms.registry import registered
-from .types import to_arrow, to_spark, wire_type
+from .convert import to_arrow, to_spark, wire_type
 
 # A built transformation, its key bytes, the column name it sees, and its memo.
 Built = tuple[ColumnTransformation, bytes | None, str, dict[str, Any]]

@@ -53,7 +53,7 @@ def test_every_engine_is_installed_when_required() -> None:
 
 def floor_ns_to_micros(table: pa.Table) -> pa.Table:
     """``table`` with nanosecond timestamps floored to whole microseconds (type kept)."""
-    from cape_pipelines.spark.types import floor_to_micros
+    from cape_pipelines.spark.convert import floor_to_micros
 
     cols = [floor_to_micros(c).cast(c.type) for c in table.columns]
     return pa.table(cols, names=table.column_names)
