@@ -99,6 +99,7 @@ def _round_floats(values: np.ndarray, precision: int) -> np.ndarray:
     mag = np.abs(x)
     out = x.copy()
     slow = np.zeros(x.shape, dtype=bool)
+    back: Any = np.multiply  # undoes the scaling: x / 10**q -> N * 10**q, x * 10**p -> N / 10**p
     with np.errstate(all="ignore"):
         finite = np.isfinite(x)
         if precision >= 0:
