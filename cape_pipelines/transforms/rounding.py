@@ -128,10 +128,11 @@ def _round_floats(values: np.ndarray, precision: int) -> np.ndarray:
                 out[zero] = np.copysign(0.0, x[zero])
                 todo = finite & ~zero
         if abs(precision) <= _EXACT_POW10:
-            # y is x scaled, off the exact product by at most half an ulp: rint(y)
-            # is the exact rounding unless a tie lies within that error of y.
+            # y is x scaled, off the exact product by at most half an ulp of y, which
+            # is at most half of spacing(|y|): rint(y) is the exact rounding unless a
+            # tie (a half-integer) lies within spacing(|y|) of y. frac is exact below 2**52.
             frac = y - np.floor(y)
-            sure = (np.abs(y) < _TWO52) & (np.abs(frac - 0.5) > np.abs(y) * 2.0**-51)
+            sure = (np.abs(y) < _TWO52) & (np.abs(frac - 0.5) > np.spacing(np.abs(y)))
             fast = todo & sure
             out[fast] = back(np.rint(y[fast]), scale)
             slow = todo & ~sure

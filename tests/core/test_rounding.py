@@ -596,3 +596,17 @@ def test_decimal_rounding_is_the_decimal_oracle(values, precision):
         return
     got = NumericRounding(precision=precision).apply(arr, ColumnContext("x")).to_pylist()
     assert got == want
+
+
+@pytest.mark.parametrize("precision", range(-22, 23))
+def test_values_within_a_few_ulps_of_a_decimal_tie(precision):
+    # The fast path's hardest inputs: ties (N + 0.5) * 10**-precision, nudged by 0-4 ulps.
+    rng = np.random.default_rng(precision + 100)
+    values = []
+    for _ in range(150):
+        n = int(rng.integers(0, 2 ** int(rng.integers(1, 53))))
+        v = (n + 0.5) / 10.0**precision if precision >= 0 else (n + 0.5) * 10.0**-precision
+        for _ in range(int(rng.integers(0, 5))):
+            v = float(np.nextafter(v, np.inf if rng.random() < 0.5 else -np.inf))
+        values.append(v if rng.random() < 0.5 else -v)
+    check_against_oracle([v for v in values if math.isfinite(v)], precision, pa.float64())
