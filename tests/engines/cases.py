@@ -546,7 +546,12 @@ CASES: list[Case] = [
         {
             "label": "cape-python",
             "transformations": [
-                {"name": "tok", "type": "tokenizer", "key": "my secret", "algorithm": "cape-sha256"}
+                {
+                    "name": "tok",
+                    "type": "tokenizer",
+                    "key": "my secret passphrase",
+                    "algorithm": "cape-sha256",
+                }
             ],
             "rules": [
                 {"match": {"name": "country"}, "actions": [{"transform": {"name": "tok"}}]},
@@ -558,7 +563,9 @@ CASES: list[Case] = [
             "country",
             pa.array(
                 [
-                    None if c is None else hashlib.sha256(c.encode() + b"my secret").hexdigest()
+                    None
+                    if c is None
+                    else hashlib.sha256(c.encode() + b"my secret passphrase").hexdigest()
                     for c in PEOPLE.column("country").to_pylist()
                 ]
             ),
