@@ -231,8 +231,15 @@ class SparkStandalone:
 class DaskCluster:
     """``dask scheduler`` and ``workers`` ``dask worker`` processes (1 thread each) on loopback."""
 
-    def __init__(self, root: Path, workers: int = 2, memory_limit: str = "1GB") -> None:
+    def __init__(
+        self,
+        root: Path,
+        workers: int = 2,
+        memory_limit: str = "1GB",
+        python_path: list[str] | None = None,
+    ) -> None:
         self.root = root
+        self.python_path = python_path or []
         self.n_workers = workers
         self.memory_limit = memory_limit
         self.processes = Processes(root)
@@ -242,6 +249,8 @@ class DaskCluster:
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
         env["DASK_DISTRIBUTED__WORKER__DAEMON"] = "False"
+        if self.python_path:
+            env["PYTHONPATH"] = os.pathsep.join([*self.python_path, env.get("PYTHONPATH", "")])
         return env
 
     def start(self) -> str:
