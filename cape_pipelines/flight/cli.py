@@ -119,6 +119,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     print(f"cape flight: serving on {scheme}://{args.host}:{server.port}", flush=True)
-    server.wait()
+    server.serve()
     print("cape flight: stopped", file=sys.stderr)
     return 0
