@@ -8,7 +8,12 @@ and out of it. ``import cape_pipelines`` needs none of the engines installed.
 ...     {"match": {"name": "ssn"}, "actions": ["drop"]}]})
 """
 
-from .api import apply_policy
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
+
+from . import pandas as _pandas  # noqa: F401  (registers the ``df.cape`` accessor)
+from .audit import JsonlSink, LoggingSink, MemorySink, MultiSink, NullSink, Sink
+from .core import ColumnCounter, Counters
 from .errors import (
     CapeError,
     DataError,
@@ -17,19 +22,31 @@ from .errors import (
     PolicyError,
     TransformError,
 )
+from .pandas.apply import apply_policy
 from .plan import Plan, build_plan
 from .policy import Policy, load_policy
 
-__version__ = "0.1.0"
+try:
+    __version__ = _version("cape-pipelines")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "CapeError",
+    "ColumnCounter",
+    "Counters",
     "DataError",
+    "JsonlSink",
     "KeyMissingError",
+    "LoggingSink",
+    "MemorySink",
+    "MultiSink",
+    "NullSink",
     "Plan",
     "PlanError",
     "Policy",
     "PolicyError",
+    "Sink",
     "TransformError",
     "__version__",
     "apply_policy",

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from .core import ColumnCounter, Counters
+from .core import Counters
 from .errors import DataError
 from .plan import Plan
 
@@ -47,13 +47,9 @@ def conform(plan: Plan, data: pa.Table | pa.RecordBatch) -> pa.RecordBatch:
 
 
 def count_output(counters: Counters, plan: Plan, batch: pa.RecordBatch) -> None:
-    """Add ``batch``'s rows and, per transformed column, its values and nulls to ``counters``."""
-    counters.rows_out += batch.num_rows
-    for col, types in plan.transformed_columns.items():
-        nulls = batch.column(col).null_count
-        counter = counters.columns.setdefault(col, ColumnCounter(types))
-        counter.values += batch.num_rows - nulls
-        counter.nulls += nulls
+    """Add ``batch``'s rows and, per transformed column, its values and nulls to ``counters``
+    (the rows read are counted by the engine, where it reads them)."""
+    counters.merge(Counters.of_batch(plan, batch, rows_in=0))
 
 
 def first_line(text: str) -> str:

@@ -6,7 +6,7 @@ transformed batch and :class:`Counters` measured on the rows actually produced.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,7 +82,38 @@ class Counters:
     @classmethod
     def empty_for(cls, plan: Plan) -> Counters:
         """Zero counters naming every transformed column of ``plan``."""
-        return cls(columns={c: ColumnCounter(t) for c, t in plan.transformed_columns.items()})
+        return cls.of_counts(plan, rows_in=0, rows_out=0, values={})
+
+    @classmethod
+    def of_counts(
+        cls, plan: Plan, *, rows_in: int, rows_out: int, values: Mapping[str, int]
+    ) -> Counters:
+        """Counters from counts measured elsewhere (an engine's aggregation).
+
+        ``values`` holds the non-null values written per transformed column
+        (missing: none); nulls are the rest of ``rows_out``. Every
+        :class:`Counters` of a plan is built here, so every engine counts the
+        same way.
+        """
+        columns = {
+            c: ColumnCounter(t, values.get(c, 0), rows_out - values.get(c, 0))
+            for c, t in plan.transformed_columns.items()
+        }
+        return cls(rows_in=rows_in, rows_out=rows_out, columns=columns)
+
+    @classmethod
+    def of_batch(
+        cls, plan: Plan, batch: pa.RecordBatch | pa.Table, *, rows_in: int | None = None
+    ) -> Counters:
+        """The counts of one output ``batch`` of ``plan`` (``rows_in``: the rows read for it;
+        default: as many as were written)."""
+        values = {c: batch.num_rows - batch.column(c).null_count for c in plan.transformed_columns}
+        return cls.of_counts(
+            plan,
+            rows_in=batch.num_rows if rows_in is None else rows_in,
+            rows_out=batch.num_rows,
+            values=values,
+        )
 
 
 def conform(plan: Plan, batch: pa.RecordBatch) -> pa.RecordBatch:
@@ -157,10 +188,7 @@ def apply_batch(
     out_batch = pa.RecordBatch.from_arrays(
         [arrays[f.name] for f in plan.output_schema], schema=plan.output_schema
     )
-    counters = Counters(rows_in=rows_in, rows_out=out_batch.num_rows)
-    for col, types in plan.transformed_columns.items():
-        arr = arrays[col]
-        counters.columns[col] = ColumnCounter(types, len(arr) - arr.null_count, arr.null_count)
+    counters = Counters.of_batch(plan, out_batch, rows_in=rows_in)
     if with_indices and indices is None:
         indices = pa.array(np.arange(rows_in, dtype=np.int64))
     return out_batch, counters, indices if with_indices else None

@@ -19,7 +19,7 @@ from .errors import CapeError, KeyFormatError, KeyMissingError, PlanError
 from .keys import KeyResolver, KeyStore
 from .policy.load import PolicySource, load_policy
 from .policy.models import Policy, ResolvedRule
-from .transforms.base import Transformation
+from .transforms.base import ColumnDrop, ColumnTransformation, RowFilter
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class ColumnStep:
     """Replace ``column`` with ``transform`` applied to it."""
 
     column: str
-    transform: Transformation
+    transform: ColumnTransformation
     key_id: str | None
     input_type: pa.DataType
     output_type: pa.DataType
@@ -209,7 +209,7 @@ def build_plan(
             t = action.transform
             loc = action.location
             try:
-                if t.kind == "column":
+                if isinstance(t, ColumnTransformation):
                     for ctx_col in t.context_columns():
                         if ctx_col not in current:
                             raise PlanError(f"context column {ctx_col!r} is not in the data")
@@ -229,8 +229,8 @@ def build_plan(
                         actions.setdefault(col, []).append(
                             f"{loc}: {t.type_name}" + (f" ({action.named})" if action.named else "")
                         )
-                elif t.kind == "columns":
-                    explicit = list(getattr(t, "columns", None) or [])
+                elif isinstance(t, ColumnDrop):
+                    explicit = list(t.columns or [])
                     cols = explicit or list(targets)
                     gone = [c for c in cols if c not in current]
                     if gone and rule.on_missing_column == "error":
@@ -247,13 +247,13 @@ def build_plan(
                             dropped.append(c)
                             matched.add(c)
                             actions.setdefault(c, []).append(f"{loc}: column-redact")
-                else:
-                    cond = t.parsed  # type: ignore[attr-defined]
+                elif isinstance(t, RowFilter):
+                    cond = t.parsed
                     cur_schema = pa.schema(list(current.items()))
                     expr = cond.to_expression(cur_schema)
                     cols = tuple(sorted(cond.columns()))
                     used.update(c for c in cols if c in schema.names)
-                    steps.append(FilterStep(t.condition, ~expr, cols, loc))  # type: ignore[attr-defined]
+                    steps.append(FilterStep(t.condition, ~expr, cols, loc))
             except (KeyMissingError, KeyFormatError) as exc:
                 # Keep the type (callers catch a missing key specifically); add the location.
                 exc.args = (f"{loc}: {exc}",)

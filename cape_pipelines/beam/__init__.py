@@ -14,6 +14,6 @@ except ImportError as exc:  # pragma: no cover - exercised by the no-beam import
         "cape_pipelines.beam needs Apache Beam: pip install 'cape-pipelines[beam]'"
     ) from exc
 
-from .transform import DEFAULT_BATCH_SIZE, ApplyPolicy
+from .apply import DEFAULT_BATCH_SIZE, ApplyPolicy
 
 __all__ = ["DEFAULT_BATCH_SIZE", "ApplyPolicy"]

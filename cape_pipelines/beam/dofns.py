@@ -22,22 +22,13 @@ from apache_beam.pvalue import Row, TaggedOutput
 from apache_beam.transforms.window import BoundedWindow
 from apache_beam.utils.windowed_value import WindowedValue
 
-from ..audit import RunContext, Sink, error_info
 from ..core import Counters, apply_batch
 from ..errors import CapeError, DataError
 from ..plan import Plan
-from .schema import rows_from_table, table_from_dicts, table_from_rows
+from ..seam import RemoteRun
+from .convert import rows_from_table, table_from_dicts, table_from_rows
 
 COUNTERS_TAG = "counters"
-
-# Record ids derived from the run id make a record emitted twice (a retried
-# bundle) the same record, which the coordinator stores once.
-_RECORD_NAMESPACE = uuid.UUID("4f1e0c52-7d3b-4d0e-9a57-5a7c2b8e1d10")
-
-
-def record_id(run_id: str, event: str) -> str:
-    """The deterministic id of ``event``'s record in run ``run_id``."""
-    return str(uuid.uuid5(_RECORD_NAMESPACE, f"{run_id}/{event}"))
 
 
 def element_weight(element: Any) -> int:
@@ -45,44 +36,16 @@ def element_weight(element: Any) -> int:
     return int(getattr(element, "num_rows", 1))
 
 
-class RunAudit:
-    """What a worker needs to write this step's audit records: sink, policy, principal.
-
-    ``source`` is where the policy came from when that was a coordinator; the
-    run then records ``policy.fetched`` too.
-    """
-
-    def __init__(
-        self, sink: Sink, policy: Mapping[str, Any], principal: str, source: str | None = None
-    ):
-        self.sink = sink
-        self.policy = dict(policy)
-        self.principal = principal
-        self.source = source
-
-    def context(self, run_id: str) -> RunContext:
-        run = RunContext(engine="beam", sink=self.sink, principal=self.principal, run_id=run_id)
-        run.set_policy(self.policy["label"], self.policy["version"], self.policy["sha256"])
-        return run
-
-
 class StartRunFn(beam.DoFn):
-    """On the run's single Impulse element: make the run id and emit ``run.started``
-    (and ``policy.fetched`` for a policy from a coordinator). Yields the run id."""
+    """On the run's single Impulse element: make the run id and record the run's start.
+    Yields the run id."""
 
-    def __init__(self, audit: RunAudit):
+    def __init__(self, audit: RemoteRun):
         self.audit = audit
 
     def process(self, _impulse: bytes) -> Iterator[str]:
         run_id = str(uuid.uuid4())
-        run = self.audit.context(run_id)
-        run.emit("run.started", record_id=record_id(run_id, "run.started"))
-        if self.audit.source is not None:
-            run.emit(
-                "policy.fetched",
-                record_id=record_id(run_id, "policy.fetched"),
-                source=self.audit.source,
-            )
+        self.audit.started(run_id)
         yield run_id
 
 
@@ -102,7 +65,7 @@ class ApplyPlanFn(beam.DoFn):
     transformation) emits ``run.failed`` before it fails the bundle.
     """
 
-    def __init__(self, plan: Plan, audit: RunAudit, carry: str | None = None):
+    def __init__(self, plan: Plan, audit: RemoteRun, carry: str | None = None):
         self.plan = plan
         self.audit = audit
         self.carry = carry
@@ -170,12 +133,7 @@ class ApplyPlanFn(beam.DoFn):
         self._counts.setdefault(window, Counters()).merge(total)
 
     def _fail(self, exc: CapeError) -> NoReturn:
-        run = self.audit.context(self._run_id)
-        run.emit(
-            "run.failed",
-            record_id=record_id(self._run_id, "run.failed"),
-            error=error_info(exc),
-        )
+        self.audit.failed(self._run_id, exc)
         raise exc
 
     def _arrow(self, element: pa.Table | pa.RecordBatch, total: Counters) -> Iterator[Any]:
@@ -234,7 +192,7 @@ def _empty_batch(schema: pa.Schema) -> pa.RecordBatch:
 class FinishRunFn(beam.DoFn):
     """On the run id, once every bundle's counts are in (a side input): emit ``run.completed``."""
 
-    def __init__(self, audit: RunAudit, empty: dict[str, Any]):
+    def __init__(self, audit: RemoteRun, empty: dict[str, Any]):
         self.audit = audit
         self.empty = empty
 
@@ -242,18 +200,13 @@ class FinishRunFn(beam.DoFn):
         total = Counters.from_dict(self.empty)
         for bundle in counts:
             total.merge(Counters.from_dict(bundle))
-        run = self.audit.context(run_id)
-        yield run.emit(
-            "run.completed", record_id=record_id(run_id, "run.completed"), **total.to_dict()
-        )
+        yield self.audit.completed(run_id, total)
 
 
 __all__ = [
     "COUNTERS_TAG",
     "ApplyPlanFn",
     "FinishRunFn",
-    "RunAudit",
     "StartRunFn",
     "element_weight",
-    "record_id",
 ]

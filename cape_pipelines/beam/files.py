@@ -15,8 +15,8 @@ runner does. Each output table (one per input table, its rows in order) is
 written to a scratch directory under the id of its first row; the driver reads
 them back in id order, so it holds one table at a time, and hands them to the
 shared writer. The input row count comes from the pipeline too: the read DoFn
-counts the rows it emits and a global combine sums them. Importing this module
-registers the engine.
+counts the rows it emits and a global combine sums them. pyproject.toml names it in the
+``cape_pipelines.engines`` entry-point group.
 """
 
 from __future__ import annotations
@@ -43,9 +43,11 @@ from .._engine_files import conform, count_output, first_line
 from ..audit import NullSink
 from ..core import Counters
 from ..errors import CapeError, DataError
-from ..io import EnginePolicy, InputSet, Progress, register_engine
+from ..inputs import InputSet
 from ..plan import Plan
-from .transform import ApplyPolicy
+from ..progress import ProgressFn
+from ..seam import Binding
+from .apply import ApplyPolicy
 
 ROW_ID = "__cape_files_row_id__"
 FILE_SHIFT = 40
@@ -140,7 +142,7 @@ class WriteCountFn(beam.DoFn):
 
 def run_pipeline(
     inputs: InputSet,
-    policy: EnginePolicy,
+    policy: Binding,
     directory: str,
     *,
     batch_size: int,
@@ -215,10 +217,10 @@ def apply_files_beam(
     *,
     batch_size: int,
     counters: Counters,
-    progress: Progress,
-    policy: EnginePolicy,
+    progress: ProgressFn,
+    policy: Binding,
 ) -> Iterator[pa.RecordBatch]:
-    """The :data:`~cape_pipelines.io.ENGINES` function for ``--engine beam``.
+    """The :data:`~cape_pipelines.io.ENGINE_GROUP` function for ``--engine beam``.
 
     The whole pipeline runs first (its output waits in a scratch directory
     under the system's temporary directory, removed afterwards); the batches
@@ -244,11 +246,9 @@ def apply_files_beam(
                 count_output(counters, plan, batch)
                 yield batch
         counters.rows_in += rows_in
-        progress.update(rows_in)
+        progress(rows_in)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 
-
-register_engine("beam", apply_files_beam)
 
 __all__ = ["ROW_ID", "ReadUnit", "apply_files_beam", "read_units", "run_pipeline"]

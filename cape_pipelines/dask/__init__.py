@@ -3,7 +3,8 @@
 ``apply_policy(ddf, policy)`` builds the plan once on the driver (schema from the
 frame's ``meta``, keys resolved there) and returns a lazy frame made with
 ``map_partitions``; each partition goes through the one Arrow core. Importing
-this package also registers the ``ddf.cape`` and ``df.cape`` accessors. An
+this package also registers the ``ddf.cape`` accessor (``df.cape`` is the
+pandas adapter's). An
 audited run is one call to :func:`compute` or :func:`run` (see docs/engines/dask.md).
 
 >>> import dask.dataframe as dd, pandas as pd

@@ -6,7 +6,9 @@ here, before any task runs. The plan (keys inside it) is shipped to the
 workers as an argument of ``map_partitions``; each partition goes through
 the same pandas<->Arrow path as :func:`cape_pipelines.apply_policy`.
 
-Each output partition carries its :class:`~cape_pipelines.core.Counters` in
+The binding and the run are the seam's (:mod:`cape_pipelines.seam`); the frame
+returned is remembered by identity, as Spark's are. Each output partition
+carries its :class:`~cape_pipelines.core.Counters` in
 ``DataFrame.attrs``; :func:`run` computes the requested collections together
 with a small reduction over those counters in one pass, so the audit totals
 are what the tasks actually returned (a retried task replaces its result, it
@@ -18,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,13 +29,14 @@ import dask.dataframe as dd
 import pandas as pd
 from dask.base import tokenize
 
-from ..api import _apply_pandas
-from ..audit import AuditTarget, RunContext
-from ..core import ColumnCounter, Counters
+from ..audit import AuditTarget
+from ..core import Counters
 from ..keys import KeyResolver
-from ..plan import ColumnStep, Plan, build_plan
+from ..pandas.apply import apply_frame
+from ..plan import ColumnStep, Plan
 from ..policy.load import PolicySource
-from ..source import CoordinatorClient, resolve_policy
+from ..seam import Binding, Tracked, bind
+from ..source import CoordinatorClient
 from .convert import dask_schema, new_string_dtype
 
 COUNTERS_ATTR = "cape_pipelines.counters"
@@ -42,8 +44,6 @@ COUNTERS_ATTR = "cape_pipelines.counters"
 # Keys enter a task's name only through an HMAC under this per-process salt, so
 # equal plans get equal names in this process and a name reveals nothing about a key.
 _TOKEN_SALT = secrets.token_bytes(32)
-
-_MAX_REMEMBERED_FRAMES = 1024
 
 
 class PlanTask:
@@ -77,25 +77,17 @@ def _fingerprint(plan: Plan) -> str:
 
 
 @dataclass(frozen=True)
-class _RunSpec:
+class _Bound:
     """What the driver keeps about a frame returned by :func:`apply_policy`."""
 
-    label: str
-    version: int
-    sha256: str
-    audit: AuditTarget
-    columns: dict[str, str]
-    source: str | None = None
+    binding: Binding
+    plan: Plan
 
 
-_FRAMES: OrderedDict[str, _RunSpec] = OrderedDict()
-
-
-def _remember(name: str, spec: _RunSpec) -> None:
-    _FRAMES[name] = spec
-    _FRAMES.move_to_end(name)
-    while len(_FRAMES) > _MAX_REMEMBERED_FRAMES:
-        _FRAMES.popitem(last=False)
+_FRAMES: Tracked[_Bound] = Tracked(
+    "run() takes the frame returned by cape_pipelines.dask.apply_policy; to compute "
+    "something derived from it, pass it as a target: run(frame, derived)"
+)
 
 
 # Per worker process: the first copy of each plan seen, so that its memo (keyed HMAC
@@ -114,7 +106,7 @@ def _warm_plan(task: PlanTask) -> Plan:
 
 
 def _apply_partition(part: pd.DataFrame, task: PlanTask) -> pd.DataFrame:
-    out, counters = _apply_pandas(_warm_plan(task), part, task.new_strings)
+    out, counters = apply_frame(_warm_plan(task), part, task.new_strings)
     out.attrs = {**out.attrs, COUNTERS_ATTR: counters.to_dict()}
     return out
 
@@ -157,11 +149,16 @@ def apply_policy(
             f"cape_pipelines.dask.apply_policy takes a dask DataFrame, not {type(ddf).__name__}; "
             "for pandas use cape_pipelines.apply_policy"
         )
-    src = resolve_policy(policy, client=client, keys=keys, resolver=resolver, audit=audit)
-    pol = src.policy
-    plan = build_plan(
-        pol, dask_schema(ddf), keys=keys, column_tags=column_tags, resolver=src.resolver
+    binding = bind(
+        policy,
+        engine="dask",
+        keys=keys,
+        resolver=resolver,
+        audit=audit,
+        column_tags=column_tags,
+        client=client,
     )
+    plan = binding.plan(dask_schema(ddf))
     task = PlanTask(plan, new_string_dtype())
     # The empty meta, not the non-empty one: Dask's fake values are not valid
     # input for every transformation (a token-reverser cannot authenticate
@@ -177,17 +174,7 @@ def apply_policy(
         transform_divisions=False,
         align_dataframes=False,
     )
-    _remember(
-        out._name,
-        _RunSpec(
-            pol.label,
-            pol.version,
-            pol.sha256,
-            src.audit,
-            dict(plan.transformed_columns),
-            src.source,
-        ),
-    )
+    _FRAMES.remember(out, _Bound(binding, plan))
     return out
 
 
@@ -201,38 +188,24 @@ def run(frame: dd.DataFrame, *targets: Any, **compute_kwargs: Any) -> tuple[Any,
     of ``frame`` (or ``run.failed`` and re-raises). ``compute_kwargs`` go to
     :func:`dask.compute` (``scheduler=...``). Returns the targets' results.
     """
-    spec = _FRAMES.get(getattr(frame, "_name", None))  # type: ignore[arg-type]
-    if spec is None:
-        raise TypeError(
-            "run() takes the frame returned by cape_pipelines.dask.apply_policy; to compute "
-            "something derived from it, pass it as a target: run(frame, derived)"
-        )
+    bound = _FRAMES[frame]
     counts = frame.map_partitions(
         _partition_counters,
         meta=pd.Series([], dtype=object),
         enforce_metadata=False,
         token="cape-counters",  # noqa: S106  (a task-name prefix, not a secret)
     )
-    ctx = RunContext(engine="dask", sink=spec.audit)
-    ctx.set_policy(spec.label, spec.version, spec.sha256)
-    ctx.started()
-    try:
-        if spec.source is not None:
-            ctx.policy_fetched(spec.source)
+    with bound.binding.run(bound.plan) as audited:
         per_partition, *results = dask.compute(counts, *(targets or (frame,)), **compute_kwargs)
-        totals = _totals(spec, per_partition)
-    except BaseException as exc:
-        ctx.failed(exc)
-        raise
-    ctx.completed(totals)
+        audited.counters = _totals(bound.plan, per_partition)
     for r in results:
         if isinstance(r, pd.DataFrame):
             r.attrs.pop(COUNTERS_ATTR, None)
     return tuple(results)
 
 
-def _totals(spec: _RunSpec, per_partition: pd.Series) -> Counters:
-    totals = Counters(columns={c: ColumnCounter(t) for c, t in spec.columns.items()})
+def _totals(plan: Plan, per_partition: pd.Series) -> Counters:
+    totals = Counters.empty_for(plan)
     for d in per_partition:
         if d is None:
             raise RuntimeError("a partition came back without its counters")

@@ -11,7 +11,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from ..api import pandas_schema
+from ..pandas.convert import pandas_schema
 
 
 def dask_schema(ddf: Any) -> pa.Schema:

@@ -9,7 +9,7 @@ empty strings), and would not give the same bytes. The frame goes through
 :func:`cape_pipelines.dask.apply_policy` with its own records switched off
 (``cape apply`` records the run), and the output partitions are computed a few
 at a time, in order, and handed back as Arrow batches to the shared writer.
-Importing this module registers the engine.
+pyproject.toml names it in the ``cape_pipelines.engines`` entry-point group.
 """
 
 from __future__ import annotations
@@ -27,8 +27,10 @@ import pyarrow as pa
 from .._engine_files import conform, count_output
 from ..audit import NullSink
 from ..core import Counters
-from ..io import EnginePolicy, InputSet, Progress, register_engine
+from ..inputs import InputSet
 from ..plan import Plan
+from ..progress import ProgressFn
+from ..seam import Binding
 from .apply import COUNTERS_ATTR, apply_policy
 
 
@@ -75,10 +77,10 @@ def apply_files_dask(
     *,
     batch_size: int,
     counters: Counters,
-    progress: Progress,
-    policy: EnginePolicy,
+    progress: ProgressFn,
+    policy: Binding,
 ) -> Iterator[pa.RecordBatch]:
-    """The :data:`~cape_pipelines.io.ENGINES` function for ``--engine dask``.
+    """The :data:`~cape_pipelines.io.ENGINE_GROUP` function for ``--engine dask``.
 
     Runs on Dask's current scheduler (threads, or a ``distributed`` client if
     one is active). Memory holds a window of output partitions at a time.
@@ -99,14 +101,14 @@ def apply_files_dask(
 
 
 def _output(
-    plan: Plan, part: Any, counters: Counters, progress: Progress
+    plan: Plan, part: Any, counters: Counters, progress: ProgressFn
 ) -> Iterator[pa.RecordBatch]:
     produced = part.attrs.get(COUNTERS_ATTR)
     if produced is None:
         raise RuntimeError("a Dask partition came back without its counters")
     rows_in = int(produced["rows_in"])
     counters.rows_in += rows_in
-    progress.update(rows_in)
+    progress(rows_in)
     if len(part) == 0:
         return
     part.attrs.pop(COUNTERS_ATTR, None)
@@ -114,7 +116,5 @@ def _output(
     count_output(counters, plan, batch)
     yield batch
 
-
-register_engine("dask", apply_files_dask)
 
 __all__ = ["apply_files_dask", "read_input"]

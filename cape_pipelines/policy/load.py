@@ -12,7 +12,8 @@ import yaml
 from pydantic import ValidationError
 
 from ..errors import PolicyError
-from ..transforms.base import Transformation, get_transformation_class
+from ..transforms.base import ColumnDrop, ColumnTransformation, Transformation
+from ..transforms.registry import get_transformation_class, known_types
 from .models import (
     Policy,
     PolicyDocument,
@@ -160,12 +161,12 @@ def _build_actions(
                     continue
             if t is None:
                 continue
-            if not has_match and t.kind == "column":
+            if not has_match and isinstance(t, ColumnTransformation):
                 problems.append(
                     (aloc, f"{t.type_name} transforms a column, so its rule needs a match")
                 )
                 continue
-            if not has_match and t.kind == "columns" and not getattr(t, "columns", None):
+            if not has_match and isinstance(t, ColumnDrop) and not t.columns:
                 problems.append((aloc, "column-redact without a match needs columns"))
                 continue
             built[(r, a)] = t
@@ -308,8 +309,6 @@ def policy_json_schema() -> dict[str, Any]:
     Each transformation ``type`` is a variant with its own parameters, so an
     editor can complete and check them; ``key`` takes the forms POLICY.md lists.
     """
-    from ..transforms.base import known_types
-
     schema = PolicyDocument.model_json_schema()
     defs: dict[str, Any] = schema.setdefault("$defs", {})
     types = known_types()

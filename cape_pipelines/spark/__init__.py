@@ -17,7 +17,7 @@ except ImportError as exc:
     ) from exc
 
 from .apply import PolicyFunction, apply_policy, collect, plan_of, write
-from .io import read_parquet
+from .files import read_parquet
 from .udfs import SPECS, register_udfs
 
 __all__ = [

@@ -26,7 +26,6 @@ counted instead. See docs/engines/spark.md for the evidence.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,13 +34,14 @@ import pyarrow as pa
 from pyspark.sql import DataFrame, Observation
 from pyspark.sql import functions as F
 
-from ..audit import AuditTarget, RunContext
-from ..core import ColumnCounter, Counters, apply_batch
+from ..audit import AuditTarget
+from ..core import Counters, apply_batch
 from ..keys import KeyResolver
-from ..plan import ColumnStep, FilterStep, Plan, build_plan
+from ..plan import ColumnStep, FilterStep, Plan
 from ..policy.load import PolicySource
-from ..source import CoordinatorClient, resolve_policy
-from .types import cast_batch, schema_to_arrow, schema_to_spark, wire_schema
+from ..seam import Binding, Tracked, bind
+from ..source import CoordinatorClient
+from .convert import cast_batch, schema_to_arrow, schema_to_spark, wire_schema
 
 ENGINE = "spark"
 
@@ -71,47 +71,25 @@ class PolicyFunction:
                 yield cast_batch(out, self.wire_out)
 
 
-@dataclass
-class _Binding:
+@dataclass(frozen=True)
+class _Bound:
     """What an audited action needs to know about a DataFrame made by :func:`apply_policy`."""
 
+    binding: Binding
     plan: Plan
     source: DataFrame
-    audit: AuditTarget
-    fetched_from: str | None = None
-
-    def new_run(self) -> RunContext:
-        run = RunContext(engine=ENGINE, sink=self.audit)
-        run.set_policy(self.plan.label, self.plan.version, self.plan.sha256)
-        return run
-
-    def start(self, run: RunContext) -> None:
-        """Emit ``run.started`` (and ``policy.fetched`` for a policy from a coordinator)."""
-        run.started()
-        if self.fetched_from is not None:
-            run.policy_fetched(self.fetched_from)
 
 
 # Keyed by the returned DataFrame object; an entry lives as long as that object.
-_BINDINGS: weakref.WeakKeyDictionary[DataFrame, _Binding] = weakref.WeakKeyDictionary()
+_BINDINGS: Tracked[_Bound] = Tracked(
+    "not a DataFrame returned by cape_pipelines.spark.apply_policy; audited actions "
+    "take that DataFrame itself (a DataFrame derived from it has lost its plan)"
+)
 
 
 def session_time_zone(sdf: DataFrame) -> str:
     """The session time zone, which plays the role of a Spark ``TIMESTAMP``'s zone."""
     return sdf.sparkSession.conf.get("spark.sql.session.timeZone") or "UTC"
-
-
-def plan_for(
-    sdf: DataFrame,
-    policy: PolicySource,
-    *,
-    keys: Mapping[str, bytes | str] | None = None,
-    column_tags: Mapping[str, Sequence[str]] | None = None,
-    resolver: KeyResolver | None = None,
-) -> Plan:
-    """Build the plan for ``sdf`` on the driver (keys resolved here, not on executors)."""
-    schema = schema_to_arrow(sdf.schema, session_time_zone(sdf))
-    return build_plan(policy, schema, keys=keys, column_tags=column_tags, resolver=resolver)
 
 
 def apply_policy(
@@ -138,20 +116,18 @@ def apply_policy(
     ...     {"match": {"name": "ssn"}, "actions": ["drop"]}]})
     >>> write(out, "/tmp/out.parquet")  # doctest: +SKIP
     """
-    src = resolve_policy(policy, client=client, keys=keys, resolver=resolver, audit=audit)
-    pol, audit = src.policy, src.audit
-    try:
-        plan = plan_for(sdf, pol, keys=keys, column_tags=column_tags, resolver=src.resolver)
-    except BaseException as exc:
-        run = RunContext(engine=ENGINE, sink=audit)
-        run.set_policy(pol.label, pol.version, pol.sha256)
-        run.started()
-        if src.source is not None:
-            run.policy_fetched(src.source)
-        run.failed(exc)
-        raise
+    binding = bind(
+        policy,
+        engine=ENGINE,
+        keys=keys,
+        resolver=resolver,
+        audit=audit,
+        column_tags=column_tags,
+        client=client,
+    )
+    plan = binding.plan(lambda: schema_to_arrow(sdf.schema, session_time_zone(sdf)))
     out = _policy_frame(plan, sdf)
-    _BINDINGS[out] = _Binding(plan, sdf, audit, src.source)
+    _BINDINGS.remember(out, _Bound(binding, plan, sdf))
     return out
 
 
@@ -169,17 +145,7 @@ def _policy_frame(plan: Plan, sdf: DataFrame) -> DataFrame:
 
 def plan_of(out: DataFrame) -> Plan:
     """The plan behind a DataFrame returned by :func:`apply_policy`."""
-    return _binding(out).plan
-
-
-def _binding(out: DataFrame) -> _Binding:
-    try:
-        return _BINDINGS[out]
-    except (KeyError, TypeError):
-        raise TypeError(
-            "not a DataFrame returned by cape_pipelines.spark.apply_policy; audited actions "
-            "take that DataFrame itself (a DataFrame derived from it has lost its plan)"
-        ) from None
+    return _BINDINGS[out].plan
 
 
 LEGACY_ALL_ATTEMPTS = "spark.sql.legacy.observeMetricsAggregateAllAttempts"
@@ -199,7 +165,7 @@ class _Observed:
     when ``trusted`` is false; the caller then counts another way.
     """
 
-    def __init__(self, binding: _Binding, out: DataFrame, *, output: bool, trusted: bool = True):
+    def __init__(self, binding: _Bound, out: DataFrame, *, output: bool, trusted: bool = True):
         self.plan = binding.plan
         self.source = binding.source
         self.columns = list(self.plan.transformed_columns)
@@ -230,12 +196,8 @@ class _Observed:
         seen = _metrics(self.out, ["rows", *names]) if self.out is not None else None
         if seen is None:
             return None
-        rows = seen["rows"]
-        counters = Counters(rows_out=rows)
-        for c, name in zip(self.columns, names, strict=True):
-            types = self.plan.transformed_columns[c]
-            counters.columns[c] = ColumnCounter(types, seen[name], rows - seen[name])
-        return counters
+        values = {c: seen[name] for c, name in zip(self.columns, names, strict=True)}
+        return Counters.of_counts(self.plan, rows_in=0, rows_out=seen["rows"], values=values)
 
 
 def _legacy_all_attempts(sdf: DataFrame) -> bool:
@@ -275,27 +237,15 @@ def _metrics(obs: Observation, names: Sequence[str]) -> dict[str, int] | None:
     return {n: int(seen[n]) for n in names}
 
 
-def counters_from_table(plan: Plan, table: pa.Table) -> Counters:
-    """Output counts of a produced table: rows, and non-null/null values per transformed column."""
-    counters = Counters(rows_out=table.num_rows)
-    for col, types in plan.transformed_columns.items():
-        nulls = table.column(col).null_count
-        counters.columns[col] = ColumnCounter(types, table.num_rows - nulls, nulls)
-    return counters
-
-
 def counters_from_dataframe(plan: Plan, produced: DataFrame) -> Counters:
-    """The same counts as :func:`counters_from_table`, by one aggregation over ``produced``."""
+    """Output counts of ``produced`` (rows, non-null values per transformed column), by one
+    aggregation; ``rows_in`` is left at 0 for the caller."""
     cols = list(plan.transformed_columns)
     aggs = [F.count(F.lit(1)).alias("rows")]
     aggs += [F.count(F.col(_quoted(c))).alias(f"v{i}") for i, c in enumerate(cols)]
     row = produced.agg(*aggs).collect()[0]
-    rows = int(row["rows"])
-    counters = Counters(rows_out=rows)
-    for i, c in enumerate(cols):
-        values = int(row[f"v{i}"])
-        counters.columns[c] = ColumnCounter(plan.transformed_columns[c], values, rows - values)
-    return counters
+    values = {c: int(row[f"v{i}"]) for i, c in enumerate(cols)}
+    return Counters.of_counts(plan, rows_in=0, rows_out=int(row["rows"]), values=values)
 
 
 def collect(out: DataFrame) -> pa.Table:
@@ -304,19 +254,13 @@ def collect(out: DataFrame) -> pa.Table:
     The output counts come from the table; when the plan removes rows, the
     rows read are observed in the same job.
     """
-    binding = _binding(out)
-    run = binding.new_run()
-    binding.start(run)
-    try:
-        observed = _Observed(binding, out, output=False)
-        table = _to_arrow(observed.frame)
-        table = table.cast(binding.plan.output_schema)
-        counters = counters_from_table(binding.plan, table)
+    bound = _BINDINGS[out]
+    with bound.binding.run(bound.plan) as run:
+        observed = _Observed(bound, out, output=False)
+        table = _to_arrow(observed.frame).cast(bound.plan.output_schema)
+        counters = Counters.of_batch(bound.plan, table, rows_in=0)
         counters.rows_in = observed.rows_in(counters.rows_out)
-    except BaseException as exc:
-        run.failed(exc)
-        raise
-    run.completed(counters)
+        run.counters = counters
     return table
 
 
@@ -353,11 +297,9 @@ def write(
     """
     if mode == "ignore":
         raise ValueError("write(mode='ignore') is not supported: a run must know what it wrote")
-    binding = _binding(out)
-    run = binding.new_run()
-    binding.start(run)
-    try:
-        observed = _Observed(binding, out, output=True, trusted=not _legacy_all_attempts(out))
+    bound = _BINDINGS[out]
+    with bound.binding.run(bound.plan) as run:
+        observed = _Observed(bound, out, output=True, trusted=not _legacy_all_attempts(out))
         writer = observed.frame.write.format(format).mode(mode).options(**options)
         if partition_by:
             writer = writer.partitionBy(*partition_by)
@@ -368,10 +310,7 @@ def write(
                 produced = out.sparkSession.read.format(format).options(**options).load(path)
             else:
                 produced = out
-            counters = counters_from_dataframe(binding.plan, produced)
+            counters = counters_from_dataframe(bound.plan, produced)
         counters.rows_in = observed.rows_in(counters.rows_out)
-    except BaseException as exc:
-        run.failed(exc)
-        raise
-    run.completed(counters)
+        run.counters = counters
     return counters

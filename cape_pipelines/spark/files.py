@@ -18,8 +18,20 @@ order. The result of :func:`cape_pipelines.spark.apply_policy` (its records
 switched off: ``cape apply`` records the run) is streamed to the driver one
 partition at a time as Arrow IPC batches, in order, and handed to the shared
 writer. The session time zone is set to the input's time zone for the run,
-so that Spark's plan sees the zone the input holds. Importing this module
-registers the engine.
+so that Spark's plan sees the zone the input holds. pyproject.toml names it in the
+``cape_pipelines.engines`` entry-point group.
+
+Reading Parquet (:func:`read_parquet`, public), where Spark refuses nanosecond timestamps.
+
+pyarrow writes timestamps as Parquet ``TIMESTAMP(NANOS)`` by default, and
+Spark fails on them (``PARQUET_TYPE_ILLEGAL``). :func:`read_parquet` looks at
+the file's schema with pyarrow first; if it holds nanosecond timestamps, it
+turns on Spark's ``spark.sql.legacy.parquet.nanosAsLong`` for the session
+(the columns then arrive as nanoseconds since the epoch, and the setting only
+changes files Spark would otherwise refuse) and converts each such column to a
+Spark timestamp floored to the microsecond, with exact integer arithmetic:
+``TIMESTAMP`` for UTC-adjusted columns, ``TIMESTAMP_NTZ`` for the others.
+Sub-microsecond digits are lost; Spark cannot hold them.
 """
 
 from __future__ import annotations
@@ -34,6 +46,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
+import pyarrow.dataset as ds
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
@@ -43,11 +56,52 @@ from .._engine_files import conform, count_output, first_line
 from ..audit import NullSink
 from ..core import Counters
 from ..errors import CapeError, DataError
-from ..io import EnginePolicy, InputSet, Progress, register_engine
+from ..inputs import InputSet
 from ..plan import Plan
+from ..progress import ProgressFn
+from ..seam import Binding
 from .apply import apply_policy
-from .io import read_parquet
-from .types import to_spark
+from .convert import to_spark
+
+NANOS_AS_LONG = "spark.sql.legacy.parquet.nanosAsLong"
+
+
+def nanosecond_columns(path: str) -> dict[str, bool]:
+    """Top-level nanosecond timestamp columns of a Parquet file or directory -> UTC-adjusted?"""
+    schema = ds.dataset(path, format="parquet").schema
+    return {
+        f.name: f.type.tz is not None
+        for f in schema
+        if pa.types.is_timestamp(f.type) and f.type.unit == "ns"
+    }
+
+
+def _nanos_to_timestamp(name: str, utc: bool) -> Column:
+    quoted = "`" + name.replace("`", "``") + "`"
+    # Integer arithmetic only: a double would lose digits of a nanosecond count.
+    micros = f"(({quoted} - pmod({quoted}, 1000L)) div 1000L)"
+    if utc:
+        return F.expr(f"timestamp_micros({micros})")
+    return F.expr(f"timestampadd(MICROSECOND, {micros}, TIMESTAMP_NTZ'1970-01-01 00:00:00')")
+
+
+def read_parquet(spark: SparkSession, path: str) -> DataFrame:
+    """``spark.read.parquet(path)``, also for files with ``TIMESTAMP(NANOS)`` columns.
+
+    >>> df = read_parquet(spark, "events.parquet")  # doctest: +SKIP
+    """
+    nanos = nanosecond_columns(path)
+    if not nanos:
+        return spark.read.parquet(path)
+    spark.conf.set(NANOS_AS_LONG, "true")
+    df = spark.read.parquet(path)
+    return df.select(
+        *[
+            _nanos_to_timestamp(c, nanos[c]).alias(c) if c in nanos else F.col(f"`{c}`")
+            for c in df.columns
+        ]
+    )
+
 
 _DEFAULTS = pacsv.ConvertOptions()
 NULL_SPELLINGS = tuple(_DEFAULTS.null_values)
@@ -215,10 +269,10 @@ def apply_files_spark(
     *,
     batch_size: int,
     counters: Counters,
-    progress: Progress,
-    policy: EnginePolicy,
+    progress: ProgressFn,
+    policy: Binding,
 ) -> Iterator[pa.RecordBatch]:
-    """The :data:`~cape_pipelines.io.ENGINES` function for ``--engine spark``.
+    """The :data:`~cape_pipelines.io.ENGINE_GROUP` function for ``--engine spark``.
 
     The driver holds one partition's output at a time. ``counters.rows_in``
     is a count of the input (a second scan, only when the policy removes rows).
@@ -250,15 +304,13 @@ def apply_files_spark(
                     for produced in reader:
                         batch = conform(plan, produced)
                         count_output(counters, plan, batch)
-                        progress.update(batch.num_rows)
+                        progress(batch.num_rows)
                         yield batch
             rows_in = int(source.count()) if plan.filters_rows else counters.rows_out
         except (PySparkException, Py4JJavaError) as exc:
             raise _cape_error(exc) from None
     counters.rows_in += rows_in
-    progress.update(rows_in - counters.rows_out)
+    progress(rows_in - counters.rows_out)
 
 
-register_engine("spark", apply_files_spark)
-
-__all__ = ["apply_files_spark", "read_input", "session"]
+__all__ = ["apply_files_spark", "nanosecond_columns", "read_input", "read_parquet", "session"]

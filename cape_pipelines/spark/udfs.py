@@ -28,7 +28,6 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from decimal import Decimal
 from typing import Any
 
 import pyarrow as pa
@@ -38,24 +37,42 @@ from pyspark.sql import types as T
 from ..errors import TransformError
 from ..keys import KeyResolver, env_var_name, parse_key_ref
 from ..policy.load import build_transformation
-from ..transforms.base import ColumnContext, Transformation
-from .types import to_arrow, wire_type
+from ..transforms.base import ColumnContext, ColumnTransformation, SqlFunction
+from ..transforms.registry import registered
+from .convert import to_arrow, to_spark, wire_type
 
-Params = Callable[[list[Any]], dict[str, Any]]
+# A built transformation, its key bytes, the column name it sees, and its memo.
+Built = tuple[ColumnTransformation, bytes | None, str, dict[str, Any]]
 
 
 @dataclass(frozen=True)
 class UdfSpec:
-    """One SQL function: its name, transformation type, argument names and return type."""
+    """One SQL function: a transformation's declared :class:`SqlFunction`, with its Spark type."""
 
     name: str
     type_name: str
-    args: tuple[str, ...]
-    required: int
+    function: SqlFunction
     returns: T.DataType
-    params: Params
-    keyed: bool = True
-    column_arg: bool = False
+
+    @property
+    def args(self) -> tuple[str, ...]:
+        """The argument names after the column."""
+        return tuple(a.name for a in self.function.args)
+
+    @property
+    def required(self) -> int:
+        """How many arguments after the column must be given."""
+        return sum(1 for a in self.function.args if a.required)
+
+    @property
+    def keyed(self) -> bool:
+        """Whether the first argument names a key."""
+        return any(a.role == "key" for a in self.function.args)
+
+    @property
+    def column_arg(self) -> bool:
+        """Whether the last argument names the column the transformation sees."""
+        return any(a.role == "column" for a in self.function.args)
 
     @property
     def signature(self) -> str:
@@ -65,103 +82,16 @@ class UdfSpec:
         return f"{self.name}({', '.join(parts)})"
 
 
-def _number(value: Any) -> int | float:
-    """A SQL numeric literal as a Python number (SQL's ``-2.5`` arrives as a Decimal)."""
-    if isinstance(value, Decimal):
-        return int(value) if value == value.to_integral_value() else float(value)
-    return value
-
-
-def _tokenize(a: list[Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    if len(a) > 1 and a[1] is not None:
-        out["max_token_len"] = int(a[1])
-    if len(a) > 2 and a[2] is not None:
-        out["algorithm"] = a[2]
-    return out
-
-
-def _perturb_number(a: list[Any]) -> dict[str, Any]:
-    return {"min": _number(a[1]), "max": _number(a[2])}
-
-
-def _perturb_date(a: list[Any]) -> dict[str, Any]:
-    return {"frequency": a[1], "min": _number(a[2]), "max": _number(a[3])}
-
-
 def _specs() -> list[UdfSpec]:
-    date, ts = T.DateType(), T.TimestampType()
-    truncate: Params = lambda a: {"frequency": a[0]}  # noqa: E731
-    rnd: Params = lambda a: {"precision": int(a[0])}  # noqa: E731
-    none: Params = lambda a: {}  # noqa: E731
-    return [
-        UdfSpec(
-            "cape_tokenize",
-            "tokenizer",
-            ("key", "max_len", "algorithm"),
-            1,
-            T.StringType(),
-            _tokenize,
-        ),
-        UdfSpec(
-            "cape_tokenize_reversible", "reversible-tokenizer", ("key",), 1, T.StringType(), none
-        ),
-        UdfSpec("cape_reveal", "token-reverser", ("key",), 1, T.StringType(), none),
-        UdfSpec(
-            "cape_round", "numeric-rounding", ("precision",), 1, T.DoubleType(), rnd, keyed=False
-        ),
-        UdfSpec(
-            "cape_round_long", "numeric-rounding", ("precision",), 1, T.LongType(), rnd, keyed=False
-        ),
-        UdfSpec(
-            "cape_truncate_date", "date-truncation", ("frequency",), 1, date, truncate, keyed=False
-        ),
-        UdfSpec(
-            "cape_truncate_timestamp",
-            "date-truncation",
-            ("frequency",),
-            1,
-            ts,
-            truncate,
-            keyed=False,
-        ),
-        UdfSpec(
-            "cape_perturb_number",
-            "numeric-perturbation",
-            ("key", "min", "max", "column"),
-            3,
-            T.DoubleType(),
-            _perturb_number,
-            column_arg=True,
-        ),
-        UdfSpec(
-            "cape_perturb_number_long",
-            "numeric-perturbation",
-            ("key", "min", "max", "column"),
-            3,
-            T.LongType(),
-            _perturb_number,
-            column_arg=True,
-        ),
-        UdfSpec(
-            "cape_perturb_date",
-            "date-perturbation",
-            ("key", "frequency", "min", "max", "column"),
-            4,
-            date,
-            _perturb_date,
-            column_arg=True,
-        ),
-        UdfSpec(
-            "cape_perturb_timestamp",
-            "date-perturbation",
-            ("key", "frequency", "min", "max", "column"),
-            4,
-            ts,
-            _perturb_date,
-            column_arg=True,
-        ),
-    ]
+    """The table, derived from what each registered transformation declares."""
+    specs = []
+    for cls in registered():
+        if not issubclass(cls, ColumnTransformation):
+            continue
+        for fn in cls.sql_functions:
+            name = "cape_" + fn.name
+            specs.append(UdfSpec(name, cls.type_name, fn, to_spark(fn.returns, name)))
+    return specs
 
 
 SPECS: dict[str, UdfSpec] = {s.name: s for s in _specs()}
@@ -191,7 +121,7 @@ class UdfFunction:
         self.resolver = resolver
         self.tz = tz
         self.out_type = wire_type(to_arrow(spec.returns, tz, spec.name))
-        self._built: dict[tuple[Any, ...], tuple[Transformation, bytes | None, str, dict]] = {}
+        self._built: dict[tuple[Any, ...], Built] = {}
 
     def __repr__(self) -> str:
         return f"UdfFunction({self.spec.name})"
@@ -199,7 +129,7 @@ class UdfFunction:
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_built": {}}
 
-    def _build(self, args: list[Any]) -> tuple[Transformation, bytes | None, str, dict]:
+    def _build(self, args: list[Any]) -> Built:
         key = tuple(args)
         found = self._built.get(key)
         if found is not None:
@@ -212,13 +142,18 @@ class UdfFunction:
         column = ""
         if spec.column_arg and len(args) == len(spec.args) and args[-1] is not None:
             column = str(args[-1])
-        params = spec.params(list(args))
+        params = spec.function.params(list(args))
         secret: bytes | None = None
-        if spec.keyed:
-            ref = parse_key_ref({"secret": str(args[0])})
-            secret = self.resolver.resolve(ref)
-            params["key"] = ref
+        for arg, value in zip(spec.function.args, args, strict=False):
+            if arg.role == "key":
+                ref = parse_key_ref({"secret": str(value)})
+                secret = self.resolver.resolve(ref)
+                params[arg.param or arg.name] = ref
         transform = build_transformation(spec.type_name, params, spec.signature)
+        if not isinstance(transform, ColumnTransformation):
+            raise TransformError(
+                f"{spec.signature}: {spec.type_name} is not a column transformation"
+            )
         built = (transform, secret, column, {})
         self._built[key] = built
         return built

@@ -1,9 +1,27 @@
-"""Imports every built-in transformation family so that each registers itself."""
+"""The built-in transformation families, listed where the package is assembled.
 
-from . import (  # noqa: F401
-    perturb,
-    redact,
-    reversible,
-    rounding,
-    tokenize,
+The registry imports this list; the families import only :mod:`.base`, so no
+module imports itself back. Order matters only for listings (the Spark SQL
+functions are registered in this order).
+"""
+
+from __future__ import annotations
+
+from .base import Transformation
+from .perturb import DatePerturbation, NumericPerturbation
+from .redact import ColumnRedact, RowRedact
+from .reversible import ReversibleTokenizer, TokenReverser
+from .rounding import DateTruncation, NumericRounding
+from .tokenize import Tokenizer
+
+BUILTINS: tuple[type[Transformation], ...] = (
+    Tokenizer,
+    ReversibleTokenizer,
+    TokenReverser,
+    NumericRounding,
+    DateTruncation,
+    NumericPerturbation,
+    DatePerturbation,
+    ColumnRedact,
+    RowRedact,
 )

@@ -1,18 +1,29 @@
-"""The contract every transformation keeps, and the registry of them by ``type`` name.
+"""The contract every transformation keeps: one small base class per kind.
 
-A transformation is a frozen pydantic model of its validated parameters plus
-pure functions over pyarrow data: ``output_type`` (which also refuses an input
-type it cannot take) and ``apply``. Beam schemas, Dask ``meta`` and Spark
-schemas all come from ``output_type``; every engine runs ``apply``.
+A transformation is a frozen pydantic model of its validated parameters. Its
+kind is its base class, so the plan dispatches on types and never guesses
+attributes:
+
+* :class:`ColumnTransformation` maps one column to one column with pure
+  functions over pyarrow data: ``output_type`` (which also refuses an input
+  type it cannot take) and ``apply``. Beam schemas, Dask ``meta`` and Spark
+  schemas all come from ``output_type``; every engine runs ``apply``. It may
+  declare :class:`SqlFunction` signatures, from which the Spark adapter
+  derives its SQL functions.
+* :class:`ColumnDrop` removes columns; :class:`RowFilter` removes rows.
+
+This module imports no transformation family; the registry that lists them is
+:mod:`cape_pipelines.transforms.registry`, so there is no import cycle.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from decimal import Decimal
 from enum import StrEnum
-from importlib.metadata import entry_points
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, field_validator
@@ -20,7 +31,10 @@ from pydantic import BaseModel, ConfigDict, field_validator
 from ..errors import PlanError
 from ..keys import KeyRef, KeyResolver, parse_key_ref
 
-ENTRY_POINT_GROUP = "cape_pipelines.transforms"
+if TYPE_CHECKING:
+    from ..conditions import Condition
+
+Kind = Literal["column", "columns", "rows"]
 
 
 class CapeDType(StrEnum):
@@ -73,17 +87,17 @@ class ColumnContext:
 
 
 class Transformation(BaseModel):
-    """Base class: validated, frozen parameters and pure Arrow functions.
+    """Common base of every kind: validated, frozen parameters and a safe ``repr``.
 
-    Subclasses set ``type_name`` (the policy's ``type``) and ``kind``:
-    ``column`` (maps one column to one column), ``columns`` (removes columns:
-    ``column-redact``) or ``rows`` (removes rows: ``row-redact``).
+    Subclass one of the kind classes, not this one: :class:`ColumnTransformation`,
+    :class:`ColumnDrop` or :class:`RowFilter`. Subclasses set ``type_name``
+    (the policy's ``type``); ``kind`` names the kind in messages and listings.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
 
     type_name: ClassVar[str] = ""
-    kind: ClassVar[Literal["column", "columns", "rows"]] = "column"
+    kind: ClassVar[Kind]
 
     def __repr__(self) -> str:
         shown = {k: v for k, v in self.__dict__.items() if k != "key"}
@@ -93,6 +107,17 @@ class Transformation(BaseModel):
         return f"{type(self).__name__}({args})"
 
     __str__ = __repr__
+
+
+class ColumnTransformation(Transformation):
+    """Maps one column to one column of the same length, one batch at a time.
+
+    ``sql_functions`` lists the SQL functions (``cape_<name>``) the Spark
+    adapter registers for this transformation; empty means none.
+    """
+
+    kind: ClassVar[Kind] = "column"
+    sql_functions: ClassVar[tuple[SqlFunction, ...]] = ()
 
     def resolve_key(self, resolver: KeyResolver) -> bytes | None:
         """The key bytes this transformation needs, resolved once at plan time."""
@@ -120,7 +145,78 @@ class Transformation(BaseModel):
         )
 
 
-class KeyedTransformation(Transformation):
+class ColumnDrop(Transformation):
+    """Removes ``columns``, or, when that is empty, the columns its rule matched."""
+
+    kind: ClassVar[Kind] = "columns"
+
+    columns: list[str] | None = None
+
+
+class RowFilter(Transformation):
+    """Removes every row where :attr:`parsed` is true or null (fails closed)."""
+
+    kind: ClassVar[Kind] = "rows"
+
+    condition: str
+
+    @property
+    def parsed(self) -> Condition:
+        """The parsed condition, compiled against the schema at plan time."""
+        raise NotImplementedError
+
+
+KINDS: tuple[type[Transformation], ...] = (ColumnTransformation, ColumnDrop, RowFilter)
+
+
+def sql_number(value: Any) -> int | float:
+    """A SQL numeric literal as a Python number (SQL's ``-2.5`` arrives as a Decimal)."""
+    if isinstance(value, Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
+    return value  # type: ignore[no-any-return]
+
+
+@dataclass(frozen=True)
+class SqlArg:
+    """One argument of a SQL function after the column.
+
+    ``role`` says what the literal fills: ``param`` (the parameter ``param``,
+    through ``convert``), ``key`` (a key *name*, resolved on the driver, never
+    key material) or ``column`` (the column name the transformation sees,
+    for transformations whose output depends on it).
+    """
+
+    name: str
+    role: Literal["param", "key", "column"] = "param"
+    param: str = ""
+    convert: Callable[[Any], Any] | None = None
+    required: bool = True
+
+
+@dataclass(frozen=True)
+class SqlFunction:
+    """A SQL function signature: ``cape_<name>(col, args...) -> returns``.
+
+    A SQL function has one return type, so a transformation whose output type
+    follows its input declares one function per output type; the core's
+    output is cast to ``returns``.
+    """
+
+    name: str
+    args: tuple[SqlArg, ...]
+    returns: pa.DataType
+
+    def params(self, values: list[Any]) -> dict[str, Any]:
+        """The transformation's parameters from the literal ``values`` (key and column left out)."""
+        out: dict[str, Any] = {}
+        for arg, value in zip(self.args, values, strict=False):
+            if arg.role != "param" or value is None:
+                continue
+            out[arg.param or arg.name] = arg.convert(value) if arg.convert else value
+        return out
+
+
+class KeyedTransformation(ColumnTransformation):
     """A transformation with a ``key`` parameter in any of the forms POLICY.md accepts."""
 
     # A rejected inline key must not be echoed back in a validation message.
@@ -137,46 +233,3 @@ class KeyedTransformation(Transformation):
 def seed_key(seed: int) -> bytes:
     """Key bytes derived from a public integer ``seed`` (reproducible, not secret)."""
     return hashlib.sha256(b"cape-pipelines seed\x00" + str(int(seed)).encode()).digest()
-
-
-_REGISTRY: dict[str, type[Transformation]] = {}
-_entry_points_loaded = False
-
-
-def register(cls: type[Transformation]) -> type[Transformation]:
-    """Class decorator: make ``cls`` available to policies under ``cls.type_name``."""
-    if not cls.type_name:
-        raise TypeError(f"{cls.__name__} has no type_name")
-    existing = _REGISTRY.get(cls.type_name)
-    if existing is not None and existing is not cls:
-        raise TypeError(f"transformation type {cls.type_name!r} is registered twice")
-    _REGISTRY[cls.type_name] = cls
-    return cls
-
-
-def _load_entry_points() -> None:
-    global _entry_points_loaded
-    if _entry_points_loaded:
-        return
-    _entry_points_loaded = True
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        register(ep.load())
-
-
-def known_types() -> list[str]:
-    """Every registered ``type`` name, sorted."""
-    from . import _builtin  # noqa: F401  (registers the built-in families)
-
-    _load_entry_points()
-    return sorted(_REGISTRY)
-
-
-def get_transformation_class(type_name: str) -> type[Transformation]:
-    """The class registered for ``type_name``; ``KeyError`` lists the known names."""
-    known = known_types()
-    try:
-        return _REGISTRY[type_name]
-    except KeyError:
-        raise KeyError(
-            f"unknown transformation type {type_name!r}; known types: {', '.join(known)}"
-        ) from None

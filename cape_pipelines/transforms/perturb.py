@@ -40,7 +40,15 @@ from pydantic import PrivateAttr, field_validator, model_validator
 from ..errors import TransformError
 from ..keys import KeyRef, KeyResolver, parse_key_ref
 from . import _prf
-from .base import CapeDType, ColumnContext, Transformation, register, seed_key
+from .base import (
+    CapeDType,
+    ColumnContext,
+    ColumnTransformation,
+    SqlArg,
+    SqlFunction,
+    seed_key,
+    sql_number,
+)
 
 _I64_MIN = -(1 << 63)
 _I64_MAX = (1 << 63) - 1
@@ -58,7 +66,7 @@ def _strict_int(value: Any) -> int:
     return value
 
 
-class _Perturbation(Transformation):
+class _Perturbation(ColumnTransformation):
     """What both perturbations share: ``seed``/``key`` handling and the ``context`` column."""
 
     seed: int | None = None
@@ -160,7 +168,6 @@ def _add_int64_saturating(
     return out
 
 
-@register
 class NumericPerturbation(_Perturbation):
     """Add keyed pseudo-random noise in ``[min, max)`` to a numeric column.
 
@@ -171,6 +178,19 @@ class NumericPerturbation(_Perturbation):
 
     type_name: ClassVar[str] = "numeric-perturbation"
     purpose: ClassVar[str] = "numeric-perturbation"
+    sql_functions: ClassVar[tuple[SqlFunction, ...]] = tuple(
+        SqlFunction(
+            name,
+            (
+                SqlArg("key", role="key"),
+                SqlArg("min", convert=sql_number),
+                SqlArg("max", convert=sql_number),
+                SqlArg("column", role="column", required=False),
+            ),
+            returns,
+        )
+        for name, returns in (("perturb_number", pa.float64()), ("perturb_number_long", pa.int64()))
+    )
 
     min: int | float
     max: int | float
@@ -316,7 +336,6 @@ _UNITS_PER_SECOND = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
 _MAX_SHIFT_SECONDS = 1 << 62
 
 
-@register
 class DatePerturbation(_Perturbation):
     """Shift dates and timestamps by keyed pseudo-random amounts of each ``frequency``.
 
@@ -331,6 +350,23 @@ class DatePerturbation(_Perturbation):
 
     type_name: ClassVar[str] = "date-perturbation"
     purpose: ClassVar[str] = "date-perturbation"
+    sql_functions: ClassVar[tuple[SqlFunction, ...]] = tuple(
+        SqlFunction(
+            name,
+            (
+                SqlArg("key", role="key"),
+                SqlArg("frequency"),
+                SqlArg("min", convert=sql_number),
+                SqlArg("max", convert=sql_number),
+                SqlArg("column", role="column", required=False),
+            ),
+            returns,
+        )
+        for name, returns in (
+            ("perturb_date", pa.date32()),
+            ("perturb_timestamp", pa.timestamp("us", tz="UTC")),
+        )
+    )
 
     frequency: str | list[str]
     min: int | list[int]

@@ -5,32 +5,25 @@ Row redaction fails closed: a row whose condition is true *or null* is removed.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 from pydantic import PrivateAttr, field_validator
 
 from ..conditions import Condition, parse_condition
-from .base import Transformation, register
+from .base import ColumnDrop, RowFilter
 
 
-@register
-class ColumnRedact(Transformation):
+class ColumnRedact(ColumnDrop):
     """Remove ``columns`` (or, inside a ``match`` rule with no ``columns``, the matched ones)."""
 
     type_name: ClassVar[str] = "column-redact"
-    kind: ClassVar[Literal["column", "columns", "rows"]] = "columns"
-
-    columns: list[str] | None = None
 
 
-@register
-class RowRedact(Transformation):
+class RowRedact(RowFilter):
     """Remove every row where ``condition`` is true or null."""
 
     type_name: ClassVar[str] = "row-redact"
-    kind: ClassVar[Literal["column", "columns", "rows"]] = "rows"
 
-    condition: str
     _parsed: Condition = PrivateAttr()
 
     @field_validator("condition")

@@ -49,7 +49,7 @@ from ._text import (
     is_text,
     strings_from_parts,
 )
-from .base import ColumnContext, KeyedTransformation, register
+from .base import ColumnContext, KeyedTransformation, SqlArg, SqlFunction
 from .tokenize import required_key
 
 SIV_KEY_LENGTHS = (32, 64)
@@ -138,11 +138,13 @@ class _SivTransformation(KeyedTransformation):
         return cipher
 
 
-@register
 class ReversibleTokenizer(_SivTransformation):
     """Replace each value by hex(SIV tag || AES-SIV ciphertext) of its ``encoding`` bytes."""
 
     type_name: ClassVar[str] = "reversible-tokenizer"
+    sql_functions: ClassVar[tuple[SqlFunction, ...]] = (
+        SqlFunction("tokenize_reversible", (SqlArg("key", role="key"),), pa.string()),
+    )
 
     def output_type(self, input_type: pa.DataType, column: str) -> pa.DataType:
         """Always a string column; binary and nested types are refused."""
@@ -187,11 +189,13 @@ class ReversibleTokenizer(_SivTransformation):
         return out
 
 
-@register
 class TokenReverser(_SivTransformation):
     """Turn reversible tokens back into their strings; a bad token is an error, or null."""
 
     type_name: ClassVar[str] = "token-reverser"
+    sql_functions: ClassVar[tuple[SqlFunction, ...]] = (
+        SqlFunction("reveal", (SqlArg("key", role="key"),), pa.string()),
+    )
 
     on_error: Literal["error", "null"] = "error"
 

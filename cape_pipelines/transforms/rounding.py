@@ -36,7 +36,7 @@ from pydantic import field_validator
 
 from ..errors import TransformError
 from . import _prf
-from .base import CapeDType, ColumnContext, Transformation, register
+from .base import CapeDType, ColumnContext, ColumnTransformation, SqlArg, SqlFunction
 
 _MANTISSA_BITS = {16: 10, 32: 23, 64: 52}
 
@@ -50,8 +50,7 @@ def _cast_to_dtype(result: pa.Array, out_type: pa.DataType) -> pa.Array:
         raise TransformError(f"cannot cast the rounded values to dtype {out_type}: {exc}") from None
 
 
-@register
-class NumericRounding(Transformation):
+class NumericRounding(ColumnTransformation):
     """Round numbers to ``precision`` decimal digits, half to even (negative: tens, hundreds...).
 
     >>> t = NumericRounding(precision=1)
@@ -60,6 +59,10 @@ class NumericRounding(Transformation):
     """
 
     type_name: ClassVar[str] = "numeric-rounding"
+    sql_functions: ClassVar[tuple[SqlFunction, ...]] = (
+        SqlFunction("round", (SqlArg("precision", convert=int),), pa.float64()),
+        SqlFunction("round_long", (SqlArg("precision", convert=int),), pa.int64()),
+    )
 
     precision: int
     dtype: CapeDType | None = None
@@ -168,8 +171,7 @@ _END_DAY = 2_932_897
 _NS_FIRST_DAY = -106_650
 
 
-@register
-class DateTruncation(Transformation):
+class DateTruncation(ColumnTransformation):
     """Truncate dates and timestamps to the start of their year, month, day, hour, minute or second.
 
     >>> import datetime as dt
@@ -179,6 +181,10 @@ class DateTruncation(Transformation):
     """
 
     type_name: ClassVar[str] = "date-truncation"
+    sql_functions: ClassVar[tuple[SqlFunction, ...]] = (
+        SqlFunction("truncate_date", (SqlArg("frequency"),), pa.date32()),
+        SqlFunction("truncate_timestamp", (SqlArg("frequency"),), pa.timestamp("us", tz="UTC")),
+    )
 
     frequency: str
 

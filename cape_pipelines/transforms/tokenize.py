@@ -42,7 +42,7 @@ from ._text import (
     has_canonical_text,
 )
 from ._text import hex_fixed_width as _hex
-from .base import ColumnContext, KeyedTransformation, register
+from .base import ColumnContext, KeyedTransformation, SqlArg, SqlFunction
 
 DIGEST_HEX = 64
 
@@ -89,7 +89,6 @@ def required_key(ctx: ColumnContext, type_name: str) -> bytes:
     return ctx.key
 
 
-@register
 class Tokenizer(KeyedTransformation):
     """Replace each value by its keyed one-way token (lower-case hex, ``max_token_len`` long)."""
 
@@ -99,6 +98,18 @@ class Tokenizer(KeyedTransformation):
 
     max_token_len: int | None = Field(default=None, ge=1)
     algorithm: Literal["hmac-sha256", "cape-sha256"] = "hmac-sha256"
+
+    sql_functions: ClassVar[tuple[SqlFunction, ...]] = (
+        SqlFunction(
+            "tokenize",
+            (
+                SqlArg("key", role="key"),
+                SqlArg("max_len", param="max_token_len", convert=int, required=False),
+                SqlArg("algorithm", required=False),
+            ),
+            pa.string(),
+        ),
+    )
 
     def output_type(self, input_type: pa.DataType, column: str) -> pa.DataType:
         """Always a string column; lists, structs, maps, durations... are refused."""

@@ -14,16 +14,16 @@ from typing import ClassVar
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cape_pipelines.transforms.base import (
+from cape_pipelines.transforms import (
     ColumnContext,
+    ColumnTransformation,
     KeyedTransformation,
-    Transformation,
     known_types,
     register,
 )
 
 
-class Suffix(Transformation):
+class Suffix(ColumnTransformation):
     """Appends ``suffix`` to strings; refuses any other type."""
 
     type_name: ClassVar[str] = "test-suffix"
@@ -39,7 +39,7 @@ class Suffix(Transformation):
         return pc.binary_join_element_wise(array, pa.scalar(self.suffix, array.type), "")
 
 
-class PlusN(Transformation):
+class PlusN(ColumnTransformation):
     """Adds ``n`` to integers (cape-python's own test transformation, ``plusN``)."""
 
     type_name: ClassVar[str] = "plusN"

@@ -47,14 +47,14 @@ def table_time_zone(table: pa.Table) -> str:
 
 def to_spark_input(table: pa.Table) -> pa.Table:
     """The table as Spark will hold it: nanosecond timestamps floored to microseconds."""
-    from cape_pipelines.spark.types import floor_to_micros
+    from cape_pipelines.spark.convert import floor_to_micros
 
     return pa.table([floor_to_micros(c) for c in table.columns], names=table.column_names)
 
 
 def normalise(result: pa.Table, expected: pa.Schema) -> pa.Table:
     """Cast columns back to ``expected`` where the difference is only Spark's representation."""
-    from cape_pipelines.spark.types import wire_type
+    from cape_pipelines.spark.convert import wire_type
 
     arrays = []
     for field, col in zip(result.schema, result.columns, strict=True):
@@ -87,7 +87,7 @@ def run_spark(
     from cape_pipelines import build_plan
     from cape_pipelines.audit import MemorySink
     from cape_pipelines.spark import apply_policy, collect
-    from cape_pipelines.spark.types import schema_to_spark
+    from cape_pipelines.spark.convert import schema_to_spark
 
     spark = get_spark()
     saved = {k: spark.conf.get(k, None) for k in _CONFS}

@@ -30,10 +30,10 @@ from cape_pipelines.audit import LoggingSink, MemorySink  # noqa: E402
 from cape_pipelines.beam import ApplyPolicy  # noqa: E402
 from cape_pipelines.beam.coders import ArrowCoder  # noqa: E402
 from cape_pipelines.errors import CapeError, PlanError  # noqa: E402
-from cape_pipelines.transforms.base import (  # noqa: E402
+from cape_pipelines.transforms import (  # noqa: E402
     ColumnContext,
+    ColumnTransformation,
     KeyedTransformation,
-    Transformation,
     known_types,
     register,
 )
@@ -41,7 +41,7 @@ from cape_pipelines.transforms.base import (  # noqa: E402
 pytestmark = pytest.mark.beam
 
 
-class _Length(Transformation):
+class _Length(ColumnTransformation):
     """String -> int32 length: a column whose type the plan changes."""
 
     type_name: ClassVar[str] = "beam-test-length"

@@ -53,14 +53,14 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts every partition the adapter transforms (the meta included)."""
     seen: list[int] = []
     lock = threading.Lock()
-    real = dask_apply._apply_pandas
+    real = dask_apply.apply_frame
 
     def counting(plan: Any, df: pd.DataFrame, new_strings: Any) -> Any:
         with lock:
             seen.append(len(df))
         return real(plan, df, new_strings)
 
-    monkeypatch.setattr(dask_apply, "_apply_pandas", counting)
+    monkeypatch.setattr(dask_apply, "apply_frame", counting)
     return seen
 
 

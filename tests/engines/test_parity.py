@@ -39,7 +39,7 @@ CASE_PARAMS = [pytest.param(c, id=c.name, marks=_pending(c)) for c in CASES]
 
 def floor_ns_to_micros(table: pa.Table) -> pa.Table:
     """``table`` with nanosecond timestamps floored to whole microseconds (type kept)."""
-    from cape_pipelines.spark.types import floor_to_micros
+    from cape_pipelines.spark.convert import floor_to_micros
 
     cols = [floor_to_micros(c).cast(c.type) for c in table.columns]
     return pa.table(cols, names=table.column_names)

@@ -30,7 +30,7 @@ from cape_pipelines.spark import (
     register_udfs,
     write,
 )
-from cape_pipelines.spark.types import floor_to_micros, to_arrow, to_spark
+from cape_pipelines.spark.convert import floor_to_micros, to_arrow, to_spark
 from cape_pipelines.transforms import get_transformation_class
 
 pytestmark = pytest.mark.spark

@@ -22,23 +22,17 @@ from apache_beam.io.parquetio import ReadFromParquetBatched
 from apache_beam.pvalue import AsList, AsSingleton, PCollection
 from apache_beam.transforms.window import GlobalWindows
 
-from ..audit import AuditTarget, MemorySink, RunContext, Sink, resolve_sink
+from ..audit import AuditTarget, MemorySink, Sink, resolve_sink
 from ..core import Counters
 from ..errors import PlanError
 from ..keys import KeyResolver
-from ..plan import Plan, build_plan
+from ..plan import Plan
 from ..policy.load import PolicySource
-from ..source import CoordinatorClient, resolve_policy
+from ..seam import Binding, RemoteRun, bind
+from ..source import CoordinatorClient
 from . import coders
-from .dofns import (
-    COUNTERS_TAG,
-    ApplyPlanFn,
-    FinishRunFn,
-    RunAudit,
-    StartRunFn,
-    element_weight,
-)
-from .schema import arrow_schema_from_row_type, row_type_from_arrow_schema, row_type_of
+from .convert import arrow_schema_from_row_type, row_type_from_arrow_schema, row_type_of
+from .dofns import COUNTERS_TAG, ApplyPlanFn, FinishRunFn, StartRunFn, element_weight
 
 DEFAULT_BATCH_SIZE = 10_000
 
@@ -118,13 +112,21 @@ class ApplyPolicy(beam.PTransform):
         super().__init__(label)
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, not {batch_size}")
-        src = resolve_policy(policy, client=client, keys=keys, resolver=resolver, audit=audit)
-        self._policy = src.policy
-        self._resolver: KeyResolver | None = src.resolver or KeyResolver(keys)
-        self._column_tags = dict(column_tags or {})
-        self._sink = _worker_sink(src.audit)
-        self._fetched_from = src.source
-        self._principal = RunContext(engine="beam", sink=self._sink).principal
+        binding = bind(
+            policy,
+            engine="beam",
+            keys=keys,
+            resolver=resolver,
+            audit=audit,
+            column_tags=column_tags,
+            client=client,
+        )
+        self._policy = binding.policy
+        sink = _worker_sink(binding.audit)
+        self._audit = RemoteRun(binding, sink, binding.context().principal)
+        # Dropped once the plan is built: the plan carries the resolved keys, and the
+        # resolver (with any explicit keys in it) is not shipped with the transform.
+        self._binding: Binding | None = binding
         self._batch_size = batch_size
         # A column outside the policy, carried through unchanged; for the test
         # harness to restore input order, never a way round the policy.
@@ -170,12 +172,10 @@ class ApplyPolicy(beam.PTransform):
         return schema
 
     def _build(self, schema: pa.Schema) -> Plan:
-        plan = build_plan(
-            self._policy, schema, resolver=self._resolver, column_tags=self._column_tags
-        )
-        # The plan now carries the resolved keys; the resolver (and any explicit
-        # keys in it) is not needed again and is not shipped with the transform.
-        self._resolver = None
+        if self._binding is None:
+            raise PlanError("ApplyPolicy's plan was already built")
+        plan = self._binding.build(schema)
+        self._binding = None
         return plan
 
     def _bind(self, pcoll: PCollection) -> tuple[Plan, Any]:
@@ -218,12 +218,7 @@ class ApplyPolicy(beam.PTransform):
 
     def expand(self, pcoll: PCollection) -> PCollection:
         plan, output_type = self._bind(pcoll)
-        audit = RunAudit(
-            self._sink,
-            {"label": plan.label, "version": plan.version, "sha256": plan.sha256},
-            self._principal,
-            self._fetched_from,
-        )
+        audit = self._audit
         run_id = (
             pcoll.pipeline
             | "Impulse" >> beam.Impulse()

@@ -1,0 +1,363 @@
+"""Input discovery and streaming reads for ``cape apply``: CSV and Parquet, files or directories.
+
+Inputs are read batch by batch (``pyarrow.csv.open_csv``,
+``ParquetFile.iter_batches``) so memory stays bounded whatever the input's
+size; the schema the plan is built on is read once (for CSV: inferred from the
+first block of the first file, then fixed for every later block and file, so a
+column's type never changes half-way). Reader errors are mapped to a
+:class:`~cape_pipelines.errors.DataError` naming the file and, where Arrow
+says, the line and column.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import os
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from .errors import DataError
+
+Format = Literal["csv", "parquet"]
+
+DEFAULT_BATCH_SIZE = 65_536
+"""Rows per batch handed to the core."""
+
+CSV_INFER_BLOCK = 1 << 20
+"""Bytes of the first CSV file from which column types are inferred."""
+
+_SUFFIXES: dict[str, Format] = {
+    ".csv": "csv",
+    ".csv.gz": "csv",
+    ".csv.bz2": "csv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
+
+
+def format_of(path: str | os.PathLike[str]) -> Format | None:
+    """The format a file name announces (``.csv``, ``.csv.gz``, ``.parquet``, ``.pq``), or None."""
+    name = Path(path).name.lower()
+    for suffix, fmt in sorted(_SUFFIXES.items(), key=lambda kv: -len(kv[0])):
+        if name.endswith(suffix):
+            return fmt
+    return None
+
+
+_TIMESTAMP_RE = re.compile(r"timestamp\[(s|ms|us|ns)(?:,\s*tz=([^\]]+))?\]")
+
+
+def parse_arrow_type(text: str) -> pa.DataType:
+    """An Arrow type from its name: ``string``, ``int64``, ``float64``, ``bool``, ``date``,
+    ``date32``, ``timestamp[us]``, ``timestamp[us, tz=UTC]``, ...
+
+    Used to pin CSV column types (``--csv-type zip=string``).
+    """
+    name = text.strip()
+    if name == "date":
+        return pa.date32()
+    m = _TIMESTAMP_RE.fullmatch(name)
+    if m:
+        return pa.timestamp(m.group(1), tz=m.group(2).strip() if m.group(2) else None)
+    try:
+        return pa.type_for_alias(name)
+    except (ValueError, KeyError):
+        raise ValueError(
+            f"unknown type {name!r}; use string, int64, float64, bool, date, "
+            "timestamp[s|ms|us|ns] or timestamp[us, tz=UTC]"
+        ) from None
+
+
+@dataclass(frozen=True)
+class CsvOptions:
+    """How CSV inputs are parsed.
+
+    ``column_types`` pins the type of some columns (others are inferred from
+    the first block of the first file, then fixed for the whole run).
+    """
+
+    delimiter: str = ","
+    column_types: Mapping[str, pa.DataType] = field(default_factory=dict)
+
+
+@dataclass
+class InputSet:
+    """The files of one input (a file, or a directory of files of one format), in a fixed order."""
+
+    root: Path
+    format: Format
+    files: list[Path]
+    csv: CsvOptions = field(default_factory=CsvOptions)
+    _schema: pa.Schema | None = field(default=None, repr=False)
+
+    @property
+    def schema(self) -> pa.Schema:
+        """The input schema the plan is built on (read from footers or the first CSV block)."""
+        if self._schema is None:
+            self._schema = (
+                self._parquet_schema() if self.format == "parquet" else self._csv_schema()
+            )
+        return self._schema
+
+    def total_rows(self) -> int | None:
+        """Total row count when the format records it (Parquet footers), else None."""
+        if self.format != "parquet":
+            return None
+        total = 0
+        for f in self.files:
+            try:
+                total += _parquet_file(f).metadata.num_rows
+            except (pa.ArrowInvalid, OSError) as exc:
+                raise DataError(f"{f}: not a readable Parquet file: {_first_line(exc)}") from None
+        return total
+
+    def _parquet_schema(self) -> pa.Schema:
+        first = self.files[0]
+        try:
+            schema = _parquet_file(first).schema_arrow
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise DataError(f"{first}: not a readable Parquet file: {_first_line(exc)}") from None
+        return schema.remove_metadata()
+
+    def _csv_schema(self) -> pa.Schema:
+        first = self.files[0]
+        pinned = dict(self.csv.column_types)
+        try:
+            reader = pacsv.open_csv(
+                first,
+                read_options=pacsv.ReadOptions(block_size=CSV_INFER_BLOCK, use_threads=False),
+                parse_options=_parse_options(self.csv),
+                convert_options=pacsv.ConvertOptions(column_types=pinned),
+            )
+        except pa.ArrowInvalid as exc:
+            raise _csv_error(first, exc, self.csv, None) from None
+        with contextlib.closing(reader):
+            schema = reader.schema
+        unknown = sorted(set(pinned) - set(schema.names))
+        if unknown:
+            raise DataError(f"{first}: pinned CSV column(s) not in the file: {', '.join(unknown)}")
+        # A column empty in the whole first block infers as `null`; string is the only
+        # type every later value can be read as.
+        fields = [pa.field(f.name, pa.string()) if pa.types.is_null(f.type) else f for f in schema]
+        return pa.schema(fields)
+
+    def batches(
+        self, batch_size: int = DEFAULT_BATCH_SIZE
+    ) -> Iterator[tuple[Path, pa.RecordBatch]]:
+        """Every batch of every file, in order, with the file it came from."""
+        for f in self.files:
+            for batch in self.file_batches(f, batch_size):
+                yield f, batch
+
+    def file_batches(
+        self, path: Path, batch_size: int = DEFAULT_BATCH_SIZE
+    ) -> Iterator[pa.RecordBatch]:
+        """The batches of one file (at most ``batch_size`` rows each), checked for its columns."""
+        if batch_size < 1:
+            raise ValueError("batch size must be at least 1")
+        if self.format == "parquet":
+            yield from self._parquet_batches(path, batch_size)
+        else:
+            yield from self._csv_batches(path, batch_size)
+
+    def check_columns(self) -> None:
+        """Check every file's column names against the first file's (footers and CSV headers
+        only), so an engine that reads files in parallel fails before any data work."""
+        for path in self.files[1:]:
+            if self.format == "parquet":
+                try:
+                    names = _parquet_file(path).schema_arrow.names
+                except (pa.ArrowInvalid, OSError) as exc:
+                    raise DataError(
+                        f"{path}: not a readable Parquet file: {_first_line(exc)}"
+                    ) from None
+            else:
+                try:
+                    reader = pacsv.open_csv(
+                        path,
+                        read_options=pacsv.ReadOptions(use_threads=False),
+                        parse_options=_parse_options(self.csv),
+                        convert_options=pacsv.ConvertOptions(
+                            column_types={f.name: f.type for f in self.schema}
+                        ),
+                    )
+                except pa.ArrowInvalid as exc:
+                    raise _csv_error(path, exc, self.csv, self.schema) from None
+                with contextlib.closing(reader):
+                    names = reader.schema.names
+            self._check_names(path, names)
+
+    def _check_names(self, path: Path, names: Sequence[str]) -> None:
+        expected = self.schema.names
+        if list(names) == list(expected):
+            return
+        extra = [n for n in names if n not in expected]
+        missing = [n for n in expected if n not in names]
+        if extra or missing:
+            parts = []
+            if missing:
+                parts.append(f"lacks column(s) {', '.join(map(repr, missing))}")
+            if extra:
+                parts.append(f"has extra column(s) {', '.join(map(repr, extra))}")
+            raise DataError(
+                f"{path}: {' and '.join(parts)} compared with {self.files[0]}; "
+                "every file of one input must have the same columns"
+            )
+
+    def _parquet_batches(self, path: Path, batch_size: int) -> Iterator[pa.RecordBatch]:
+        try:
+            pf = _parquet_file(path)
+            self._check_names(path, pf.schema_arrow.names)
+            yield from pf.iter_batches(batch_size=batch_size)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise DataError(f"{path}: cannot read Parquet: {_first_line(exc)}") from None
+
+    def _csv_batches(self, path: Path, batch_size: int) -> Iterator[pa.RecordBatch]:
+        schema = self.schema
+        # Blocks of roughly one batch: memory follows --batch-size; types are fixed, so the
+        # block size cannot change them.
+        block = max(1 << 20, min(64 << 20, batch_size * 256))
+        try:
+            reader = pacsv.open_csv(
+                path,
+                read_options=pacsv.ReadOptions(block_size=block, use_threads=False),
+                parse_options=_parse_options(self.csv),
+                convert_options=pacsv.ConvertOptions(column_types={f.name: f.type for f in schema}),
+            )
+            with contextlib.closing(reader):
+                self._check_names(path, reader.schema.names)
+                for batch in reader:
+                    for start in range(0, batch.num_rows, batch_size):
+                        yield batch.slice(start, batch_size)
+        except pa.ArrowInvalid as exc:
+            raise _csv_error(path, exc, self.csv, schema) from None
+
+
+def _parquet_file(path: Path) -> pq.ParquetFile:
+    # A small read buffer streams each column chunk page by page, so a huge row group
+    # does not have to sit in memory whole.
+    return pq.ParquetFile(path, buffer_size=1 << 20, pre_buffer=False)
+
+
+def _parse_options(opts: CsvOptions) -> pacsv.ParseOptions:
+    return pacsv.ParseOptions(delimiter=opts.delimiter)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+_PARSE_RE = re.compile(r"Expected (\d+) columns, got (\d+)")
+_CONVERT_RE = re.compile(r"In CSV column #(\d+): (?:Row #(\d+): )?CSV conversion error to ([^:]+):")
+
+
+def _csv_error(
+    path: Path, exc: BaseException, opts: CsvOptions, schema: pa.Schema | None
+) -> DataError:
+    """A DataError naming the file, the line and the column, never the offending value."""
+    text = str(exc)
+    m = _PARSE_RE.search(text)
+    if m:
+        expected, found = int(m.group(1)), int(m.group(2))
+        line = _find_bad_line(path, opts.delimiter, expected)
+        where = f"line {line}" if line is not None else "a row"
+        return DataError(
+            f"{path}: malformed CSV at {where}: expected {expected} columns, found {found}"
+        )
+    m = _CONVERT_RE.search(text)
+    if m:
+        col_index, row, type_name = int(m.group(1)), m.group(2), m.group(3)
+        col = schema.names[col_index] if schema is not None and col_index < len(schema) else None
+        where = f"line {row}" if row else "a row"
+        col_text = f"column {col!r}" if col else f"column #{col_index + 1}"
+        pinned = col is not None and col in opts.column_types
+        hint = (
+            "its type is pinned"
+            if pinned
+            else "its type was inferred from the first rows; pin another with "
+            f"--csv-type {col or 'COLUMN'}=string"
+        )
+        return DataError(f"{path}: {where}, {col_text}: value is not a valid {type_name} ({hint})")
+    return DataError(f"{path}: cannot read CSV: {_first_line(exc)}")
+
+
+def _find_bad_line(path: Path, delimiter: str, expected: int) -> int | None:
+    """The line number of the first record whose field count is wrong (error path only)."""
+    try:
+        with pa.input_stream(str(path), compression="detect") as raw:
+            text = io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="")
+            reader = csv.reader(text, delimiter=delimiter)
+            for record in reader:
+                if record and len(record) != expected:
+                    return reader.line_num
+    except (OSError, csv.Error, pa.ArrowException):
+        return None
+    return None
+
+
+def open_inputs(
+    path: str | os.PathLike[str],
+    *,
+    format: Format | None = None,
+    csv_options: CsvOptions | None = None,
+) -> InputSet:
+    """The input at ``path``: one CSV/Parquet file, or a directory of them (searched recursively).
+
+    In a directory, hidden files and names starting with ``_`` (``_SUCCESS``)
+    are skipped, files are taken in sorted path order, and all must be of one
+    format. Raises :class:`DataError` if there is nothing to read.
+    """
+    root = Path(path)
+    opts = csv_options or CsvOptions()
+    if not root.exists():
+        raise DataError(f"input {root} does not exist")
+    if root.is_file():
+        fmt = format or format_of(root)
+        if fmt is None:
+            raise DataError(
+                f"cannot tell the format of {root} from its name; "
+                "name it .csv or .parquet, or pass the input format"
+            )
+        return InputSet(root, fmt, [root], opts)
+    found: dict[Format, list[Path]] = {"csv": [], "parquet": []}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).parts
+        if any(part.startswith((".", "_")) for part in rel) or not p.is_file():
+            continue
+        fmt = format_of(p)
+        if fmt is not None and (format is None or fmt == format):
+            found[fmt].append(p)
+    kinds = [k for k, v in found.items() if v]
+    if not kinds:
+        raise DataError(f"input directory {root} holds no CSV or Parquet files")
+    if len(kinds) > 1:
+        raise DataError(
+            f"input directory {root} mixes CSV and Parquet files; keep one format per input"
+        )
+    return InputSet(root, kinds[0], found[kinds[0]], opts)
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (Arrow's carry context on later lines)."""
+    return _first_line(exc)
+
+
+__all__ = [
+    "CSV_INFER_BLOCK",
+    "DEFAULT_BATCH_SIZE",
+    "CsvOptions",
+    "Format",
+    "InputSet",
+    "format_of",
+    "open_inputs",
+    "parse_arrow_type",
+]

@@ -1,0 +1,146 @@
+"""The pandas adapter: ``apply_policy`` for pandas DataFrames and pyarrow Tables/RecordBatches.
+
+In-memory data is one batch: the plan is built on the data's schema through
+the seam (:func:`cape_pipelines.seam.bind`), applied by the core, and the run
+recorded by the seam's :class:`~cape_pipelines.seam.Run`. :func:`apply_frame`
+is the frame-level step Dask reuses on every partition.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from copy import copy
+from typing import Any, TypeVar
+
+import pandas as pd
+import pyarrow as pa
+
+from ..audit import AuditTarget
+from ..core import Counters, apply_batch, apply_table
+from ..keys import KeyResolver
+from ..plan import DropStep, Plan
+from ..policy.load import PolicySource
+from ..seam import bind
+from ..source import CoordinatorClient
+from .convert import arrow_to_pandas, pandas_dtype_for, pandas_schema
+
+Data = TypeVar("Data")
+
+
+def apply_frame(
+    plan: Plan, df: pd.DataFrame, new_strings: Any = object
+) -> tuple[pd.DataFrame, Counters]:
+    """Apply ``plan`` to one pandas frame; the frame's index follows its rows.
+
+    Only the columns the plan reads go through Arrow; untouched columns keep
+    their dtypes exactly. Dask calls this on every partition.
+    """
+    needed = plan.used_columns
+    if not needed:
+        result = df.drop(columns=plan.dropped)
+        return result, Counters.of_counts(plan, rows_in=len(df), rows_out=len(df), values={})
+    table = pa.Table.from_pandas(
+        df[needed],
+        preserve_index=False,
+        schema=pa.schema([plan.input_schema.field(c) for c in needed]),
+    )
+    batch = table.combine_chunks().to_batches()
+    if batch:
+        rb = batch[0]
+    else:
+        rb = pa.RecordBatch.from_pylist([], schema=table.schema)
+    # Untouched columns never go through Arrow, so the frame keeps their dtypes exactly.
+    narrow = _narrow_plan(plan, needed)
+    out, counters, indices = apply_batch(narrow, rb, with_indices=True)
+    assert indices is not None  # asked for with_indices
+    result = df.iloc[indices.to_numpy()] if plan.filters_rows else df.copy(deep=False)
+    result = result.drop(columns=[c for c in plan.dropped if c in result.columns])
+    result = result.copy(deep=False)
+    for c in plan.transformed_columns:
+        col = arrow_to_pandas(
+            out.column(c), pandas_dtype_for(out.schema.field(c).type, df[c].dtype, new_strings)
+        )
+        col.index = result.index
+        result[c] = col
+    counters.rows_in = len(df)
+    counters.rows_out = len(result)
+    return pd.DataFrame(result)[plan.output_schema.names], counters
+
+
+def _narrow_plan(plan: Plan, needed: Sequence[str]) -> Plan:
+    """The same plan over only the columns it reads (untouched columns stay outside Arrow)."""
+    keep = set(needed)
+    narrow = copy(plan)
+    narrow.input_schema = pa.schema([plan.input_schema.field(c) for c in needed])
+    steps = []
+    for s in plan.steps:
+        if isinstance(s, DropStep):
+            # An empty step is kept so that step indices (and their state memo) stay aligned.
+            steps.append(DropStep(tuple(c for c in s.columns if c in keep), s.location))
+        else:
+            steps.append(s)
+    narrow.steps = steps
+    survivors = [c for c in needed if c not in plan.dropped]
+    narrow.output_schema = pa.schema([plan.output_schema.field(c) for c in survivors])
+    narrow._state = plan._state
+    return narrow
+
+
+def apply_policy(
+    policy: PolicySource,
+    data: Data,
+    *,
+    keys: Mapping[str, bytes | str] | None = None,
+    audit: AuditTarget = None,
+    column_tags: Mapping[str, Sequence[str]] | None = None,
+    resolver: KeyResolver | None = None,
+    client: CoordinatorClient | None = None,
+) -> Data:
+    """Apply ``policy`` to a pandas DataFrame or a pyarrow Table/RecordBatch; same type back.
+
+    The input is never modified; a pandas frame keeps its index (rows removed
+    by ``row-redact`` take their index labels with them). One audit run is
+    recorded (``run.started`` then ``run.completed`` or ``run.failed``).
+    With ``client=`` (a ``coordinator_client.Client``), ``policy`` is a label:
+    policy and keys come from the coordinator, records go to it, and the run
+    also records ``policy.fetched`` (see :mod:`cape_pipelines.source`).
+
+    >>> import pandas as pd
+    >>> from cape_pipelines.audit import MemorySink
+    >>> df = pd.DataFrame({"name": ["a", "b"], "ssn": ["1", "2"]})
+    >>> pol = {"label": "demo", "rules": [{"match": {"name": "ssn"}, "actions": ["drop"]}]}
+    >>> list(apply_policy(pol, df, audit=MemorySink()).columns)
+    ['name']
+    """
+    engine = "pandas" if type(data).__module__.startswith("pandas") else "pyarrow"
+    binding = bind(
+        policy,
+        engine=engine,
+        keys=keys,
+        resolver=resolver,
+        audit=audit,
+        column_tags=column_tags,
+        client=client,
+    )
+    with binding.run() as run:
+        result: Any
+        if isinstance(data, pa.Table):
+            run.plan = binding.build(data.schema)
+            result, counters = apply_table(run.plan, data)
+        elif isinstance(data, pa.RecordBatch):
+            run.plan = binding.build(data.schema)
+            result, counters, _ = apply_batch(run.plan, data)
+        elif isinstance(data, pd.DataFrame):
+            run.plan = binding.build(pandas_schema(data))
+            result, counters = apply_frame(run.plan, data)
+        else:
+            raise TypeError(
+                f"apply_policy takes a pandas DataFrame or a pyarrow Table/RecordBatch, "
+                f"not {type(data).__name__}; for Beam, Dask and Spark use cape_pipelines.beam, "
+                ".dask or .spark"
+            )
+        run.counters = counters
+    return result  # type: ignore[no-any-return]
+
+
+__all__ = ["apply_frame", "apply_policy"]

@@ -1,0 +1,313 @@
+"""The one seam between the core and every engine: bind a policy, then run it as one audited run.
+
+Every entry point (pandas, ``cape apply``, Beam, Dask, Spark) does the same
+two things and nothing else about policies, keys or audit records:
+
+1. :func:`bind` resolves the policy (a document, a file, or a label on a
+   coordinator), the key resolver and the audit target once, on the driver.
+   :meth:`Binding.plan` then builds the :class:`~cape_pipelines.plan.Plan` for
+   the engine's schema; a plan that cannot be built is recorded as a failed
+   run (``run.started``, ``run.failed``) and the error re-raised.
+2. :meth:`Binding.run` opens a :class:`Run`, used as a context manager:
+   entering emits ``run.started`` (and ``policy.fetched`` for a policy from a
+   coordinator); leaving emits ``run.completed`` with the merged
+   :class:`~cape_pipelines.core.Counters`, or ``run.failed`` with the error,
+   whatever it was (KeyboardInterrupt included), and lets it propagate.
+
+The seam is the only place that catches ``BaseException`` for audit: adapters
+write no audit records by hand. Adapters whose result is lazy (Dask, Spark)
+remember which binding and plan made a frame with :class:`Tracked`, keyed by
+the frame object itself. Beam cannot hold driver state at run time, so its
+stages carry a :class:`RemoteRun`, whose records the workers emit (see
+docs/architecture.md).
+
+Keys: the binding owns the resolver, and the plan holds the resolved bytes.
+A worker-side key provider (plans that ship key references instead of key
+material) slots in here, as another way for :meth:`Binding.plan` to fill the
+plan's key store.
+"""
+
+from __future__ import annotations
+
+import uuid
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Generic, TypeVar
+
+import pyarrow as pa
+
+from .audit import AuditTarget, RunContext, Sink, error_info
+from .core import Counters
+from .keys import KeyResolver
+from .plan import Plan, build_plan
+from .policy.load import PolicySource
+from .policy.models import Policy
+from .source import CoordinatorClient, resolve_policy
+
+
+@dataclass
+class Binding:
+    """A policy resolved for one job: where its keys come from and where its records go.
+
+    ``source`` is set for a policy fetched from a coordinator (the run's
+    ``policy.fetched`` record says it); ``engine`` names the engine in records.
+    """
+
+    policy: Policy
+    resolver: KeyResolver
+    audit: AuditTarget
+    engine: str
+    column_tags: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    source: str | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"Binding(policy={self.policy.label!r}, version={self.policy.version}, "
+            f"engine={self.engine!r})"
+        )
+
+    def build(self, schema: pa.Schema) -> Plan:
+        """The plan for ``schema``, with nothing recorded if it cannot be built."""
+        return build_plan(self.policy, schema, resolver=self.resolver, column_tags=self.column_tags)
+
+    def plan(
+        self, schema: pa.Schema | Callable[[], pa.Schema], *, run_id: str | None = None
+    ) -> Plan:
+        """The plan for ``schema`` (or for the schema a callable reads); a failure is a run.
+
+        An error here (a missing column or key, a type a transformation
+        cannot take, an unreadable input) emits ``run.started`` and
+        ``run.failed`` before it propagates, so a job that never started is
+        still on the audit trail.
+        """
+        try:
+            return self.build(schema() if callable(schema) else schema)
+        except BaseException as exc:
+            self.run(run_id=run_id).record_failure(exc)
+            raise
+
+    def run(
+        self,
+        plan: Plan | None = None,
+        *,
+        run_id: str | None = None,
+        counters: Counters | None = None,
+    ) -> Run:
+        """A new :class:`Run` of this binding (of ``plan``, once it is known)."""
+        return Run(self, plan, run_id=run_id, counters=counters)
+
+    def context(self, *, run_id: str | None = None, principal: str | None = None) -> RunContext:
+        """The record builder for one run of this binding (the policy named in every record)."""
+        ctx = RunContext(engine=self.engine, sink=self.audit, run_id=run_id, principal=principal)
+        ctx.set_policy(self.policy.label, self.policy.version, self.policy.sha256)
+        return ctx
+
+
+def bind(
+    policy: PolicySource,
+    *,
+    engine: str,
+    keys: Mapping[str, bytes | str] | None = None,
+    resolver: KeyResolver | None = None,
+    audit: AuditTarget = None,
+    column_tags: Mapping[str, Sequence[str]] | None = None,
+    client: CoordinatorClient | None = None,
+    source: str | None = None,
+    record_failure: bool = False,
+    run_id: str | None = None,
+) -> Binding:
+    """Resolve ``policy`` for one job on ``engine`` (see :mod:`cape_pipelines.source`).
+
+    With ``client=``, ``policy`` is a label on the coordinator: the signed
+    active version, keys through the coordinator, records to its spool.
+    ``source`` names where a policy given directly came from, for jobs that
+    record ``policy.fetched`` for every policy (``cape apply``). With
+    ``record_failure``, a policy that does not resolve is itself a failed run
+    (``run.started``, ``run.failed`` naming no policy, under ``run_id``).
+    """
+    try:
+        src = resolve_policy(policy, client=client, keys=keys, resolver=resolver, audit=audit)
+    except BaseException as exc:
+        if record_failure:
+            ctx = RunContext(engine=engine, sink=audit, run_id=run_id)
+            ctx.started()
+            ctx.failed(exc)
+        raise
+    return Binding(
+        policy=src.policy,
+        resolver=src.resolver or KeyResolver(keys),
+        audit=src.audit,
+        engine=engine,
+        column_tags=dict(column_tags or {}),
+        source=src.source if src.source is not None else source,
+    )
+
+
+class Run:
+    """One audited run of a binding, as a context manager.
+
+    ``with binding.run(plan) as run:`` emits ``run.started`` (and
+    ``policy.fetched``) on entry. Inside, the engine adds each produced
+    batch's counts with :meth:`add` (or sets :attr:`counters` to totals it
+    measured). On a clean exit ``run.completed`` carries the merged counters;
+    on any exception ``run.failed`` carries the error and the counts so far,
+    if any, and the exception propagates.
+    """
+
+    def __init__(
+        self,
+        binding: Binding,
+        plan: Plan | None = None,
+        *,
+        run_id: str | None = None,
+        counters: Counters | None = None,
+        principal: str | None = None,
+    ):
+        self.binding = binding
+        self.plan = plan
+        self.context = binding.context(run_id=run_id, principal=principal)
+        self.counters: Counters | None = counters
+
+    def __repr__(self) -> str:
+        return f"Run(run_id={self.run_id!r}, binding={self.binding!r})"
+
+    @property
+    def run_id(self) -> str:
+        """This run's id (in every record, and in a Parquet output's metadata)."""
+        return self.context.run_id
+
+    def add(self, counters: Counters) -> None:
+        """Merge one batch's (or partition's) counters into the run's totals."""
+        if self.counters is None:
+            self.counters = Counters.empty_for(self.plan) if self.plan is not None else Counters()
+        self.counters.merge(counters)
+
+    def record_failure(self, exc: BaseException) -> None:
+        """Record a run that failed before it could start its work: started, then failed."""
+        self.__enter__()
+        self.__exit__(type(exc), exc, exc.__traceback__)
+
+    def __enter__(self) -> Run:
+        self.context.started()
+        if self.binding.source is not None:
+            self.context.policy_fetched(self.binding.source)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is not None:
+            self.context.failed(exc, self.counters)
+            return
+        if self.counters is None:
+            self.counters = Counters.empty_for(self.plan) if self.plan is not None else Counters()
+        self.context.completed(self.counters)
+
+
+# Record ids derived from the run id make a record emitted twice (a retried
+# bundle) the same record, which the coordinator stores once.
+_RECORD_NAMESPACE = uuid.UUID("4f1e0c52-7d3b-4d0e-9a57-5a7c2b8e1d10")
+
+
+def record_id(run_id: str, event: str) -> str:
+    """The deterministic id of ``event``'s record in run ``run_id`` (for :class:`RemoteRun`)."""
+    return str(uuid.uuid5(_RECORD_NAMESPACE, f"{run_id}/{event}"))
+
+
+class RemoteRun:
+    """A run whose records are written by workers: for engines with no driver at run time.
+
+    Beam holds no driver state while a pipeline runs, so its run is delimited
+    by pipeline stages; they carry this object (picklable: the sink, the
+    policy's identity, the principal, where the policy came from, never a key)
+    and call :meth:`started`, :meth:`completed` or :meth:`failed` with the run
+    id the first stage made. Record ids are derived from the run id, so a
+    record emitted twice by a retried bundle is one record.
+    """
+
+    def __init__(self, binding: Binding, sink: Sink, principal: str):
+        self.engine = binding.engine
+        self.sink = sink
+        self.policy = {
+            "label": binding.policy.label,
+            "version": binding.policy.version,
+            "sha256": binding.policy.sha256,
+        }
+        self.principal = principal
+        self.source = binding.source
+
+    def __repr__(self) -> str:
+        return f"RemoteRun(policy={self.policy['label']!r}, engine={self.engine!r})"
+
+    def _context(self, run_id: str) -> RunContext:
+        ctx = RunContext(
+            engine=self.engine, sink=self.sink, principal=self.principal, run_id=run_id
+        )
+        ctx.set_policy(self.policy["label"], self.policy["version"], self.policy["sha256"])
+        return ctx
+
+    def started(self, run_id: str) -> None:
+        """Emit ``run.started`` (and ``policy.fetched`` for a policy from a coordinator)."""
+        ctx = self._context(run_id)
+        ctx.emit("run.started", record_id=record_id(run_id, "run.started"))
+        if self.source is not None:
+            ctx.emit(
+                "policy.fetched",
+                record_id=record_id(run_id, "policy.fetched"),
+                source=self.source,
+            )
+
+    def completed(self, run_id: str, counters: Counters) -> dict[str, Any]:
+        """Emit ``run.completed`` with the run's merged counters; returns the record."""
+        ctx = self._context(run_id)
+        return ctx.emit(
+            "run.completed", record_id=record_id(run_id, "run.completed"), **counters.to_dict()
+        )
+
+    def failed(self, run_id: str, exc: BaseException) -> None:
+        """Emit ``run.failed`` naming the error (never values or keys)."""
+        ctx = self._context(run_id)
+        ctx.emit("run.failed", record_id=record_id(run_id, "run.failed"), error=error_info(exc))
+
+
+T = TypeVar("T")
+
+
+class Tracked(Generic[T]):
+    """What a lazy adapter remembers about each result it returned, keyed by the object itself.
+
+    An entry lives as long as the object does (a weak reference), so no frame
+    is kept alive by being remembered, and nothing needs the object to be
+    hashable. ``unknown`` is the error message for an object it never saw.
+    """
+
+    def __init__(self, unknown: str):
+        self.unknown = unknown
+        self._items: dict[int, tuple[weakref.ref[Any], T]] = {}
+
+    def remember(self, obj: Any, value: T) -> None:
+        """Attach ``value`` to ``obj`` until ``obj`` is garbage-collected."""
+        key = id(obj)
+        self._items[key] = (weakref.ref(obj), value)
+        weakref.finalize(obj, self._items.pop, key, None)
+
+    def get(self, obj: Any) -> T | None:
+        """The value attached to ``obj``, or None."""
+        found = self._items.get(id(obj))
+        if found is None or found[0]() is not obj:
+            return None
+        return found[1]
+
+    def __getitem__(self, obj: Any) -> T:
+        value = self.get(obj)
+        if value is None:
+            raise TypeError(self.unknown)
+        return value
+
+
+__all__ = ["Binding", "RemoteRun", "Run", "Tracked", "bind", "record_id"]
