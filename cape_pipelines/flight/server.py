@@ -34,7 +34,7 @@ import pyarrow.flight as flight
 from ..audit import RunContext
 from ..core import Counters, apply_batch
 from ..errors import CapeError
-from ..io import CsvOptions, InputSet, open_inputs
+from ..inputs import CsvOptions, InputSet, open_inputs
 from ..plan import Plan, build_plan
 from .access import Access, Grant, flight_error
 
