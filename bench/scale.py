@@ -329,15 +329,17 @@ def _spark_once(path: Path, work: Path, repeat: int, workers: int) -> None:
         driver = subprocess.Popen(
             [sys.executable, "-c", SPARK_DRIVER, cluster.url, str(path), str(root / "out"),
              str(repeat), json.dumps(POLICY), KEY_HEX],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-            env=dict(os.environ, SPARK_LOCAL_IP="127.0.0.1"),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=dict(os.environ, SPARK_LOCAL_IP="127.0.0.1", PYSPARK_PYTHON=sys.executable),
         )  # fmt: skip
 
         def pids() -> list[int]:
             return [p for i in range(workers) for e in cluster.executors(i) for p in tree(e)]
 
         with Peak(pids) as peak:
-            stdout, _ = driver.communicate(timeout=1800)
+            stdout, stderr = driver.communicate(timeout=1800)
+        if driver.returncode != 0:
+            raise RuntimeError(f"spark driver failed:\n{stderr[-3000:]}")
         result = json.loads(stdout.strip().splitlines()[-1])
         s = statistics.median(result["times"])
         what = f"standalone, {workers} worker(s) [rows in]"
