@@ -743,6 +743,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _register_extensions(sub: Any, policy_sub: Any) -> None:
+    # `cape flight serve` needs pyarrow.flight, which some pyarrow builds lack.
+    try:
+        flight_cli = importlib.import_module("cape_pipelines.flight.cli")
+    except ImportError:
+        pass
+    else:
+        flight_cli.register(sub)
     try:
         coordinator_cli = importlib.import_module("cape_coordinator.cli")
     except ImportError:
