@@ -116,7 +116,14 @@ def get_engine(name: str) -> EngineFn:
     if name not in ENGINES:
         found = [ep for ep in entry_points(group=ENGINE_GROUP) if ep.name == name]
         if not found:
-            raise CapeError(f"unknown engine {name!r}; available: {', '.join(engine_names())}")
+            hint = ""
+            if not engine_names():
+                # An install made before the entry points were declared: they are read from
+                # the installed metadata, so the package must be installed again.
+                hint = " (no engine is installed: reinstall cape-pipelines, e.g. pip install -e .)"
+            raise CapeError(
+                f"unknown engine {name!r}; available: {', '.join(engine_names())}{hint}"
+            )
         try:
             ENGINES[name] = found[0].load()
         except ImportError as exc:
