@@ -39,7 +39,8 @@ from cape_pipelines.plan import build_plan
 TOKEN_KEY = b"bench-tokenizer-key-0123456789ab"
 SIV_KEY = bytes(range(32))
 PRF_KEY = bytes(range(32, 64))
-KEYS = {"tok": TOKEN_KEY, "siv": SIV_KEY, "prf": PRF_KEY}
+FPE_KEY = bytes(range(64, 80))
+KEYS = {"tok": TOKEN_KEY, "siv": SIV_KEY, "prf": PRF_KEY, "fpe": FPE_KEY}
 
 
 def random_strings(rng: np.random.Generator, count: int) -> pa.Array:
@@ -75,6 +76,10 @@ def make_table(rows: int, nulls: bool, seed: int = 7) -> pa.Table:
                 "datetime64[us]"
             ),
             pa.timestamp("us"),
+        ),
+        # 16-digit numbers (card-shaped, all distinct in practice) for fpe and mask.
+        "card": pc.utf8_lpad(
+            pa.array(rng.integers(0, 10**16, rows), pa.int64()).cast(pa.string()), 16, "0"
         ),
     }
     if nulls:
@@ -164,6 +169,38 @@ CASES = [
         1 / 1.5,
         target_against="floor",
     ),
+    # Issue 13's families. fpe's floor is only its AES work (10 ECB passes).
+    Case(
+        "fpe-16-digits",
+        "card",
+        {"type": "fpe", "key": {"secret": "fpe"}},
+        ">= 200k rows/s (one core)",
+        target_rows_per_s=200e3,
+    ),
+    Case(
+        "mask-keep-last-4",
+        "card",
+        {"type": "mask", "keep_last": 4},
+        "within 2x of the pyarrow kernels",
+        1 / 2,
+        target_against="floor",
+    ),
+    Case(
+        "bucket-width-10",
+        "age",
+        {"type": "bucket", "width": 10},
+        "within 2x of the pyarrow kernels",
+        1 / 2,
+        target_against="floor",
+    ),
+    Case(
+        "bucket-month",
+        "signup",
+        {"type": "bucket", "unit": "month"},
+        "within 2x of the pyarrow kernels",
+        1 / 2,
+        target_against="floor",
+    ),
 ]
 
 
@@ -246,6 +283,36 @@ def floor(case: Case, table: pa.Table) -> Callable[[], object] | None:
         return lambda: pc.round(arr, -2, round_mode="half_to_even")
     if name == "date-truncation":
         return lambda: pc.floor_temporal(arr, unit="month")
+    if name == "fpe":
+        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+        blocks = np.zeros(len(arr) * 16, dtype=np.uint8).tobytes()
+
+        def ten_aes_passes():
+            for _ in range(10):
+                enc = Cipher(algorithms.AES(FPE_KEY), modes.ECB()).encryptor()
+                enc.update(blocks)
+
+        return ten_aes_passes
+    if name == "mask":
+        star = pa.scalar("*")
+        return lambda: pc.binary_join_element_wise(
+            pc.binary_repeat(star, pc.subtract(pc.utf8_length(arr), 4)),
+            pc.utf8_slice_codeunits(arr, -4),
+            "",
+        )
+    if name == "bucket" and "width" in case.transform:
+        # Non-negative ages: truncating division is the floor; the label join.
+        def bare_bucket():
+            lower = pc.multiply(pc.divide(arr, 10), 10)
+            upper = pc.add(lower, 9)
+            return pc.binary_join_element_wise(
+                lower.cast(pa.string()), upper.cast(pa.string()), "-"
+            )
+
+        return bare_bucket
+    if name == "bucket":
+        return lambda: pc.strftime(arr, format="%Y-%m")
     if name in ("numeric-perturbation", "date-perturbation"):
         from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 

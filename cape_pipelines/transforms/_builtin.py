@@ -8,10 +8,15 @@ functions are registered in this order).
 from __future__ import annotations
 
 from .base import Transformation
+from .bucket import Bucket
+from .fpe import Fpe, FpeReverser
+from .generalize import Generalize
+from .mask import Mask
 from .perturb import DatePerturbation, NumericPerturbation
 from .redact import ColumnRedact, RowRedact
 from .reversible import ReversibleTokenizer, TokenReverser
 from .rounding import DateTruncation, NumericRounding
+from .text_scrub import TextScrub
 from .tokenize import Tokenizer
 
 BUILTINS: tuple[type[Transformation], ...] = (
@@ -24,4 +29,10 @@ BUILTINS: tuple[type[Transformation], ...] = (
     DatePerturbation,
     ColumnRedact,
     RowRedact,
+    Fpe,
+    FpeReverser,
+    Mask,
+    Bucket,
+    Generalize,
+    TextScrub,
 )

@@ -523,5 +523,245 @@ CASES: list[Case] = [
     ),
 ]
 
+# -- fpe, mask, bucket, generalize, text-scrub (issue 13) --------------------------------
+
+FPE_KEY = bytes(range(200, 216))
+FPE_KEYS = {**KEYS, "fpe": FPE_KEY}
+
+CARDS = pa.table(
+    {
+        "card": pa.array(
+            [
+                "4111-1111-1111-1111",
+                "5500 0000 0000 0004",
+                None,
+                "4012888888881881",
+                "4111-1111-1111-1111",
+            ]
+        ),
+        "acct": pa.array(["a1", "a2", "a3", "a1", "a9"]),
+    }
+)
+_CARD_FPE = {
+    "type": "fpe",
+    "key": {"secret": "fpe"},
+    "keep_separators": True,
+    "luhn": True,
+    "keep_first": 6,
+    "tweak_column": "acct",
+}
+
+
+def _luhn(digits: str) -> bool:
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = int(ch) * (2 if i % 2 else 1)
+        total += d - 9 if d > 9 else d
+    return total % 10 == 0
+
+
+def _card_format_kept(inp: pa.Table, out: pa.Table) -> None:
+    before, after = inp.column("card").to_pylist(), out.column("card").to_pylist()
+    for a, b in zip(before, after, strict=True):
+        assert (a is None) == (b is None)
+        if a is None:
+            continue
+        assert len(a) == len(b) and a != b
+        assert [c for c in a if not c.isdigit()] == [c for c in b if not c.isdigit()]
+        digits = "".join(c for c in b if c.isdigit())
+        assert digits[:6] == "".join(c for c in a if c.isdigit())[:6] and _luhn(digits)
+    # Same value, same tweak: same ciphertext (rows 0 and 4 differ in tweak, so differ).
+    assert after[0] != after[4]
+
+
+NOTES = pa.table(
+    {
+        "note": pa.array(
+            [
+                "mail ann@example.com, card 4111 1111 1111 1111",
+                "call (415) 555-0100 from 10.1.2.3",
+                None,
+                "ssn 123-45-6789 but not 666-45-6789; IBAN GB82 WEST 1234 5698 7654 32",
+                "order 2024-01-15 v1.2.3",
+                "mail ann@example.com, card 4111 1111 1111 1111",
+            ]
+        )
+    }
+)
+
+TRANSFORM_FAMILY_CASES = [
+    Case(
+        # Cards keep dashes/spaces, issuer prefix and a valid Luhn digit; tweak per account.
+        "fpe-cards-format-kept",
+        CARDS,
+        policy(on("card", _CARD_FPE)),
+        FROM_CORE,
+        keys=FPE_KEYS,
+        check=_card_format_kept,
+    ),
+    Case(
+        # Encrypt then reverse in one rule: the input comes back on every engine.
+        "fpe-round-trip",
+        CARDS,
+        policy(
+            {
+                "match": {"name": "card"},
+                "actions": [
+                    {"transform": _CARD_FPE},
+                    {"transform": {**_CARD_FPE, "type": "fpe-reverser"}},
+                ],
+            }
+        ),
+        CARDS,
+        keys=FPE_KEYS,
+    ),
+    Case(
+        "mask",
+        pa.table(
+            {
+                "email": pa.array(["ann@example.com", None, "nobody", "李雷@例子.cn"]),
+                "card": pa.array(["4111-1111-1111-1111", "1234", None, ""]),
+            }
+        ),
+        policy(
+            on("email", {"type": "mask", "keep": "email-domain"}),
+            on("card", {"type": "mask", "keep_last": 4, "ignore": "-"}),
+        ),
+        pa.table(
+            {
+                "email": pa.array(["***@example.com", None, "******", "**@例子.cn"]),
+                "card": pa.array(["****-****-****-1111", "****", None, ""]),
+            }
+        ),
+    ),
+    Case(
+        "bucket-numbers-and-dates",
+        pa.table(
+            {
+                "age": pa.array([34, 17, None, 70, -3], pa.int32()),
+                "score": pa.array([0.25, 0.5, None, float("nan"), 1.0]),
+                "d": pa.array(
+                    [
+                        dt.date(2020, 2, 13),
+                        None,
+                        dt.date(1969, 12, 31),
+                        dt.date(2021, 1, 1),
+                        dt.date(2020, 5, 5),
+                    ],
+                    pa.date32(),
+                ),
+                "when": pa.array(
+                    [
+                        dt.datetime(2020, 3, 31, 23, 30, tzinfo=UTC),
+                        None,
+                        dt.datetime(1960, 1, 1, tzinfo=UTC),
+                        dt.datetime(2030, 12, 31, 23, 59, 59, tzinfo=UTC),
+                        dt.datetime(2020, 1, 1, tzinfo=UTC),
+                    ],
+                    US_UTC,
+                ),
+            }
+        ),
+        policy(
+            on("age", {"type": "bucket", "width": 10}),
+            on("score", {"type": "bucket", "edges": [0.5, 0.75], "labels": ["low", "mid", "high"]}),
+            on("d", {"type": "bucket", "unit": "quarter"}),
+            on("when", {"type": "bucket", "unit": "month", "output": "lower"}),
+        ),
+        pa.table(
+            {
+                "age": pa.array(["30-39", "10-19", None, "70-79", "-10--1"]),
+                "score": pa.array(["low", "mid", None, None, "high"]),
+                "d": pa.array(["2020-Q1", None, "1969-Q4", "2021-Q1", "2020-Q2"]),
+                "when": pa.array(
+                    [
+                        dt.datetime(2020, 3, 1, tzinfo=UTC),
+                        None,
+                        dt.datetime(1960, 1, 1, tzinfo=UTC),
+                        dt.datetime(2030, 12, 1, tzinfo=UTC),
+                        dt.datetime(2020, 1, 1, tzinfo=UTC),
+                    ],
+                    US_UTC,
+                ),
+            }
+        ),
+    ),
+    Case(
+        "generalize",
+        pa.table(
+            {
+                "zip": pa.array(["02139", "9410", None, ""]),
+                "city": pa.array(["Boston", "Paris", None, "Austin"]),
+            }
+        ),
+        policy(
+            on("zip", {"type": "generalize", "prefix": 3, "fill": "*"}),
+            on(
+                "city",
+                {
+                    "type": "generalize",
+                    "mapping": {"Boston": "Northeast", "Austin": "South"},
+                    "default": "Other",
+                },
+            ),
+        ),
+        pa.table(
+            {
+                "zip": pa.array(["021**", "941*", None, ""]),
+                "city": pa.array(["Northeast", "Other", None, "South"]),
+            }
+        ),
+    ),
+    Case(
+        "text-scrub-placeholders",
+        NOTES,
+        policy(on("note", {"type": "text-scrub"})),
+        pa.table(
+            {
+                "note": pa.array(
+                    [
+                        "mail <EMAIL>, card <CARD>",
+                        "call <PHONE> from <IPV4>",
+                        None,
+                        "ssn <SSN> but not 666-45-6789; IBAN <IBAN>",
+                        "order 2024-01-15 v1.2.3",
+                        "mail <EMAIL>, card <CARD>",
+                    ]
+                )
+            }
+        ),
+    ),
+    Case(
+        # Tokens inside text are the tokenizer's HMAC-SHA256 of the finding.
+        "text-scrub-tokens",
+        NOTES.slice(0, 3),
+        policy(
+            on(
+                "note",
+                {
+                    "type": "text-scrub",
+                    "entities": ["email"],
+                    "replace": "token",
+                    "key": {"secret": "tok"},
+                },
+            )
+        ),
+        pa.table(
+            {
+                "note": pa.array(
+                    [
+                        f"mail <EMAIL:{hmac_token('ann@example.com', 16)}>, "
+                        "card 4111 1111 1111 1111",
+                        "call (415) 555-0100 from 10.1.2.3",
+                        None,
+                    ]
+                )
+            }
+        ),
+    ),
+]
+
+CASES.extend(TRANSFORM_FAMILY_CASES)
+
 CASES_BY_NAME = {c.name: c for c in CASES}
 assert len(CASES_BY_NAME) == len(CASES), "case names must be unique"
