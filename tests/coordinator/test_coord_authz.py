@@ -25,6 +25,7 @@ MATRIX: list[tuple[str, str, object, set[str]]] = [
     ("POST", "/v1/policies/no-such/versions/1/submit", None, {"author"}),
     ("POST", "/v1/policies/no-such/versions/1/approve", None, {"reviewer"}),
     ("POST", "/v1/policies/no-such/versions/1/reject", {"reason": "no"}, {"reviewer"}),
+    ("POST", "/v1/policies/no-such/versions/1/rollback", {"reason": "no"}, {"reviewer"}),
     ("GET", "/v1/policies/no-such/diff?from=1&to=2", None, READERS),
     ("GET", "/v1/policies/matrix/active", None, ALL),
     ("POST", "/v1/keys", {}, {"admin"}),
@@ -34,7 +35,21 @@ MATRIX: list[tuple[str, str, object, set[str]]] = [
     ("POST", "/v1/audit", {}, {"pipeline"}),
     ("GET", "/v1/audit", None, AUDITORS),
     ("GET", "/v1/audit/verify", None, AUDITORS),
+    ("GET", "/v1/audit/anchor", None, AUDITORS),
     ("GET", "/v1/runs", None, AUDITORS),
+    # The request -> review workflow (tests/console covers its behaviour).
+    ("POST", "/v1/requests", {}, {"requester"}),
+    ("GET", "/v1/requests", None, READERS | {"requester"}),
+    ("GET", "/v1/requests/req-000000000000", None, READERS | {"requester"}),
+    ("POST", "/v1/requests/req-000000000000/decline", {}, {"author", "admin"}),
+    ("POST", "/v1/requests/req-000000000000/link", {}, {"author"}),
+    ("GET", "/v1/policies/no-such/review-settings", None, READERS),
+    ("PUT", "/v1/policies/no-such/review-settings", {}, {"admin"}),
+    ("POST", "/v1/policies/no-such/versions/1/reviewers", {}, {"author", "admin"}),
+    ("POST", "/v1/policies/no-such/versions/1/request-changes", {}, {"reviewer"}),
+    ("GET", "/v1/policies/no-such/versions/1/comments", None, READERS),
+    ("POST", "/v1/policies/no-such/versions/1/comments", {}, {"author", "reviewer"}),
+    ("GET", "/v1/policies/no-such/versions/1/review", None, READERS),
 ]
 
 CALLERS = [*ROLES, None]
