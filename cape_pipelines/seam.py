@@ -41,7 +41,7 @@ from typing_extensions import Unpack
 
 from .audit import AuditTarget, NullSink, RunContext, Sink, error_info
 from .core import Counters
-from .keys import KeyResolver
+from .keys import KeyRef, KeyResolver, WorkerKeyProvider
 from .plan import Plan, build_plan
 from .policy.load import PolicySource
 from .policy.models import Policy
@@ -62,6 +62,8 @@ class Binding:
     engine: str
     column_tags: Mapping[str, Sequence[str]] = field(default_factory=dict)
     source: str | None = None
+    # Set: plans ship key names and this provider, never named keys' bytes (see keys.KeyStore).
+    worker_keys: WorkerKeyProvider | None = None
 
     def __repr__(self) -> str:
         return (
@@ -70,8 +72,16 @@ class Binding:
         )
 
     def build(self, schema: pa.Schema) -> Plan:
-        """The plan for ``schema``, with nothing recorded if it cannot be built."""
-        return build_plan(self.policy, schema, resolver=self.resolver, column_tags=self.column_tags)
+        """The plan for ``schema``, with nothing recorded if it cannot be built.
+
+        Keys are resolved here either way (a missing key fails now, on the
+        driver); with :attr:`worker_keys` the plan then pickles only the named
+        keys' names and the provider, so workers resolve them themselves.
+        """
+        plan = build_plan(self.policy, schema, resolver=self.resolver, column_tags=self.column_tags)
+        if self.worker_keys is not None:
+            plan.keys = plan.keys.by_reference(key_names(plan), self.worker_keys)
+        return plan
 
     def plan(
         self, schema: pa.Schema | Callable[[], pa.Schema], *, run_id: str | None = None
@@ -119,7 +129,9 @@ class BindOptions(TypedDict, total=False):
     JSONL path, or None (``CAPE_AUDIT_FILE``, else the logger);
     ``column_tags``: column -> tags, for rules that match by tag;
     ``resolver``: a ready :class:`~cape_pipelines.keys.KeyResolver`;
-    ``client``: a ``coordinator_client.Client`` (``policy`` is then a label).
+    ``client``: a ``coordinator_client.Client`` (``policy`` is then a label);
+    ``worker_keys``: a worker-side key provider, so plans ship key names, not
+    key bytes (see :attr:`Binding.worker_keys`).
     """
 
     keys: Mapping[str, bytes | str] | None
@@ -127,6 +139,7 @@ class BindOptions(TypedDict, total=False):
     column_tags: Mapping[str, Sequence[str]] | None
     resolver: KeyResolver | None
     client: CoordinatorClient | None
+    worker_keys: WorkerKeyProvider | None
 
 
 def bind(
@@ -177,7 +190,21 @@ def bind(
         engine=engine,
         column_tags=dict(options.get("column_tags") or {}),
         source=src.source if src.source is not None else source,
+        worker_keys=options.get("worker_keys"),
     )
+
+
+def key_names(plan: Plan) -> dict[str, str]:
+    """Key id -> key name for every step whose key is a named secret (``{secret: NAME}``)."""
+    from .plan import ColumnStep
+
+    names: dict[str, str] = {}
+    for step in plan.steps:
+        if isinstance(step, ColumnStep) and step.key_id is not None:
+            ref = getattr(step.transform, "key", None)
+            if isinstance(ref, KeyRef) and ref.secret is not None:
+                names[step.key_id] = ref.secret
+    return names
 
 
 class Run:
