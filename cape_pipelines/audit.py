@@ -8,6 +8,7 @@ the coordinator client provides a durable, retrying sink of its own.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -147,8 +148,13 @@ def now_rfc3339() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
+@functools.cache
 def engine_version(engine: str) -> str:
-    """The installed version of ``engine``'s package (or Python's, for pandas/pyarrow)."""
+    """The installed version of ``engine``'s package (or Python's, for pandas/pyarrow).
+
+    Read once per process: reading package metadata was half the cost of a
+    small ``apply_policy`` call (about 20 ms on the shared dev machine).
+    """
     from importlib.metadata import PackageNotFoundError, version
 
     package = {

@@ -58,7 +58,7 @@ Handler = Callable[[argparse.Namespace], "int | None"]
 class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """Logs to whatever ``sys.stderr`` is at the time (so redirection and tests see it)."""
 
-    @property  # type: ignore[override]
+    @property
     def stream(self) -> Any:
         return sys.stderr
 

@@ -693,7 +693,9 @@ def _coerce(
     kinds = {lit.kind for lit in lits}
 
     def refuse() -> PlanError:
-        bad = next((lit for lit in lits if lit.kind not in _ACCEPTS.get(_family(t), ())), lits[0])
+        bad = next(
+            (lit for lit in lits if lit.kind not in _ACCEPTS.get(_family(t) or "", ())), lits[0]
+        )
         return _mismatch(column, col_type, bad)
 
     family = _family(t)

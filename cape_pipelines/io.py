@@ -21,11 +21,10 @@ output file's bytes do not depend on the engine or the batch size.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Protocol
 
 import pyarrow as pa
 
@@ -60,29 +59,32 @@ from .writers import (
     read_output_metadata,
 )
 
-EnginePolicy = Binding
-"""What an engine adapter needs to build its own plan: the run's
-:class:`~cape_pipelines.seam.Binding` (its policy; its key resolver, the very one ``plan``
-was built with, so every key, and a per-run random key, resolves to the same bytes; the
-column tags)."""
+
+@dataclass(frozen=True)
+class FileJob:
+    """One ``cape apply`` run's work, as an engine function gets it.
+
+    The engine applies ``plan`` to every batch of ``inputs`` and yields the
+    output batches in input order, adding each batch's counts into
+    ``counters`` and reporting input rows to ``progress``. The caller writes
+    the batches (so every engine gives the same file). ``binding`` is for
+    engines that run the policy through their own adapter: its
+    :meth:`~cape_pipelines.seam.Binding.silent` copy holds the very key
+    resolver ``plan`` was built with (so every key, a per-run random one
+    too, resolves to the same bytes) and records nothing (the job records
+    the run).
+    """
+
+    plan: Plan
+    inputs: InputSet
+    batch_size: int
+    counters: Counters
+    progress: ProgressFn
+    binding: Binding
 
 
-class EngineFn(Protocol):
-    """An engine: applies ``plan`` to every batch of ``inputs`` and yields the output batches
-    in input order, adding each batch's counts into ``counters`` and reporting its input rows
-    to the ``progress`` callback. The caller writes the batches (so every engine gives the
-    same file). ``policy`` is for engines that run the policy through their own adapter."""
-
-    def __call__(
-        self,
-        plan: Plan,
-        inputs: InputSet,
-        *,
-        batch_size: int,
-        counters: Counters,
-        progress: ProgressFn,
-        policy: Binding,
-    ) -> Iterator[pa.RecordBatch]: ...
+EngineFn = Callable[[FileJob], Iterator[pa.RecordBatch]]
+"""An engine function: a :class:`FileJob` in, the output batches out, in input order."""
 
 
 ENGINE_GROUP = "cape_pipelines.engines"
@@ -114,7 +116,14 @@ def get_engine(name: str) -> EngineFn:
     if name not in ENGINES:
         found = [ep for ep in entry_points(group=ENGINE_GROUP) if ep.name == name]
         if not found:
-            raise CapeError(f"unknown engine {name!r}; available: {', '.join(engine_names())}")
+            hint = ""
+            if not engine_names():
+                # An install made before the entry points were declared: they are read from
+                # the installed metadata, so the package must be installed again.
+                hint = " (no engine is installed: reinstall cape-pipelines, e.g. pip install -e .)"
+            raise CapeError(
+                f"unknown engine {name!r}; available: {', '.join(engine_names())}{hint}"
+            )
         try:
             ENGINES[name] = found[0].load()
         except ImportError as exc:
@@ -200,14 +209,7 @@ def apply_files(
             atomic_path(dst, overwrite=overwrite) as tmp,
             open_writer(fmt, tmp, plan.output_schema, metadata, timestamp_unit, delimiter) as out,
         ):
-            for batch in run_engine(
-                plan,
-                inputs,
-                batch_size=batch_size,
-                counters=counters,
-                progress=bar,
-                policy=binding,
-            ):
+            for batch in run_engine(FileJob(plan, inputs, batch_size, counters, bar, binding)):
                 out.write(batch)
     return ApplyResult(output=dst, run_id=run.run_id, counters=counters, plan=plan)
 
@@ -233,7 +235,7 @@ __all__ = [
     "CsvOptions",
     "CsvOut",
     "EngineFn",
-    "EnginePolicy",
+    "FileJob",
     "Format",
     "InputSet",
     "ParquetOut",

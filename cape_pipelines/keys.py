@@ -60,6 +60,8 @@ class KeyRef(BaseModel):
             return f"secret:{self.secret}"
         import hashlib
 
+        # The model holds exactly one of ``secret`` and ``inline``.
+        assert self.inline is not None
         digest = hashlib.sha256(b"cape-inline-key-id\x00" + self.inline.get_secret_value())
         return "inline:" + digest.hexdigest()[:16]
 

@@ -253,9 +253,9 @@ def build_plan(
                     cond = t.parsed
                     cur_schema = pa.schema(list(current.items()))
                     expr = cond.to_expression(cur_schema)
-                    cols = tuple(sorted(cond.columns()))
-                    used.update(c for c in cols if c in schema.names)
-                    steps.append(FilterStep(t.condition, ~expr, cols, loc))
+                    read = tuple(sorted(cond.columns()))
+                    used.update(c for c in read if c in schema.names)
+                    steps.append(FilterStep(t.condition, ~expr, read, loc))
             except (KeyMissingError, KeyFormatError) as exc:
                 # Keep the type (callers catch a missing key specifically); add the location.
                 exc.args = (f"{loc}: {exc}",)

@@ -32,13 +32,14 @@ from __future__ import annotations
 import uuid
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import TracebackType
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypedDict, TypeVar
 
 import pyarrow as pa
+from typing_extensions import Unpack
 
-from .audit import AuditTarget, RunContext, Sink, error_info
+from .audit import AuditTarget, NullSink, RunContext, Sink, error_info
 from .core import Counters
 from .keys import KeyRef, KeyResolver, WorkerKeyProvider
 from .plan import Plan, build_plan
@@ -108,6 +109,11 @@ class Binding:
         """A new :class:`Run` of this binding (of ``plan``, once it is known)."""
         return Run(self, plan, run_id=run_id, counters=counters)
 
+    def silent(self) -> Binding:
+        """This binding with its records switched off: for an engine's adapter run inside a
+        job that records the run itself (``cape apply --engine dask``)."""
+        return replace(self, audit=NullSink(), source=None)
+
     def context(self, *, run_id: str | None = None, principal: str | None = None) -> RunContext:
         """The record builder for one run of this binding (the policy named in every record)."""
         ctx = RunContext(engine=self.engine, sink=self.audit, run_id=run_id, principal=principal)
@@ -115,19 +121,35 @@ class Binding:
         return ctx
 
 
+class BindOptions(TypedDict, total=False):
+    """The keyword arguments every entry point takes, passed on to :func:`bind`.
+
+    ``keys``: key bytes (or hex / ``base64:...`` text) by name, before
+    ``CAPE_KEY_<NAME>`` and any coordinator; ``audit``: a :class:`Sink`, a
+    JSONL path, or None (``CAPE_AUDIT_FILE``, else the logger);
+    ``column_tags``: column -> tags, for rules that match by tag;
+    ``resolver``: a ready :class:`~cape_pipelines.keys.KeyResolver`;
+    ``client``: a ``coordinator_client.Client`` (``policy`` is then a label);
+    ``worker_keys``: a worker-side key provider, so plans ship key names, not
+    key bytes (see :attr:`Binding.worker_keys`).
+    """
+
+    keys: Mapping[str, bytes | str] | None
+    audit: AuditTarget
+    column_tags: Mapping[str, Sequence[str]] | None
+    resolver: KeyResolver | None
+    client: CoordinatorClient | None
+    worker_keys: WorkerKeyProvider | None
+
+
 def bind(
-    policy: PolicySource,
+    policy: PolicySource | Binding,
     *,
     engine: str,
-    keys: Mapping[str, bytes | str] | None = None,
-    resolver: KeyResolver | None = None,
-    audit: AuditTarget = None,
-    column_tags: Mapping[str, Sequence[str]] | None = None,
-    client: CoordinatorClient | None = None,
     source: str | None = None,
     record_failure: bool = False,
     run_id: str | None = None,
-    worker_keys: WorkerKeyProvider | None = None,
+    **options: Unpack[BindOptions],
 ) -> Binding:
     """Resolve ``policy`` for one job on ``engine`` (see :mod:`cape_pipelines.source`).
 
@@ -137,9 +159,24 @@ def bind(
     record ``policy.fetched`` for every policy (``cape apply``). With
     ``record_failure``, a policy that does not resolve is itself a failed run
     (``run.started``, ``run.failed`` naming no policy, under ``run_id``).
+
+    A :class:`Binding` given as ``policy`` is used as it is (an engine run
+    inside a job that bound the policy already); it takes no other options.
     """
+    if isinstance(policy, Binding):
+        if options:
+            raise TypeError(f"a Binding takes no other options ({', '.join(sorted(options))})")
+        return policy
+    keys = options.get("keys")
+    audit = options.get("audit")
     try:
-        src = resolve_policy(policy, client=client, keys=keys, resolver=resolver, audit=audit)
+        src = resolve_policy(
+            policy,
+            client=options.get("client"),
+            keys=keys,
+            resolver=options.get("resolver"),
+            audit=audit,
+        )
     except BaseException as exc:
         if record_failure:
             ctx = RunContext(engine=engine, sink=audit, run_id=run_id)
@@ -151,9 +188,9 @@ def bind(
         resolver=src.resolver or KeyResolver(keys),
         audit=src.audit,
         engine=engine,
-        column_tags=dict(column_tags or {}),
+        column_tags=dict(options.get("column_tags") or {}),
         source=src.source if src.source is not None else source,
-        worker_keys=worker_keys,
+        worker_keys=options.get("worker_keys"),
     )
 
 
@@ -258,22 +295,20 @@ class RemoteRun:
     def __init__(self, binding: Binding, sink: Sink, principal: str):
         self.engine = binding.engine
         self.sink = sink
-        self.policy = {
-            "label": binding.policy.label,
-            "version": binding.policy.version,
-            "sha256": binding.policy.sha256,
-        }
+        self.label = binding.policy.label
+        self.version = binding.policy.version
+        self.sha256 = binding.policy.sha256
         self.principal = principal
         self.source = binding.source
 
     def __repr__(self) -> str:
-        return f"RemoteRun(policy={self.policy['label']!r}, engine={self.engine!r})"
+        return f"RemoteRun(policy={self.label!r}, engine={self.engine!r})"
 
     def _context(self, run_id: str) -> RunContext:
         ctx = RunContext(
             engine=self.engine, sink=self.sink, principal=self.principal, run_id=run_id
         )
-        ctx.set_policy(self.policy["label"], self.policy["version"], self.policy["sha256"])
+        ctx.set_policy(self.label, self.version, self.sha256)
         return ctx
 
     def started(self, run_id: str) -> None:
@@ -335,4 +370,4 @@ class Tracked(Generic[T]):
         return value
 
 
-__all__ = ["Binding", "RemoteRun", "Run", "Tracked", "bind", "record_id"]
+__all__ = ["BindOptions", "Binding", "RemoteRun", "Run", "Tracked", "bind", "record_id"]

@@ -10,7 +10,6 @@ core on Arrow batches, and the audit run is delimited by two small stages (see
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 import apache_beam as beam
@@ -21,15 +20,14 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.parquetio import ReadFromParquetBatched
 from apache_beam.pvalue import AsList, AsSingleton, PCollection
 from apache_beam.transforms.window import GlobalWindows
+from typing_extensions import Unpack
 
 from ..audit import AuditTarget, MemorySink, Sink, resolve_sink
 from ..core import Counters
 from ..errors import PlanError
-from ..keys import KeyResolver, WorkerKeyProvider
 from ..plan import Plan
 from ..policy.load import PolicySource
-from ..seam import Binding, RemoteRun, bind
-from ..source import CoordinatorClient
+from ..seam import Binding, BindOptions, RemoteRun, bind
 from . import coders
 from .convert import arrow_schema_from_row_type, row_type_from_arrow_schema, row_type_of
 from .dofns import COUNTERS_TAG, ApplyPlanFn, FinishRunFn, StartRunFn, element_weight
@@ -97,32 +95,18 @@ class ApplyPolicy(beam.PTransform):
 
     def __init__(
         self,
-        policy: PolicySource,
+        policy: PolicySource | Binding,
         *,
-        keys: Mapping[str, bytes | str] | None = None,
-        audit: AuditTarget = None,
-        column_tags: Mapping[str, Sequence[str]] | None = None,
         schema: pa.Schema | None = None,
-        resolver: KeyResolver | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
         label: str | None = None,
-        client: CoordinatorClient | None = None,
-        worker_keys: WorkerKeyProvider | None = None,
         _carry_column: str | None = None,
+        **options: Unpack[BindOptions],
     ):
         super().__init__(label)
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, not {batch_size}")
-        binding = bind(
-            policy,
-            engine="beam",
-            keys=keys,
-            resolver=resolver,
-            audit=audit,
-            column_tags=column_tags,
-            client=client,
-            worker_keys=worker_keys,
-        )
+        binding = bind(policy, engine="beam", **options)
         self._policy = binding.policy
         sink = _worker_sink(binding.audit)
         self._audit = RemoteRun(binding, sink, binding.context().principal)

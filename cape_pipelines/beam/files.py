@@ -40,12 +40,9 @@ import pyarrow.parquet as pq
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from .._engine_files import conform, count_output, first_line
-from ..audit import NullSink
-from ..core import Counters
 from ..errors import CapeError, DataError
 from ..inputs import InputSet
-from ..plan import Plan
-from ..progress import ProgressFn
+from ..io import FileJob
 from ..seam import Binding
 from .apply import ApplyPolicy
 
@@ -150,13 +147,7 @@ def run_pipeline(
 ) -> None:
     """Run the Beam pipeline that reads ``inputs``, applies the policy and fills ``directory``."""
     step = ApplyPolicy(
-        policy.policy,
-        resolver=policy.resolver,
-        column_tags=policy.column_tags,
-        schema=inputs.schema,
-        audit=NullSink(),
-        batch_size=batch_size,
-        _carry_column=ROW_ID,
+        policy.silent(), schema=inputs.schema, batch_size=batch_size, _carry_column=ROW_ID
     )
     with beam.Pipeline(options=PipelineOptions(options or [])) as p:
         read = (
@@ -211,27 +202,20 @@ def _cape_error(exc: Exception) -> CapeError:
     return DataError(f"Beam failed: {type(exc).__name__}: {text[:300]}")
 
 
-def apply_files_beam(
-    plan: Plan,
-    inputs: InputSet,
-    *,
-    batch_size: int,
-    counters: Counters,
-    progress: ProgressFn,
-    policy: Binding,
-) -> Iterator[pa.RecordBatch]:
+def apply_files_beam(job: FileJob) -> Iterator[pa.RecordBatch]:
     """The :data:`~cape_pipelines.io.ENGINE_GROUP` function for ``--engine beam``.
 
     The whole pipeline runs first (its output waits in a scratch directory
     under the system's temporary directory, removed afterwards); the batches
     are then read back in input order.
     """
-    inputs.check_columns()
+    plan, counters = job.plan, job.counters
+    job.inputs.check_columns()
     directory = tempfile.mkdtemp(prefix="cape-beam-")
     try:
         try:
             with _quiet_beam():
-                run_pipeline(inputs, policy, directory, batch_size=batch_size)
+                run_pipeline(job.inputs, job.binding, directory, batch_size=job.batch_size)
         except CapeError as exc:
             raise _cape_error(exc) from None
         except Exception as exc:
@@ -241,12 +225,12 @@ def apply_files_beam(
         with open(os.path.join(directory, _ROWS_IN_FILE), encoding="utf-8") as fh:
             rows_in = int(json.load(fh)["rows_in"])
         for table in _read_back(directory):
-            for produced in table.to_batches(max_chunksize=batch_size):
+            for produced in table.to_batches(max_chunksize=job.batch_size):
                 batch = conform(plan, produced)
                 count_output(counters, plan, batch)
                 yield batch
         counters.rows_in += rows_in
-        progress(rows_in)
+        job.progress(rows_in)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 

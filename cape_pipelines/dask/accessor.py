@@ -7,36 +7,24 @@ accessor (``df.cape``) is the pandas adapter's, registered by
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-
 import dask.dataframe as dd
+from typing_extensions import Unpack
 
-from ..audit import AuditTarget
 from ..policy.load import PolicySource
-from ..source import CoordinatorClient
+from ..seam import BindOptions
 from .apply import apply_policy
 
 
 @dd.extensions.register_dataframe_accessor("cape")
 class DaskCapeAccessor:
-    """``ddf.cape.apply(policy, keys=...)``: a lazy Dask frame with the policy applied."""
+    """``ddf.cape.apply(policy, keys=...)``: the Dask frame with the policy applied."""
 
-    def __init__(self, ddf: dd.DataFrame):
-        self._ddf = ddf
+    def __init__(self, obj: dd.DataFrame):
+        self._obj = obj
 
-    def apply(
-        self,
-        policy: PolicySource,
-        *,
-        keys: Mapping[str, bytes | str] | None = None,
-        audit: AuditTarget = None,
-        column_tags: Mapping[str, Sequence[str]] | None = None,
-        client: CoordinatorClient | None = None,
-    ) -> dd.DataFrame:
-        """See :func:`cape_pipelines.dask.apply_policy`."""
-        return apply_policy(
-            self._ddf, policy, keys=keys, audit=audit, column_tags=column_tags, client=client
-        )
+    def apply(self, policy: PolicySource, **options: Unpack[BindOptions]) -> dd.DataFrame:
+        """See :func:`cape_pipelines.dask.apply_policy` (``options``: its keywords)."""
+        return apply_policy(self._obj, policy, **options)
 
 
 __all__ = ["DaskCapeAccessor"]

@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,15 +27,13 @@ import dask
 import dask.dataframe as dd
 import pandas as pd
 from dask.base import tokenize
+from typing_extensions import Unpack
 
-from ..audit import AuditTarget
 from ..core import Counters
-from ..keys import KeyResolver, WorkerKeyProvider
 from ..pandas.apply import apply_frame
 from ..plan import ColumnStep, Plan
 from ..policy.load import PolicySource
-from ..seam import Binding, Tracked, bind
-from ..source import CoordinatorClient
+from ..seam import Binding, BindOptions, Tracked, bind
 from .convert import dask_schema, new_string_dtype
 
 COUNTERS_ATTR = "cape_pipelines.counters"
@@ -116,15 +113,7 @@ def _partition_counters(part: pd.DataFrame) -> pd.Series:
 
 
 def apply_policy(
-    ddf: dd.DataFrame,
-    policy: PolicySource,
-    *,
-    keys: Mapping[str, bytes | str] | None = None,
-    audit: AuditTarget = None,
-    column_tags: Mapping[str, Sequence[str]] | None = None,
-    resolver: KeyResolver | None = None,
-    client: CoordinatorClient | None = None,
-    worker_keys: WorkerKeyProvider | None = None,
+    ddf: dd.DataFrame, policy: PolicySource | Binding, **options: Unpack[BindOptions]
 ) -> dd.DataFrame:
     """Apply ``policy`` to a Dask DataFrame; a lazy Dask DataFrame comes back.
 
@@ -150,16 +139,7 @@ def apply_policy(
             f"cape_pipelines.dask.apply_policy takes a dask DataFrame, not {type(ddf).__name__}; "
             "for pandas use cape_pipelines.apply_policy"
         )
-    binding = bind(
-        policy,
-        engine="dask",
-        keys=keys,
-        resolver=resolver,
-        audit=audit,
-        column_tags=column_tags,
-        client=client,
-        worker_keys=worker_keys,
-    )
+    binding = bind(policy, engine="dask", **options)
     plan = binding.plan(dask_schema(ddf))
     task = PlanTask(plan, new_string_dtype())
     # The empty meta, not the non-empty one: Dask's fake values are not valid

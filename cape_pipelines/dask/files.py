@@ -25,12 +25,8 @@ import pandas as pd
 import pyarrow as pa
 
 from .._engine_files import conform, count_output
-from ..audit import NullSink
-from ..core import Counters
 from ..inputs import InputSet
-from ..plan import Plan
-from ..progress import ProgressFn
-from ..seam import Binding
+from ..io import FileJob
 from .apply import COUNTERS_ATTR, apply_policy
 
 
@@ -71,49 +67,33 @@ def _window() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def apply_files_dask(
-    plan: Plan,
-    inputs: InputSet,
-    *,
-    batch_size: int,
-    counters: Counters,
-    progress: ProgressFn,
-    policy: Binding,
-) -> Iterator[pa.RecordBatch]:
+def apply_files_dask(job: FileJob) -> Iterator[pa.RecordBatch]:
     """The :data:`~cape_pipelines.io.ENGINE_GROUP` function for ``--engine dask``.
 
     Runs on Dask's current scheduler (threads, or a ``distributed`` client if
     one is active). Memory holds a window of output partitions at a time.
     """
-    inputs.check_columns()
-    frame = apply_policy(
-        read_input(inputs, batch_size),
-        policy.policy,
-        resolver=policy.resolver,
-        column_tags=policy.column_tags,
-        audit=NullSink(),
-    )
+    job.inputs.check_columns()
+    frame = apply_policy(read_input(job.inputs, job.batch_size), job.binding.silent())
     parts = frame.to_delayed()
     step = _window()
     for start in range(0, len(parts), step):
         for part in dask.compute(*parts[start : start + step]):
-            yield from _output(plan, part, counters, progress)
+            yield from _output(job, part)
 
 
-def _output(
-    plan: Plan, part: Any, counters: Counters, progress: ProgressFn
-) -> Iterator[pa.RecordBatch]:
+def _output(job: FileJob, part: Any) -> Iterator[pa.RecordBatch]:
     produced = part.attrs.get(COUNTERS_ATTR)
     if produced is None:
         raise RuntimeError("a Dask partition came back without its counters")
     rows_in = int(produced["rows_in"])
-    counters.rows_in += rows_in
-    progress(rows_in)
+    job.counters.rows_in += rows_in
+    job.progress(rows_in)
     if len(part) == 0:
         return
     part.attrs.pop(COUNTERS_ATTR, None)
-    batch = conform(plan, pa.Table.from_pandas(part, preserve_index=False))
-    count_output(counters, plan, batch)
+    batch = conform(job.plan, pa.Table.from_pandas(part, preserve_index=False))
+    count_output(job.counters, job.plan, batch)
     yield batch
 
 

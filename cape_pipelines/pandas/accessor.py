@@ -7,36 +7,24 @@ without importing an engine. It only delegates to
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-
 import pandas as pd
+from typing_extensions import Unpack
 
-from ..audit import AuditTarget
 from ..policy.load import PolicySource
-from ..source import CoordinatorClient
+from ..seam import BindOptions
 from .apply import apply_policy
 
 
 @pd.api.extensions.register_dataframe_accessor("cape")
 class PandasCapeAccessor:
-    """``df.cape.apply(policy, keys=...)``: a new pandas frame with the policy applied."""
+    """``df.cape.apply(policy, keys=...)``: the pandas frame with the policy applied."""
 
-    def __init__(self, df: pd.DataFrame):
-        self._df = df
+    def __init__(self, obj: pd.DataFrame):
+        self._obj = obj
 
-    def apply(
-        self,
-        policy: PolicySource,
-        *,
-        keys: Mapping[str, bytes | str] | None = None,
-        audit: AuditTarget = None,
-        column_tags: Mapping[str, Sequence[str]] | None = None,
-        client: CoordinatorClient | None = None,
-    ) -> pd.DataFrame:
-        """See :func:`cape_pipelines.pandas.apply_policy`."""
-        return apply_policy(
-            policy, self._df, keys=keys, audit=audit, column_tags=column_tags, client=client
-        )
+    def apply(self, policy: PolicySource, **options: Unpack[BindOptions]) -> pd.DataFrame:
+        """See :func:`cape_pipelines.pandas.apply_policy` (``options``: its keywords)."""
+        return apply_policy(policy, self._obj, **options)
 
 
 __all__ = ["PandasCapeAccessor"]

@@ -8,20 +8,18 @@ is the frame-level step Dask reuses on every partition.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from copy import copy
 from typing import Any, TypeVar
 
 import pandas as pd
 import pyarrow as pa
+from typing_extensions import Unpack
 
-from ..audit import AuditTarget
 from ..core import Counters, apply_batch, apply_table
-from ..keys import KeyResolver
-from ..plan import DropStep, Plan
+from ..plan import DropStep, Plan, Step
 from ..policy.load import PolicySource
-from ..seam import bind
-from ..source import CoordinatorClient
+from ..seam import Binding, BindOptions, bind
 from .convert import arrow_to_pandas, pandas_dtype_for, pandas_schema
 
 Data = TypeVar("Data")
@@ -72,7 +70,7 @@ def _narrow_plan(plan: Plan, needed: Sequence[str]) -> Plan:
     keep = set(needed)
     narrow = copy(plan)
     narrow.input_schema = pa.schema([plan.input_schema.field(c) for c in needed])
-    steps = []
+    steps: list[Step] = []
     for s in plan.steps:
         if isinstance(s, DropStep):
             # An empty step is kept so that step indices (and their state memo) stay aligned.
@@ -87,23 +85,18 @@ def _narrow_plan(plan: Plan, needed: Sequence[str]) -> Plan:
 
 
 def apply_policy(
-    policy: PolicySource,
-    data: Data,
-    *,
-    keys: Mapping[str, bytes | str] | None = None,
-    audit: AuditTarget = None,
-    column_tags: Mapping[str, Sequence[str]] | None = None,
-    resolver: KeyResolver | None = None,
-    client: CoordinatorClient | None = None,
+    policy: PolicySource | Binding, data: Data, **options: Unpack[BindOptions]
 ) -> Data:
     """Apply ``policy`` to a pandas DataFrame or a pyarrow Table/RecordBatch; same type back.
 
     The input is never modified; a pandas frame keeps its index (rows removed
     by ``row-redact`` take their index labels with them). One audit run is
     recorded (``run.started`` then ``run.completed`` or ``run.failed``).
-    With ``client=`` (a ``coordinator_client.Client``), ``policy`` is a label:
-    policy and keys come from the coordinator, records go to it, and the run
-    also records ``policy.fetched`` (see :mod:`cape_pipelines.source`).
+    ``options`` are :class:`~cape_pipelines.seam.BindOptions` (``keys``,
+    ``audit``, ``column_tags``, ``resolver``, ``client``). With ``client=`` (a
+    ``coordinator_client.Client``), ``policy`` is a label: policy and keys come
+    from the coordinator, records go to it, and the run also records
+    ``policy.fetched`` (see :mod:`cape_pipelines.source`).
 
     >>> import pandas as pd
     >>> from cape_pipelines.audit import MemorySink
@@ -113,15 +106,7 @@ def apply_policy(
     ['name']
     """
     engine = "pandas" if type(data).__module__.startswith("pandas") else "pyarrow"
-    binding = bind(
-        policy,
-        engine=engine,
-        keys=keys,
-        resolver=resolver,
-        audit=audit,
-        column_tags=column_tags,
-        client=client,
-    )
+    binding = bind(policy, engine=engine, **options)
     with binding.run() as run:
         result: Any
         if isinstance(data, pa.Table):
@@ -140,7 +125,7 @@ def apply_policy(
                 ".dask or .spark"
             )
         run.counters = counters
-    return result  # type: ignore[no-any-return]
+    return result
 
 
 __all__ = ["apply_frame", "apply_policy"]

@@ -26,21 +26,19 @@ counted instead. See docs/engines/spark.md for the evidence.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 from pyspark.sql import DataFrame, Observation
 from pyspark.sql import functions as F
+from typing_extensions import Unpack
 
-from ..audit import AuditTarget
 from ..core import Counters, apply_batch
-from ..keys import KeyResolver, WorkerKeyProvider
 from ..plan import ColumnStep, FilterStep, Plan
 from ..policy.load import PolicySource
-from ..seam import Binding, Tracked, bind
-from ..source import CoordinatorClient
+from ..seam import Binding, BindOptions, Tracked, bind
 from .convert import cast_batch, schema_to_arrow, schema_to_spark, wire_schema
 
 ENGINE = "spark"
@@ -93,15 +91,7 @@ def session_time_zone(sdf: DataFrame) -> str:
 
 
 def apply_policy(
-    sdf: DataFrame,
-    policy: PolicySource,
-    *,
-    keys: Mapping[str, bytes | str] | None = None,
-    audit: AuditTarget = None,
-    column_tags: Mapping[str, Sequence[str]] | None = None,
-    resolver: KeyResolver | None = None,
-    client: CoordinatorClient | None = None,
-    worker_keys: WorkerKeyProvider | None = None,
+    sdf: DataFrame, policy: PolicySource | Binding, **options: Unpack[BindOptions]
 ) -> DataFrame:
     """Apply ``policy`` to a Spark DataFrame; returns a lazy DataFrame with the output schema.
 
@@ -117,16 +107,7 @@ def apply_policy(
     ...     {"match": {"name": "ssn"}, "actions": ["drop"]}]})
     >>> write(out, "/tmp/out.parquet")  # doctest: +SKIP
     """
-    binding = bind(
-        policy,
-        engine=ENGINE,
-        keys=keys,
-        resolver=resolver,
-        audit=audit,
-        column_tags=column_tags,
-        client=client,
-        worker_keys=worker_keys,
-    )
+    binding = bind(policy, engine=ENGINE, **options)
     plan = binding.plan(lambda: schema_to_arrow(sdf.schema, session_time_zone(sdf)))
     out = _policy_frame(plan, sdf)
     _BINDINGS.remember(out, _Bound(binding, plan, sdf))

@@ -53,13 +53,9 @@ from pyspark.sql import types as T
 
 from .. import errors
 from .._engine_files import conform, count_output, first_line
-from ..audit import NullSink
-from ..core import Counters
 from ..errors import CapeError, DataError
 from ..inputs import InputSet
-from ..plan import Plan
-from ..progress import ProgressFn
-from ..seam import Binding
+from ..io import FileJob
 from .apply import apply_policy
 from .convert import to_spark
 
@@ -269,15 +265,7 @@ def _cape_error(exc: Exception) -> CapeError:
     return DataError(f"Spark failed: {first_line(text)[:300]}")
 
 
-def apply_files_spark(
-    plan: Plan,
-    inputs: InputSet,
-    *,
-    batch_size: int,
-    counters: Counters,
-    progress: ProgressFn,
-    policy: Binding,
-) -> Iterator[pa.RecordBatch]:
+def apply_files_spark(job: FileJob) -> Iterator[pa.RecordBatch]:
     """The :data:`~cape_pipelines.io.ENGINE_GROUP` function for ``--engine spark``.
 
     The driver holds one partition's output at a time. ``counters.rows_in``
@@ -286,23 +274,18 @@ def apply_files_spark(
     from py4j.protocol import Py4JJavaError
     from pyspark.errors import PySparkException
 
+    plan, counters, inputs = job.plan, job.counters, job.inputs
     inputs.check_columns()
     # The run's own bar is off (--no-progress, or stderr not a terminal): so is Spark's.
-    spark = session(console_progress=getattr(progress, "stream", None) is not None)
-    conf = {"spark.sql.execution.arrow.maxRecordsPerBatch": str(batch_size)}
+    spark = session(console_progress=getattr(job.progress, "stream", None) is not None)
+    conf = {"spark.sql.execution.arrow.maxRecordsPerBatch": str(job.batch_size)}
     zone = _time_zone(inputs.schema)
     if zone is not None:
         conf["spark.sql.session.timeZone"] = zone
     with _session_conf(spark, conf):
         try:
             source = read_input(spark, inputs)
-            out = apply_policy(
-                source,
-                policy.policy,
-                resolver=policy.resolver,
-                column_tags=policy.column_tags,
-                audit=NullSink(),
-            )
+            out = apply_policy(source, job.binding.silent())
             blobs = out.mapInArrow(
                 _to_ipc, T.StructType([T.StructField(_IPC_COLUMN, T.BinaryType())])
             )
@@ -311,13 +294,13 @@ def apply_files_spark(
                     for produced in reader:
                         batch = conform(plan, produced)
                         count_output(counters, plan, batch)
-                        progress(batch.num_rows)
+                        job.progress(batch.num_rows)
                         yield batch
             rows_in = int(source.count()) if plan.filters_rows else counters.rows_out
         except (PySparkException, Py4JJavaError) as exc:
             raise _cape_error(exc) from None
     counters.rows_in += rows_in
-    progress(rows_in - counters.rows_out)
+    job.progress(rows_in - counters.rows_out)
 
 
 __all__ = ["apply_files_spark", "nanosecond_columns", "read_input", "read_parquet", "session"]

@@ -154,7 +154,7 @@ class UdfFunction:
             raise TransformError(
                 f"{spec.signature}: {spec.type_name} is not a column transformation"
             )
-        built = (transform, secret, column, {})
+        built: Built = (transform, secret, column, {})
         self._built[key] = built
         return built
 

@@ -71,11 +71,12 @@ def encrypt_blocks(aes_key: bytes, blocks: np.ndarray) -> np.ndarray:
     data = np.ascontiguousarray(blocks, dtype="<u8")
     if data.size == 0:
         return data.copy()
-    src = memoryview(data).cast("B")
+    # numpy declares the buffer protocol to type checkers only from Python 3.12 on.
+    src = memoryview(data).cast("B")  # type: ignore[arg-type]
     nbytes = len(src)
     # update_into wants room for one more block than it is given.
     out = np.empty(nbytes + 16, dtype=np.uint8)
-    dst = memoryview(out)
+    dst = memoryview(out)  # type: ignore[arg-type]
     # ECB is right here: nothing is encrypted for secrecy, each block is one
     # independent PRF input (SP 800-38A's ECB is AES applied block by block).
     encryptor = Cipher(algorithms.AES(aes_key), modes.ECB()).encryptor()  # noqa: S305

@@ -83,7 +83,7 @@ class ColumnContext:
     column: str
     key: bytes | None = None
     batch: pa.RecordBatch | None = None
-    state: dict[str, Any] = field(default_factory=dict)
+    state: dict[Any, Any] = field(default_factory=dict)
 
 
 class Transformation(BaseModel):
@@ -101,8 +101,9 @@ class Transformation(BaseModel):
 
     def __repr__(self) -> str:
         shown = {k: v for k, v in self.__dict__.items() if k != "key"}
-        if getattr(self, "key", None) is not None:
-            shown["key"] = repr(self.key)
+        key = getattr(self, "key", None)
+        if key is not None:
+            shown["key"] = repr(key)
         args = ", ".join(f"{k}={v!r}" for k, v in shown.items() if v is not None)
         return f"{type(self).__name__}({args})"
 
@@ -173,7 +174,7 @@ def sql_number(value: Any) -> int | float:
     """A SQL numeric literal as a Python number (SQL's ``-2.5`` arrives as a Decimal)."""
     if isinstance(value, Decimal):
         return int(value) if value == value.to_integral_value() else float(value)
-    return value  # type: ignore[no-any-return]
+    return value
 
 
 @dataclass(frozen=True)

@@ -138,3 +138,24 @@ def test_unknown_event() -> None:
 def test_error_info_keeps_first_line_of_foreign_errors(exc: BaseException, expected: str) -> None:
     info = error_info(exc)
     assert info == {"type": type(exc).__name__, "message": expected}
+
+
+def test_engine_version_is_read_once_per_engine(monkeypatch):
+    import importlib.metadata
+
+    from cape_pipelines.audit import engine_version
+
+    clear = getattr(engine_version, "cache_clear", lambda: None)
+    clear()
+    calls = []
+    real = importlib.metadata.version
+
+    def counting(name):
+        calls.append(name)
+        return real(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", counting)
+    for _ in range(3):
+        RunContext(engine="pandas", sink=MemorySink())
+    assert calls == ["pandas"]
+    clear()
