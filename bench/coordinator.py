@@ -1,15 +1,19 @@
 """Benchmark: concurrent clients posting audit batches to one coordinator on loopback.
 
 Starts ``cape coordinator serve`` on a fresh SQLite database in a temporary
-directory (127.0.0.1, an ephemeral port), runs N client threads that each post
-batches of run records for D seconds, then reports records/s, request latency
-p50/p99, and checks that the database holds exactly the records sent (none
-lost, none duplicated) and that the hash chain verifies. It also prints the
+directory (127.0.0.1, an ephemeral port) — or, with ``--postgres``, one or
+more replicas on one database of a throwaway PostgreSQL cluster, measured one
+replica count after the other in the same run — and runs N client threads that
+each post batches of run records for D seconds, round-robin over the replicas.
+It reports records/s, request latency p50/p99, and checks that the chain holds
+exactly the records sent (none lost, none duplicated) and verifies. It also prints the
 server's CPU use and the machine's load average, since on a shared machine the
 numbers depend on what else runs.
 
     python bench/coordinator.py --clients 20 --seconds 30 --batch 100
     python bench/coordinator.py --sqlite-synchronous NORMAL   # the weaker setting
+    python bench/coordinator.py --postgres --replicas 1,2      # 1 vs 2 replicas
+    python bench/coordinator.py --flood --seconds 10           # /healthz under junk bodies
 """
 
 from __future__ import annotations
@@ -18,7 +22,6 @@ import argparse
 import json
 import os
 import socket
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -49,7 +52,7 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _start(db: Path, port: int) -> subprocess.Popen[bytes]:
+def _start(db: str, port: int, extra: list[str]) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -58,11 +61,12 @@ def _start(db: Path, port: int) -> subprocess.Popen[bytes]:
             "coordinator",
             "serve",
             "--db",
-            str(db),
+            db,
             "--host",
             "127.0.0.1",
             "--port",
             str(port),
+            *extra,
         ],
         env=_env(),
     )
@@ -106,7 +110,7 @@ def _batch(run_id: str, size: int) -> tuple[bytes, int]:
 
 
 def _client_loop(
-    url: str,
+    urls: list[str],
     token: str,
     batch: int,
     stop: float,
@@ -118,8 +122,12 @@ def _client_loop(
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
     run_id = str(uuid.uuid4())
     count = 0
+    turn = 0
     while time.monotonic() < stop:
         body, n = _batch(run_id, batch)
+        # Round-robin over the replicas, request by request (as a load balancer would).
+        url = urls[turn % len(urls)]
+        turn += 1
         t0 = time.perf_counter()
         resp = session.post(url + "/v1/audit", data=body, headers=headers, timeout=60)
         latencies.append(time.perf_counter() - t0)
@@ -128,6 +136,145 @@ def _client_loop(
             continue
         count += n
     sent.append(count)
+
+
+def _run(args: argparse.Namespace, db: str, extra: list[str], replicas: int) -> dict[str, object]:
+    """One measured run against ``replicas`` serving processes on one database."""
+    init = subprocess.run(
+        [sys.executable, "-m", "cape_coordinator", "coordinator", "init", "--db", db, *extra],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        check=True,
+    )
+    admin_token = init.stdout.strip().splitlines()[-1]
+    ports = [_free_port() for _ in range(replicas)]
+    procs = [_start(db, port, extra) for port in ports]
+    urls = [f"http://127.0.0.1:{port}" for port in ports]
+    try:
+        admin = Client(urls[0], admin_token)
+        token = admin.create_token("bench", "pipeline", labels=["bench"])["token"]
+        auditor = admin.create_token("bench-auditor", "auditor")["token"]
+        latencies: list[float] = []
+        sent: list[int] = []
+        errors: list[str] = []
+        load_before = os.getloadavg()[0]
+        cpu_before = [_cpu_seconds(p.pid) for p in procs]
+        start = time.monotonic()
+        stop = start + args.seconds
+        threads = [
+            threading.Thread(
+                target=_client_loop,
+                args=(
+                    [*urls[i % replicas :], *urls[: i % replicas]],
+                    token,
+                    args.batch,
+                    stop,
+                    latencies,
+                    sent,
+                    errors,
+                ),
+            )
+            for i in range(args.clients)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.monotonic() - start
+        cpu_after = [_cpu_seconds(p.pid) for p in procs]
+        load_after = os.getloadavg()[0]
+        verify = Client(urls[-1], auditor, timeout=(3, 600)).verify_audit()
+        stored = distinct = 0
+        after = 0
+        seen: set[str] = set()
+        reader = Client(urls[0], auditor, timeout=(3, 600))
+        while True:
+            page = reader.list_audit(event="policy.fetched", after_seq=after, limit=1000)
+            if not page:
+                break
+            stored += len(page)
+            seen.update(e["record"]["record_id"] for e in page)
+            after = page[-1]["seq"]
+        distinct = len(seen)
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=30)
+    qs = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [0.0] * 99
+    cpu = None
+    if None not in cpu_before and None not in cpu_after:
+        cpu = sum(a - b for a, b in zip(cpu_after, cpu_before, strict=True)) / elapsed  # type: ignore[operator]
+    return {
+        "replicas": replicas,
+        "elapsed": elapsed,
+        "requests": len(latencies),
+        "errors": errors,
+        "sent": sum(sent),
+        "stored": stored,
+        "distinct": distinct,
+        "rps": sum(sent) / elapsed,
+        "p50": qs[49] * 1000,
+        "p99": qs[98] * 1000,
+        "intact": verify["intact"],
+        "entries": verify["count"],
+        "cpu": cpu,
+        "load": (load_before, load_after),
+    }
+
+
+def _healthz_p50(url: str, seconds: float) -> float:
+    session = requests.Session()
+    times = []
+    stop = time.monotonic() + seconds
+    while time.monotonic() < stop:
+        t0 = time.perf_counter()
+        session.get(url + "/healthz", timeout=60)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1000
+
+
+def _flood(url: str, stop: float) -> None:
+    """Unauthenticated 4 MiB bodies, one after the other, until ``stop``."""
+    body = b'{"records": [' + b" " * (4 * 1024 * 1024 - 16) + b"]}"
+    session = requests.Session()
+    while time.monotonic() < stop:
+        try:
+            session.post(url + "/v1/audit", data=body, timeout=60)
+        except requests.RequestException:
+            session = requests.Session()
+
+
+def flood(args: argparse.Namespace) -> int:
+    """/healthz p50 alone, then while 4 threads post unauthenticated 4 MiB bodies."""
+    with tempfile.TemporaryDirectory() as tmp:
+        db = str(Path(tmp) / "flood.db")
+        subprocess.run(
+            [sys.executable, "-m", "cape_coordinator", "coordinator", "init", "--db", db],
+            capture_output=True,
+            env=_env(),
+            check=True,
+        )
+        port = _free_port()
+        proc = _start(db, port, ["--max-body-bytes", str(8 * 1024 * 1024)])
+        url = f"http://127.0.0.1:{port}"
+        try:
+            quiet = _healthz_p50(url, args.seconds)
+            stop = time.monotonic() + args.seconds + 2
+            threads = [threading.Thread(target=_flood, args=(url, stop)) for _ in range(4)]
+            for t in threads:
+                t.start()
+            time.sleep(1)
+            loud = _healthz_p50(url, args.seconds)
+            for t in threads:
+                t.join()
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    print(f"/healthz p50 alone {quiet:.1f} ms; under an unauthenticated 4 MiB flood {loud:.1f} ms")
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+    return 0
 
 
 def main() -> int:
@@ -141,78 +288,75 @@ def main() -> int:
         default=None,
         help="the server's sqlite_synchronous setting (default: the coordinator's, FULL)",
     )
+    parser.add_argument(
+        "--postgres",
+        action="store_true",
+        help="a throwaway PostgreSQL cluster (initdb/pg_ctl) instead of a SQLite file",
+    )
+    parser.add_argument(
+        "--replicas",
+        default="1",
+        help="with --postgres: replica counts to measure one after the other, e.g. 1,2",
+    )
+    parser.add_argument(
+        "--flood",
+        action="store_true",
+        help="instead: /healthz latency while unauthenticated 4 MiB bodies arrive",
+    )
     args = parser.parse_args()
-
+    if args.flood:
+        return flood(args)
+    counts = [int(x) for x in args.replicas.split(",")]
+    results = []
     with tempfile.TemporaryDirectory() as tmp:
-        db = Path(tmp) / "bench.db"
-        init = subprocess.run(
-            [sys.executable, "-m", "cape_coordinator", "coordinator", "init", "--db", str(db)],
-            capture_output=True,
-            text=True,
-            env=_env(),
-            check=True,
-        )
-        admin_token = init.stdout.strip().splitlines()[-1]
-        config = Path(tmp) / "bench.db.config.json"
-        if args.sqlite_synchronous:
-            settings = json.loads(config.read_text())
-            settings["sqlite_synchronous"] = args.sqlite_synchronous
-            config.write_text(json.dumps(settings))
-        synchronous = json.loads(config.read_text()).get("sqlite_synchronous", "NORMAL")
-        port = _free_port()
-        proc = _start(db, port)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            admin = Client(url, admin_token)
-            token = admin.create_token("bench", "pipeline", labels=["bench"])["token"]
-            auditor = admin.create_token("bench-auditor", "auditor")["token"]
-            latencies: list[float] = []
-            sent: list[int] = []
-            errors: list[str] = []
-            load_before = os.getloadavg()[0]
-            cpu_before = _cpu_seconds(proc.pid)
-            start = time.monotonic()
-            stop = start + args.seconds
-            threads = [
-                threading.Thread(
-                    target=_client_loop,
-                    args=(url, token, args.batch, stop, latencies, sent, errors),
-                )
-                for _ in range(args.clients)
-            ]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            elapsed = time.monotonic() - start
-            cpu_after = _cpu_seconds(proc.pid)
-            load_after = os.getloadavg()[0]
-            verify = Client(url, auditor, timeout=(3, 600)).verify_audit()
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
-        con = sqlite3.connect(db)
-        stored = con.execute("SELECT count(*) FROM audit WHERE kind = 'run'").fetchone()[0]
-        distinct = con.execute(
-            "SELECT count(DISTINCT record_id) FROM audit WHERE kind = 'run'"
-        ).fetchone()[0]
-        con.close()
+        if not args.postgres:
+            if counts != [1]:
+                parser.error("several replicas need --postgres (one SQLite file, one process)")
+            db = Path(tmp) / "bench.db"
+            config = Path(tmp) / "bench.db.config.json"
+            extra: list[str] = []
+            if args.sqlite_synchronous:
+                config.write_text(json.dumps({"sqlite_synchronous": args.sqlite_synchronous}))
+            results.append(_run(args, str(db), extra, 1))
+            backend = f"sqlite (synchronous {args.sqlite_synchronous or 'FULL'})"
+        else:
+            sys.path.insert(0, str(ROOT / "tests" / "coordinator"))
+            from _postgres import Cluster, pg_bin_dir
 
-    total = sum(sent)
-    qs = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [0.0] * 99
-    print(f"clients {args.clients}, batch {args.batch} records, {elapsed:.1f} s")
-    print(f"sqlite synchronous {synchronous}")
-    print(f"requests {len(latencies)}, errors {len(errors)}")
-    print(f"records sent {total}, stored {stored} (distinct {distinct})")
-    print(f"throughput {total / elapsed:,.0f} records/s")
-    print(f"latency p50 {qs[49] * 1000:.1f} ms, p99 {qs[98] * 1000:.1f} ms")
-    print(f"chain intact: {verify['intact']} ({verify['count']} entries)")
-    if cpu_before is not None and cpu_after is not None:
-        print(f"server CPU {(cpu_after - cpu_before) / elapsed:.2f} cores", end="; ")
-    print(f"machine: {os.cpu_count()} CPUs, load average {load_before:.1f} -> {load_after:.1f}")
-    for e in errors[:5]:
-        print(f"error: {e}")
-    ok = stored == total == distinct and not errors and verify["intact"]
+            bin_dir = pg_bin_dir()
+            if bin_dir is None:
+                parser.error("no initdb/pg_ctl found (apt-get install postgresql)")
+            cluster = Cluster(bin_dir)
+            cluster.start()
+            try:
+                for i, n in enumerate(counts):
+                    extra = [
+                        "--key-file",
+                        str(Path(tmp) / f"k{i}"),
+                        "--config",
+                        str(Path(tmp) / f"c{i}.json"),
+                    ]
+                    results.append(_run(args, cluster.new_database("bench"), extra, n))
+            finally:
+                cluster.stop()
+            backend = "postgresql (throwaway cluster, fsync off)"
+
+    print(f"backend {backend}; clients {args.clients}, batch {args.batch} records")
+    print(f"machine: {os.cpu_count()} CPUs")
+    print("replicas  records/s  p50 ms  p99 ms  requests errors  sent/stored/distinct  chain  CPU")
+    ok = True
+    for r in results:
+        cpu = f"{r['cpu']:.2f}" if r["cpu"] is not None else "-"
+        print(
+            f"{r['replicas']:>8}  {r['rps']:>9,.0f}  {r['p50']:>6.1f}  {r['p99']:>6.1f}"
+            f"  {r['requests']:>8} {len(r['errors']):>6}"  # type: ignore[arg-type]
+            f"  {r['sent']}/{r['stored']}/{r['distinct']}"
+            f"  {'intact' if r['intact'] else 'BROKEN'}  {cpu}"
+            f"  (load {r['load'][0]:.1f} -> {r['load'][1]:.1f})"  # type: ignore[index]
+        )
+        for e in r["errors"][:5]:  # type: ignore[index]
+            print(f"error: {e}")
+        ok = ok and r["sent"] == r["stored"] == r["distinct"] and not r["errors"] and r["intact"]
     print("OK: every record stored exactly once" if ok else "FAILED")
     return 0 if ok else 1
 

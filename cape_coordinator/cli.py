@@ -24,6 +24,8 @@ import yaml
 
 from cape_pipelines.errors import CapeError, PolicyError
 
+from . import cli_server
+
 URL_ENV = "CAPE_COORDINATOR_URL"
 TOKEN_ENV = "CAPE_TOKEN"  # noqa: S105 - the variable's name, not a token
 
@@ -58,6 +60,12 @@ def _settings_flags(parser: argparse.ArgumentParser) -> None:
         "--lost-after", type=int, metavar="SECONDS", help="a silent running run is lost after this"
     )
     parser.add_argument("--max-body-bytes", type=int, help="request body size limit")
+    parser.add_argument(
+        "--api-docs",
+        action="store_true",
+        default=None,
+        help="serve /docs and /openapi.json (off by default)",
+    )
 
 
 def register(
@@ -72,17 +80,28 @@ def register(
     csub = coord.add_subparsers(dest="coordinator_command", required=True)
     p = csub.add_parser("init", parents=[dbp], help="create the database, keys and an admin token")
     _settings_flags(p)
-    p.set_defaults(func=cmd_init)
+    p.set_defaults(func=cli_server.cmd_init)
     p = csub.add_parser("serve", parents=[dbp], help="serve the HTTP API")
     _settings_flags(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8686)
     p.add_argument("--access-log", action="store_true", help="log every request (no bodies)")
-    p.set_defaults(func=cmd_serve)
+    p.set_defaults(func=cli_server.cmd_serve)
+    p = csub.add_parser(
+        "admin-token",
+        parents=[dbp],
+        help="offline recovery: make an admin token in the database directly (audited)",
+    )
+    p.add_argument("--name", default="recovered-admin", help="who the token is for")
+    p.set_defaults(func=cli_server.cmd_admin_token)
+    p = csub.add_parser(
+        "upgrade", parents=[dbp], help="migrate the database schema to this version's"
+    )
+    p.set_defaults(func=cli_server.cmd_upgrade)
     p = csub.add_parser(
         "public-key", parents=[dbp], help="print the signing public key (to pin in clients)"
     )
-    p.set_defaults(func=cmd_public_key)
+    p.set_defaults(func=cli_server.cmd_public_key)
 
     token = subparsers.add_parser("token", help="API tokens (admin)")
     tsub = token.add_subparsers(dest="token_command", required=True)
@@ -125,11 +144,12 @@ def register(
         ("submit", "send a draft to review"),
         ("approve", "approve and activate (a reviewer, not the author)"),
         ("reject", "reject with --reason"),
+        ("rollback", "re-activate a superseded version, with --reason (a reviewer)"),
     ):
         p = psub.add_parser(verb, parents=[conn], help=helptext)
         p.add_argument("label")
         p.add_argument("version", type=int)
-        if verb == "reject":
+        if verb in ("reject", "rollback"):
             p.add_argument("--reason", required=True)
         p.set_defaults(func=cmd_policy_transition, verb=verb)
     p = psub.add_parser("diff", parents=[conn], help="diff two versions")
@@ -152,6 +172,12 @@ def register(
         "verify", parents=[conn], help="check the hash chain; exit 0 only when intact"
     )
     p.add_argument("--expect", metavar="SEQ:HASH", help="an anchor kept outside the database")
+    p.add_argument(
+        "--anchor",
+        metavar="FILE|URL",
+        help="an anchor kept outside the database: a JSONL audit copy, a saved"
+        " GET /v1/audit/anchor answer, or that endpoint's URL",
+    )
     p.add_argument("--db", help="verify this database directly instead of asking the coordinator")
     p.add_argument("--key-file", help="with --db: the master key file (default: <db>.key)")
     p.set_defaults(func=cmd_audit_verify)
@@ -202,98 +228,6 @@ def _table(rows: list[dict[str, Any]], columns: list[str]) -> None:
     print("\t".join(columns))
     for row in rows:
         print("\t".join("" if row.get(c) is None else str(row.get(c)) for c in columns))
-
-
-def _paths_and_settings(args: argparse.Namespace) -> tuple[Any, Any]:
-    from .config import Paths, load_settings
-
-    paths = Paths.resolve(args.db, args.key_file, args.config)
-    settings = load_settings(paths.config_file)
-    if getattr(args, "audit_jsonl", None):
-        settings.audit_jsonl = str(Path(args.audit_jsonl).resolve())
-    if getattr(args, "audit_stdout", None):
-        settings.audit_stdout = True
-    if getattr(args, "lost_after", None) is not None:
-        settings.lost_after_seconds = args.lost_after
-    if getattr(args, "max_body_bytes", None) is not None:
-        settings.max_body_bytes = args.max_body_bytes
-    return paths, settings
-
-
-# ---- handlers ---------------------------------------------------------------------------
-
-
-def cmd_init(args: argparse.Namespace) -> int:
-    """Create the database, master key, signing key and settings; print an admin token."""
-    from .config import Paths, Settings
-    from .store import Coordinator
-
-    paths = Paths.resolve(args.db, args.key_file, args.config)
-    settings = Settings()
-    if args.audit_jsonl:
-        settings.audit_jsonl = str(Path(args.audit_jsonl).resolve())
-    if args.audit_stdout:
-        settings.audit_stdout = True
-    if args.lost_after is not None:
-        settings.lost_after_seconds = args.lost_after
-    if args.max_body_bytes is not None:
-        settings.max_body_bytes = args.max_body_bytes
-    coord, token = Coordinator.initialize(paths, settings)
-    public = coord.public_key_text
-    coord.close()
-    print(f"database: {paths.sqlite_file or 'initialised at the given URL'}")
-    if os.environ.get("CAPE_COORDINATOR_MASTER_KEY"):
-        print("master key: from CAPE_COORDINATOR_MASTER_KEY (back it up with the database)")
-    else:
-        print(f"master key: {paths.key_file} (back it up, apart from the database)")
-    if paths.config_file is not None:
-        print(f"settings: {paths.config_file}")
-    print(f"signing public key (pin it in clients): {public}")
-    print("admin token (shown once):")
-    print(token)
-    return 0
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    """Serve the HTTP API with uvicorn until interrupted."""
-    import uvicorn
-
-    from .app import create_app
-    from .store import Coordinator
-
-    paths, settings = _paths_and_settings(args)
-    coord = Coordinator.open(paths, settings)
-    app = create_app(coord)
-    print(
-        f"cape coordinator on http://{args.host}:{args.port} (signing key {coord.public_key_text})",
-        file=sys.stderr,
-        flush=True,
-    )
-    try:
-        uvicorn.run(
-            app,
-            host=args.host,
-            port=args.port,
-            access_log=args.access_log,
-            log_level="info" if args.access_log else "warning",
-            server_header=False,
-        )
-    finally:
-        coord.close()
-    return 0
-
-
-def cmd_public_key(args: argparse.Namespace) -> int:
-    """Print the signing public key alone on the last line (read from the database itself)."""
-    from .store import Coordinator
-
-    paths, settings = _paths_and_settings(args)
-    coord = Coordinator.open(paths, settings)
-    try:
-        print(coord.public_key_text)
-    finally:
-        coord.close()
-    return 0
 
 
 def cmd_token_create(args: argparse.Namespace) -> int:
@@ -387,12 +321,15 @@ def cmd_policy_push(args: argparse.Namespace) -> int:
 
 
 def cmd_policy_transition(args: argparse.Namespace) -> int:
-    """submit, approve or reject a version."""
+    """submit, approve, reject or roll back to a version."""
     with _client(args) as client:
         if args.verb == "submit":
             info = client.submit_policy(args.label, args.version)
         elif args.verb == "approve":
             info = client.approve_policy(args.label, args.version)
+        elif args.verb == "rollback":
+            path = f"/v1/policies/{args.label}/versions/{int(args.version)}/rollback"
+            info = client.request("POST", path, json_body={"reason": args.reason}).json()
         else:
             info = client.reject_policy(args.label, args.version, args.reason)
     print(f"{info['label']} version {info['version']} is now {info['state']}")
@@ -444,15 +381,62 @@ def _expect(text: str | None) -> tuple[int, str] | None:
     return int(seq), digest
 
 
+def _external_anchor(args: argparse.Namespace) -> dict[str, Any]:
+    """The anchor ``--anchor`` names: ``{count, hash[, signature]}`` read from a URL (with
+    the caller's token), a saved anchor JSON, or the last anchor of a JSONL audit copy."""
+    source = args.anchor
+    if source.startswith(("http://", "https://")):
+        import requests
+
+        token = args.token or os.environ.get(TOKEN_ENV)
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        try:
+            resp = requests.get(source, headers=headers, timeout=args.timeout)
+        except requests.RequestException as exc:
+            raise UsageError(f"cannot fetch the anchor: {type(exc).__name__}") from None
+        if resp.status_code != 200:
+            raise UsageError(f"cannot fetch the anchor: HTTP {resp.status_code}")
+        found: Any = resp.json()
+    else:
+        try:
+            lines = Path(source).read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise UsageError(f"cannot read the anchor file: {exc.strerror}") from None
+        found = None
+        for line in reversed([x for x in lines if x.strip()]):
+            item = json.loads(line)
+            if "count" in item and "hash" in item:
+                found = item
+            elif isinstance(item.get("anchor"), dict):
+                found = item["anchor"]
+            elif "seq" in item and "hash" in item:
+                found = {"count": item["seq"], "hash": item["hash"]}
+            if found is not None:
+                break
+    if not isinstance(found, dict) or "count" not in found or "hash" not in found:
+        raise UsageError(f"no anchor in {source}")
+    return found
+
+
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    """Verify the chain (through the coordinator, or a database directly with --db)."""
+    """Verify the chain (through the coordinator, or a database directly with --db),
+    optionally against an anchor kept outside the database (--expect, --anchor)."""
     expect = _expect(args.expect)
+    external = _external_anchor(args) if getattr(args, "anchor", None) else None
+    if external is not None and int(external["count"]) > 0:
+        expect = (int(external["count"]), str(external["hash"]))
     if args.db:
         from .config import Paths, Settings
-        from .store import Coordinator
+        from .coordinator import Coordinator
+        from .crypto import b64d, verify_signature
+        from .services.chain import anchor_message
 
         coord = Coordinator.open(Paths.resolve(args.db, args.key_file), Settings())
         try:
+            if external is not None and "signature" in external:
+                message = anchor_message(int(external["count"]), str(external["hash"]))
+                if not verify_signature(coord.public_key, b64d(external["signature"]), message):
+                    raise UsageError("the external anchor's signature does not verify")
             result = coord.verify_audit(expect).__dict__
         finally:
             coord.close()

@@ -11,32 +11,47 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .crypto import CoordinatorSetupError
 
 
-@dataclass
-class Settings:
-    """Run-time settings, written by ``init`` and overridable by ``serve`` flags."""
+class Settings(BaseModel):
+    """Run-time settings, written by ``init`` and overridable by ``serve`` flags.
+
+    A pydantic model: types and ranges are checked when the config file is loaded
+    (and on assignment), and an unknown name is refused, so a typo in the file is
+    an error naming the setting rather than a silent default. ``sqlite_synchronous``
+    is checked when a database is opened (its error names the allowed values)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     audit_jsonl: str | None = None
     audit_stdout: bool = False
-    lost_after_seconds: int = 3600
-    max_body_bytes: int = 4 * 1024 * 1024
-    max_batch_records: int = 1000
+    lost_after_seconds: int = Field(default=3600, ge=1)
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    max_batch_records: int = Field(default=1000, ge=1, le=100_000)
     # FULL: an acknowledged audit record survives power loss; NORMAL trades that for speed.
     sqlite_synchronous: str = "FULL"
+    # /docs, /redoc and /openapi.json: off unless asked for (they map the whole API).
+    api_docs: bool = False
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Settings:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise CoordinatorSetupError(f"unknown setting(s) in config: {', '.join(unknown)}")
-        return cls(**data)
+        """Validated settings from a mapping; a bad or unknown one is a setup error naming it."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or 'config'}: "
+                + ("unknown setting" if err["type"] == "extra_forbidden" else err["msg"])
+                for err in exc.errors()
+            )
+            raise CoordinatorSetupError(f"invalid config: {problems}") from None
 
 
 @dataclass
@@ -87,5 +102,5 @@ def save_settings(path: Path, settings: Settings) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        json.dump(asdict(settings), fh, indent=2, sort_keys=True)
+        json.dump(settings.model_dump(), fh, indent=2, sort_keys=True)
         fh.write("\n")

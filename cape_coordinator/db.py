@@ -106,10 +106,13 @@ audit = Table(
     Column("body", Text, nullable=False),
     Column("prev_hash", String(64), nullable=False),
     Column("hash", String(64), nullable=False),
+    # The token id that posted a run record (None for the coordinator's own records).
+    Column("sender", String(32)),
     Index("ix_audit_run", "run_id"),
     Index("ix_audit_label_time", "label", "time"),
     Index("ix_audit_event_time", "event", "time"),
     Index("ix_audit_time", "time"),
+    Index("ix_audit_received_at", "received_at"),
 )
 
 runs = Table(
@@ -130,6 +133,11 @@ runs = Table(
     Column("rows_redacted", Integer),
     Column("error_type", String(128)),
     Column("records", Integer, nullable=False, default=0),
+    # The token of the run's first record: later records from another token are refused.
+    Column("sender", String(32)),
+    # The pipeline's own times (started_at/ended_at are the coordinator's receipt times).
+    Column("client_started_at", String(32)),
+    Column("client_ended_at", String(32)),
     Index("ix_runs_last_seen", "last_seen"),
 )
 
@@ -185,6 +193,8 @@ def make_engine(url: str, *, sqlite_synchronous: str = "FULL", **kwargs: Any) ->
         cur.execute(f"PRAGMA synchronous={sqlite_synchronous}")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.execute("PRAGMA busy_timeout=30000")
+        # Deleted content (old anchors, removed rows) is overwritten, not left in free pages.
+        cur.execute("PRAGMA secure_delete=ON")
         # The audit table's indexes (random record ids) outgrow SQLite's 2 MiB default
         # page cache quickly; re-reading their pages costs the writer more than the inserts.
         cur.execute("PRAGMA cache_size=-32768")

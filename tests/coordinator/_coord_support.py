@@ -49,12 +49,22 @@ def _free_port() -> int:
 
 
 class Server:
-    """One coordinator database and the uvicorn process serving it."""
+    """One coordinator database and the uvicorn process serving it: a SQLite file in
+    ``directory``, or the database at ``db_url`` (PostgreSQL) with its master key and
+    settings files in ``directory``."""
 
-    def __init__(self, directory: Path, *flags: str):
+    def __init__(self, directory: Path, *flags: str, db_url: str | None = None):
         self.dir = directory
-        self.db = directory / "cape.db"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.db: Path | str = directory / "cape.db" if db_url is None else db_url
         self.flags = list(flags)
+        if db_url is not None:
+            self.flags += [
+                "--key-file",
+                str(directory / "cape.key"),
+                "--config",
+                str(directory / "cape.config.json"),
+            ]
         self.port = _free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         out = run_cli("coordinator", "init", "--db", str(self.db), *self.flags).stdout
@@ -67,6 +77,14 @@ class Server:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    def replica(self) -> Server:
+        """Another serving process on this same database (its own port, no init)."""
+        other = object.__new__(Server)
+        other.dir, other.db, other.flags = self.dir, self.db, list(self.flags)
+        other.admin_token, other.public_key = self.admin_token, self.public_key
+        other.port, other.proc = _free_port(), None
+        return other
 
     def start(self) -> None:
         """Start serving (on the same port as before, so clients keep their URL)."""

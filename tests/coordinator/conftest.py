@@ -1,4 +1,9 @@
-"""Fixtures: a real coordinator (uvicorn in a subprocess on 127.0.0.1), its tokens and clients."""
+"""Fixtures: a real coordinator (uvicorn in a subprocess on 127.0.0.1), its tokens and clients.
+
+The server fixtures are parametrised over the database: every test using them
+runs once on SQLite and once on PostgreSQL (a throwaway cluster, see
+``_postgres.py``; skipped visibly without the binaries, a failure in CI).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,9 @@ from pathlib import Path
 
 import pytest
 from _coord_support import ROLES, Server
+from _postgres import Cluster, pg_bin_dir, unavailable
+
+DATABASES = ["sqlite", "postgresql"]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -16,13 +24,46 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def pg_cluster() -> Iterator[Cluster]:
+    """One PostgreSQL cluster for the whole session."""
+    bin_dir = pg_bin_dir()
+    if bin_dir is None:
+        unavailable("initdb/pg_ctl not found (apt-get install postgresql)")
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        unavailable("the psycopg driver is not installed (the coordinator extra)")
+    cluster = Cluster(bin_dir)  # type: ignore[arg-type]
+    try:
+        cluster.start()
+    except RuntimeError as exc:
+        cluster.stop()
+        unavailable(str(exc))
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def _db_url(request: pytest.FixtureRequest) -> str | None:
+    if request.param == "sqlite":
+        return None
+    cluster: Cluster = request.getfixturevalue("pg_cluster")
+    return cluster.new_database()
+
+
+@pytest.fixture(scope="session", params=DATABASES)
+def server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
     srv = Server(
         tmp_path_factory.mktemp("coordinator"),
         "--max-body-bytes",
         "1000000",
         "--lost-after",
         "5",
+        "--api-docs",
+        db_url=_db_url(request),
     )
     srv.start()
     try:
@@ -48,10 +89,10 @@ def clients(server: Server, tokens: dict[str, str], tmp_path_factory: pytest.Tem
     return {role: server.client(token, spool_dir=base / role) for role, token in tokens.items()}
 
 
-@pytest.fixture
-def fresh_server(tmp_path: Path) -> Iterator[Server]:
+@pytest.fixture(params=DATABASES)
+def fresh_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Server]:
     """A coordinator of its own, for tests that stop and restart it."""
-    srv = Server(tmp_path / "coord")
+    srv = Server(tmp_path / "coord", db_url=_db_url(request))
     srv.start()
     try:
         yield srv

@@ -80,7 +80,7 @@ def test_runs_derived_from_records(clients):
 
 def test_pipeline_cannot_post_for_another_label(clients):
     _, recs = run_records(label="billing")
-    with pytest.raises(AuthError, match="label_forbidden"):
+    with pytest.raises(AuthError, match="label_not_allowed"):
         clients["pipeline"].post_audit(recs)
 
 
@@ -94,9 +94,10 @@ def test_audit_list_filters(clients):
         r["record"]["run_id"]
         for r in auditor.list_audit(label="matrix", event="run.started", limit=1000)
     } >= {run_id}
-    t = recs[1]["time"]
-    assert len(auditor.list_audit(run_id=run_id, since=t)) == 3
-    assert len(auditor.list_audit(run_id=run_id, until=t)) == 1
+    # since/until are the coordinator's receipt times (issue 9), not the records' own.
+    t = auditor.list_audit(run_id=run_id)[1]["received_at"]
+    assert len(auditor.list_audit(run_id=run_id, since=t)) == 4
+    assert len(auditor.list_audit(run_id=run_id, until=t)) == 0
     future = (datetime.now(UTC) + timedelta(days=1)).isoformat()
     assert auditor.list_audit(run_id=run_id, since=future) == []
     seqs = [r["seq"] for r in auditor.list_audit(limit=1000)]
@@ -202,7 +203,7 @@ TAMPERING = [
         "inserted row",
         lambda p: [
             "INSERT INTO audit SELECT 1000, 'x-' || record_id, kind, run_id, event, label, time,"
-            " received_at, body, prev_hash, hash FROM audit WHERE seq = 4"
+            " received_at, body, prev_hash, hash, sender FROM audit WHERE seq = 4"
         ],
         "seq 1000",
     ),

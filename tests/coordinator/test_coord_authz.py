@@ -25,6 +25,7 @@ MATRIX: list[tuple[str, str, object, set[str]]] = [
     ("POST", "/v1/policies/no-such/versions/1/submit", None, {"author"}),
     ("POST", "/v1/policies/no-such/versions/1/approve", None, {"reviewer"}),
     ("POST", "/v1/policies/no-such/versions/1/reject", {"reason": "no"}, {"reviewer"}),
+    ("POST", "/v1/policies/no-such/versions/1/rollback", {"reason": "no"}, {"reviewer"}),
     ("GET", "/v1/policies/no-such/diff?from=1&to=2", None, READERS),
     ("GET", "/v1/policies/matrix/active", None, ALL),
     ("POST", "/v1/keys", {}, {"admin"}),
@@ -34,6 +35,7 @@ MATRIX: list[tuple[str, str, object, set[str]]] = [
     ("POST", "/v1/audit", {}, {"pipeline"}),
     ("GET", "/v1/audit", None, AUDITORS),
     ("GET", "/v1/audit/verify", None, AUDITORS),
+    ("GET", "/v1/audit/anchor", None, AUDITORS),
     ("GET", "/v1/runs", None, AUDITORS),
 ]
 

@@ -116,3 +116,21 @@ def test_init_refuses_an_existing_database(server):
     proc = run_cli("coordinator", "init", "--db", str(server.db), check=False)
     assert proc.returncode != 0
     assert "already" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_policy_rollback_command(server, clients, tokens, capsys):
+    label = new_label("rollback")
+    author, reviewer = clients["author"], clients["reviewer"]
+    versions = []
+    for column in ("a", "b"):
+        v = author.push_policy(policy_doc(label, column))["version"]
+        author.submit_policy(label, v)
+        reviewer.approve_policy(label, v)
+        versions.append(v)
+    conn = ["--coordinator", server.url, "--token", tokens["reviewer"]]
+    argv = ["policy", "rollback", label, str(versions[0]), "--reason", "b drops too much"]
+    assert main([*argv, *conn]) == 0
+    assert f"version {versions[0]} is now active" in capsys.readouterr().out
+    history = {p["version"]: p["state"] for p in author.policy_history(label)}
+    assert history == {versions[0]: "active", versions[1]: "superseded"}
+    assert main(["policy", "rollback", label, str(versions[0]), "--reason", "again", *conn]) != 0

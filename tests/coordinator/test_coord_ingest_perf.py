@@ -169,7 +169,7 @@ def test_threads_posting_in_process_keep_the_chain(coordinator):
 def test_bodies_are_canonical_json_of_the_entry(coordinator):
     coordinator.post_audit(PIPELINE, _records("canon", 3))
     for row in coordinator.list_audit(run_id="canon"):
-        entry = {k: row[k] for k in ("kind", "source", "received_at", "record")}
+        entry = {k: row[k] for k in ("kind", "source", "received_at", "record", "sender")}
         with sqlite3.connect(coordinator.engine.url.database) as con:
             (body,) = con.execute("SELECT body FROM audit WHERE seq = ?", (row["seq"],)).fetchone()
         assert body.encode("utf-8") == canonical_json(entry)

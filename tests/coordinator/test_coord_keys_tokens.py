@@ -124,6 +124,7 @@ def test_expired_token_refused(server, clients):
     ],
 )
 def test_token_requests_refused(clients, kwargs, match):
+    kwargs = dict(kwargs)  # the parameters are shared by the SQLite and PostgreSQL runs
     admin = clients["admin"]
     with pytest.raises(CoordinatorError, match=match):
         admin.create_token(kwargs.pop("name"), kwargs.pop("role"), **kwargs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 
 import pytest
 import requests
@@ -83,7 +84,10 @@ def test_active_policy_signed_with_etag(server, clients, tokens):
     assert resp.headers["ETag"] == f'"{hashlib.sha256(body).hexdigest()}"'
     assert int(resp.headers["X-Cape-Policy-Version"]) == v
     public = Ed25519PublicKey.from_public_bytes(b64d(server.public_key))
-    public.verify(b64d(resp.headers["X-Cape-Signature"]), body)  # raises if it does not verify
+    # Issue 9: the signature covers a domain-separated envelope naming the body's hash.
+    envelope = b64d(resp.headers["X-Cape-Policy-Envelope"])
+    public.verify(b64d(resp.headers["X-Cape-Signature"]), b"cape.policy-envelope.v1\n" + envelope)
+    assert json.loads(envelope)["sha256"] == hashlib.sha256(body).hexdigest()
     again = requests.get(
         f"{server.url}/v1/policies/{label}/active",
         headers={**headers, "If-None-Match": resp.headers["ETag"]},

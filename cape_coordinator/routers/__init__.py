@@ -1,0 +1,10 @@
+"""The HTTP API's routers, one per service; :func:`cape_coordinator.app.create_app` mounts
+them in :data:`ROUTERS` order."""
+
+from __future__ import annotations
+
+from . import audit, keys, meta, policies, runs, tokens
+
+ROUTERS = (meta.router, tokens.router, policies.router, keys.router, audit.router, runs.router)
+
+__all__ = ["ROUTERS"]

@@ -1,0 +1,48 @@
+"""Named keys: create and rotate (admin), list (admin, auditor), material for a label
+(its pipeline tokens only, never cached by intermediaries, every read audited)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Response
+
+from ..schemas import KeyCreate, KeyInfo, KeyMaterial, LabelKeys
+from ..services.base import Principal
+from .deps import Coord, KeyNamePath, LabelPath, require
+
+router = APIRouter(tags=["keys"])
+Admin = Annotated[Principal, Depends(require("admin"))]
+
+
+@router.post("/v1/keys", status_code=201)
+def create_key(body: KeyCreate, coord: Coord, p: Admin) -> KeyInfo:
+    """Make a named random 32-byte key for pipelines of the given labels."""
+    return KeyInfo(**coord.secrets.create(p, body.name, body.labels))
+
+
+@router.get("/v1/keys")
+def list_keys(
+    coord: Coord, _p: Annotated[Principal, Depends(require("admin", "auditor"))]
+) -> list[KeyInfo]:
+    """Every key's name, labels and versions (never material)."""
+    return [KeyInfo(**k) for k in coord.secrets.list()]
+
+
+@router.post("/v1/keys/{name}/rotate")
+def rotate_key(name: KeyNamePath, coord: Coord, p: Admin) -> KeyInfo:
+    """A new current version; old versions stay readable for reversal."""
+    return KeyInfo(**coord.secrets.rotate(p, name))
+
+
+@router.get("/v1/labels/{label}/keys")
+def label_keys(
+    label: LabelPath,
+    response: Response,
+    coord: Coord,
+    p: Annotated[Principal, Depends(require("pipeline"))],
+) -> LabelKeys:
+    """Key material for a label (pipeline tokens of that label only; every read audited)."""
+    response.headers["Cache-Control"] = "no-store"
+    keys = coord.secrets.for_label(p, label)
+    return LabelKeys(label=label, keys={n: KeyMaterial(**k) for n, k in keys.items()})

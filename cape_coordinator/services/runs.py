@@ -1,0 +1,138 @@
+"""Pipeline runs: a summary row per run, folded from its records, and the runs view.
+
+The summary is derived data (the chain holds the records themselves); it is
+updated in the same transaction that appends the records.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, Engine, bindparam, insert, select, update
+
+from .. import db
+
+_UPDATE_RUN = update(db.runs).where(db.runs.c.run_id == bindparam("key"))
+
+
+def merge_run(run: dict[str, Any], rec: Mapping[str, Any], received: str) -> None:
+    """Fold one run record, received at ``received``, into the run's summary row: its
+    start and end are the coordinator's receipt times, the pipeline's own are kept apart."""
+    run["records"] = (run["records"] or 0) + 1
+    t = db.normalize_time(rec["time"])
+    if run["client_started_at"] is None or t < run["client_started_at"]:
+        run["client_started_at"] = t
+    for col in ("engine", "engine_version", "principal"):
+        if run[col] is None and isinstance(rec.get(col), str):
+            run[col] = rec[col][: 64 if col != "principal" else 128]
+    policy = rec.get("policy")
+    if isinstance(policy, Mapping) and run["label"] is None:
+        if isinstance(policy.get("label"), str):
+            run["label"] = policy["label"]
+        if isinstance(policy.get("version"), int):
+            run["version"] = policy["version"]
+    if run["started_at"] is None or received < run["started_at"]:
+        run["started_at"] = received
+    event = rec["event"]
+    if event in ("run.completed", "run.failed") and run["status"] == "running":
+        run["status"] = "succeeded" if event == "run.completed" else "failed"
+        run["ended_at"] = received
+        run["client_ended_at"] = t
+        for col in ("rows_in", "rows_out", "rows_redacted"):
+            if isinstance(rec.get(col), int):
+                run[col] = rec[col]
+        error = rec.get("error")
+        if isinstance(error, Mapping) and isinstance(error.get("type"), str):
+            run["error_type"] = error["type"][:128]
+
+
+class RunService:
+    """The runs' summary rows."""
+
+    def __init__(self, engine: Engine, lost_after_seconds: int):
+        self.engine = engine
+        self.lost_after_seconds = lost_after_seconds
+
+    def bindings(
+        self, conn: Connection, run_ids: Iterable[str]
+    ) -> dict[str, tuple[str | None, str | None]]:
+        """run id -> (sending token, label) of the runs already known."""
+        ids = list(run_ids)
+        out: dict[str, tuple[str | None, str | None]] = {}
+        for i in range(0, len(ids), 500):
+            rows = conn.execute(
+                select(db.runs.c.run_id, db.runs.c.sender, db.runs.c.label).where(
+                    db.runs.c.run_id.in_(ids[i : i + 500])
+                )
+            )
+            out.update((r[0], (r[1], r[2])) for r in rows)
+        return out
+
+    def fold(
+        self,
+        conn: Connection,
+        records: Sequence[tuple[dict[str, Any], str]],
+        senders: Mapping[str, str | None] | None = None,
+    ) -> None:
+        """Fold (record, received_at) pairs into the runs' summary rows; a new run (or one
+        stored before senders were kept) is bound to ``senders[run_id]``."""
+        by_run: dict[str, list[tuple[dict[str, Any], str]]] = {}
+        for rec, stamp in records:
+            by_run.setdefault(rec["run_id"], []).append((rec, stamp))
+        if not by_run:
+            return
+        existing = {
+            r["run_id"]: dict(r)
+            for r in conn.execute(
+                select(db.runs).where(db.runs.c.run_id.in_(list(by_run)))
+            ).mappings()
+        }
+        inserts, updates = [], []
+        for run_id, recs in by_run.items():
+            run = existing.get(run_id)
+            if run is None:
+                run = {c.name: None for c in db.runs.columns}
+                run.update(run_id=run_id, status="running", records=0)
+                inserts.append(run)
+            else:
+                updates.append(run)
+            for rec, stamp in recs:
+                merge_run(run, rec, stamp)
+            if run["sender"] is None and senders:
+                run["sender"] = senders.get(run_id)
+            run["last_seen"] = max(stamp for _, stamp in recs)
+        if inserts:
+            conn.execute(insert(db.runs), inserts)
+        if updates:
+            conn.execute(_UPDATE_RUN, [{"key": r["run_id"], **r} for r in updates])
+
+    def list(
+        self,
+        *,
+        status: str | None = None,
+        label: str | None = None,
+        limit: int = 100,
+    ) -> list[dict[str, Any]]:
+        """Runs, newest activity first; ``running`` runs silent too long show as ``lost``."""
+        cutoff = db.format_time(datetime.now(UTC) - timedelta(seconds=self.lost_after_seconds))
+        stmt = select(db.runs)
+        if label is not None:
+            stmt = stmt.where(db.runs.c.label == label)
+        if status == "lost":
+            stmt = stmt.where(db.runs.c.status == "running", db.runs.c.last_seen < cutoff)
+        elif status == "running":
+            stmt = stmt.where(db.runs.c.status == "running", db.runs.c.last_seen >= cutoff)
+        elif status is not None:
+            stmt = stmt.where(db.runs.c.status == status)
+        stmt = stmt.order_by(db.runs.c.last_seen.desc()).limit(limit)
+        with self.engine.connect() as conn:
+            rows = conn.execute(stmt).mappings().all()
+        out = []
+        for r in rows:
+            item = dict(r)
+            if item["status"] == "running" and item["last_seen"] < cutoff:
+                item["status"] = "lost"
+            out.append(item)
+        return out

@@ -1,0 +1,220 @@
+"""API tokens: making, revoking and listing them, and authenticating a bearer token.
+
+Tokens are stored hashed; a verified token is remembered for
+``TOKEN_CACHE_SECONDS`` so most requests cost no database read, and a
+revocation through this process evicts it at once.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import insert, select, update
+
+from cape_pipelines.policy.models import LABEL_RE
+
+from .. import db
+from ..crypto import new_token, secret_matches, split_token
+from ..errors import ApiError, not_found
+from .base import PRINCIPAL_RE, ROLES, Principal
+from .chain import AuditChain
+
+# A verified token is trusted this long without asking the database again, so a
+# revocation made elsewhere (another serving process, or the database directly)
+# takes effect within this time; one made through this process takes effect at once.
+TOKEN_CACHE_SECONDS = 1.0
+_TOKEN_CACHE_MAX = 4096
+
+
+def token_info(row: Mapping[Any, Any]) -> dict[str, Any]:
+    """A token's public description (never its secret or hash)."""
+    return {
+        "id": row["id"],
+        "name": row["name"],
+        "role": row["role"],
+        "labels": json.loads(row["labels"]),
+        "created_at": row["created_at"],
+        "created_by": row["created_by"],
+        "expires_at": row["expires_at"],
+        "revoked_at": row["revoked_at"],
+    }
+
+
+class TokenService:
+    """Tokens and authentication."""
+
+    def __init__(self, chain: AuditChain):
+        self.chain = chain
+        self.engine = chain.engine
+        self._cache: dict[str, tuple[float, str, Principal, float | None]] = {}
+        self._cache_lock = threading.Lock()
+        self._revocations = 0
+
+    def create(
+        self,
+        actor: Principal,
+        *,
+        name: str,
+        role: str,
+        labels: Sequence[str] = (),
+        expires_in: int | None = None,
+    ) -> tuple[dict[str, Any], str]:
+        """Make a token; returns (its public description, the token itself, shown once)."""
+        if role not in ROLES:
+            raise ApiError(422, "invalid_role", f"role must be one of {', '.join(ROLES)}")
+        if not PRINCIPAL_RE.fullmatch(name):
+            raise ApiError(
+                422, "invalid_name", "name must match [A-Za-z0-9][A-Za-z0-9._@:-]{0,127}"
+            )
+        labels = sorted(set(labels))
+        bad = [lab for lab in labels if not LABEL_RE.fullmatch(lab)]
+        if bad:
+            raise ApiError(422, "invalid_label", "labels must match [a-z0-9][a-z0-9._-]{0,127}")
+        if labels and role != "pipeline":
+            raise ApiError(422, "labels_not_allowed", "only pipeline tokens take labels")
+        if role == "pipeline" and not labels:
+            raise ApiError(422, "labels_required", "a pipeline token needs at least one label")
+        expires_at = None
+        if expires_in is not None:
+            if expires_in <= 0 or expires_in > 10 * 365 * 86400:
+                raise ApiError(422, "invalid_expiry", "expires_in must be 1 s to 10 years")
+            expires_at = db.format_time(datetime.now(UTC) + timedelta(seconds=expires_in))
+        token_id, token, digest = new_token()
+        info = {
+            "id": token_id,
+            "name": name,
+            "role": role,
+            "labels": labels,
+            "created_at": db.now(),
+            "created_by": actor.name,
+            "expires_at": expires_at,
+            "revoked_at": None,
+        }
+        with self.chain.write() as (conn, appended):
+            conn.execute(
+                insert(db.tokens),
+                {**info, "labels": json.dumps(labels), "secret_hash": digest},
+            )
+            self.chain.record(
+                conn,
+                appended,
+                actor,
+                "token.created",
+                token_id=token_id,
+                name=name,
+                token_role=role,
+                labels=labels,
+                expires_at=expires_at,
+            )
+        return info, token
+
+    def revoke(self, actor: Principal, token_id: str) -> dict[str, Any]:
+        """Revoke a token by id (refused if unknown or already revoked)."""
+        with self.chain.write() as (conn, appended):
+            row = (
+                conn.execute(select(db.tokens).where(db.tokens.c.id == token_id)).mappings().first()
+            )
+            if row is None:
+                raise not_found("token")
+            if row["revoked_at"] is not None:
+                raise ApiError(409, "already_revoked", "token is already revoked")
+            stamp = db.now()
+            if row["role"] == "admin" and not self._other_admins(conn, token_id, stamp):
+                raise ApiError(
+                    409,
+                    "last_admin",
+                    "this is the last valid admin token; make another admin first"
+                    " (or recover offline with `cape coordinator admin-token --db`)",
+                )
+            conn.execute(
+                update(db.tokens).where(db.tokens.c.id == token_id).values(revoked_at=stamp)
+            )
+            self.chain.record(
+                conn, appended, actor, "token.revoked", token_id=token_id, name=row["name"]
+            )
+        with self._cache_lock:
+            self._revocations += 1
+            self._cache.pop(token_id, None)
+        return {**token_info(row), "revoked_at": stamp}
+
+    @staticmethod
+    def _other_admins(conn: Any, token_id: str, stamp: str) -> int:
+        """How many admin tokens other than ``token_id`` are neither revoked nor expired."""
+        rows = conn.execute(
+            select(db.tokens.c.expires_at).where(
+                db.tokens.c.role == "admin",
+                db.tokens.c.id != token_id,
+                db.tokens.c.revoked_at.is_(None),
+            )
+        ).all()
+        return sum(1 for (expires,) in rows if expires is None or expires > stamp)
+
+    def list(self) -> list[dict[str, Any]]:
+        """Every token's description (never a secret or its hash)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(db.tokens).order_by(db.tokens.c.created_at)).mappings()
+            return [token_info(r) for r in rows]
+
+    def authenticate(self, token: str) -> Principal:
+        """The principal a bearer token stands for, or 401 (see :meth:`cached_principal`)."""
+        cached = self.cached_principal(token)
+        if cached is not None:
+            return cached
+        parts = split_token(token)
+        if parts is None:
+            raise ApiError(401, "unauthenticated", "invalid token")
+        token_id, secret = parts
+        revocations, read_at = self._revocations, time.monotonic()
+        with self.engine.connect() as conn:
+            row = (
+                conn.execute(select(db.tokens).where(db.tokens.c.id == token_id)).mappings().first()
+            )
+        # Compare against a dummy hash when the id is unknown so both paths cost the same.
+        stored = row["secret_hash"] if row is not None else "0" * 64
+        if not secret_matches(secret, stored) or row is None:
+            raise ApiError(401, "unauthenticated", "invalid token")
+        if row["revoked_at"] is not None:
+            raise ApiError(401, "token_revoked", "token has been revoked")
+        if row["expires_at"] is not None and row["expires_at"] <= db.now():
+            raise ApiError(401, "token_expired", "token has expired")
+        principal = Principal(
+            token_id=row["id"],
+            name=row["name"],
+            role=row["role"],
+            labels=tuple(json.loads(row["labels"])),
+        )
+        expires = None
+        if row["expires_at"] is not None:
+            expires = db.parse_time(row["expires_at"]).timestamp()
+        with self._cache_lock:
+            # A revocation committed while this row was read must not be cached over.
+            if self._revocations == revocations:
+                if len(self._cache) >= _TOKEN_CACHE_MAX:
+                    self._cache.clear()
+                self._cache[token_id] = (read_at, stored, principal, expires)
+        return principal
+
+    def cached_principal(self, token: str) -> Principal | None:
+        """The principal of a token verified against the database less than
+        ``TOKEN_CACHE_SECONDS`` ago and not expired since, else None (ask the database).
+        Saves a database read per request; revocation through this process evicts at once."""
+        parts = split_token(token)
+        if parts is None:
+            return None
+        hit = self._cache.get(parts[0])
+        if hit is None:
+            return None
+        verified_at, stored, principal, expires = hit
+        if time.monotonic() - verified_at > TOKEN_CACHE_SECONDS:
+            self._cache.pop(parts[0], None)
+            return None
+        if not secret_matches(parts[1], stored):
+            return None
+        if expires is not None and expires <= time.time():
+            return None
+        return principal
