@@ -21,6 +21,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .console import mount_console
 from .coordinator import Coordinator
 from .errors import ApiError
 from .routers import ROUTERS
@@ -210,4 +211,5 @@ def create_app(coordinator: Coordinator) -> FastAPI:
     app.add_middleware(AuthFirst, coordinator=coordinator)
     for router in ROUTERS:
         app.include_router(router)
+    mount_console(app)
     return app

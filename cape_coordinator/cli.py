@@ -107,7 +107,9 @@ def register(
     tsub = token.add_subparsers(dest="token_command", required=True)
     p = tsub.add_parser("create", parents=[conn], help="make a token; printed on the last line")
     p.add_argument(
-        "--role", required=True, choices=["admin", "author", "reviewer", "pipeline", "auditor"]
+        "--role",
+        required=True,
+        choices=["admin", "author", "reviewer", "pipeline", "auditor", "requester"],
     )
     p.add_argument("--name", required=True, help="who or what uses it")
     p.add_argument("--labels", default="", help="policy labels a pipeline token may use: L1,L2")
@@ -165,6 +167,9 @@ def register(
     p.add_argument("label")
     p.add_argument("version", type=int, nargs="?")
     p.set_defaults(func=cmd_policy_show)
+    from .workflow_cli import register as register_workflow
+
+    register_workflow(subparsers, psub, conn)
 
     audit = subparsers.add_parser("audit", help="the audit trail")
     asub = audit.add_subparsers(dest="audit_command", required=True)

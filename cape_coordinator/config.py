@@ -37,6 +37,9 @@ class Settings(BaseModel):
     max_batch_records: int = Field(default=1000, ge=1, le=100_000)
     # FULL: an acknowledged audit record survives power loss; NORMAL trades that for speed.
     sqlite_synchronous: str = "FULL"
+    # Console sessions end after this long without a request, and this long in all.
+    console_idle_seconds: int = Field(default=30 * 60, ge=60)
+    console_absolute_seconds: int = Field(default=12 * 3600, ge=60)
     # /docs, /redoc and /openapi.json: off unless asked for (they map the whole API).
     api_docs: bool = False
 

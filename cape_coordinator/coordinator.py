@@ -6,10 +6,12 @@ each do one job: :class:`~.services.tokens.TokenService` (tokens and
 authentication), :class:`~.services.policies.PolicyService` (policies and
 review), :class:`~.services.secrets.SecretService` (keys),
 :class:`~.services.chain.AuditChain` (the hash chain every write extends),
-:class:`~.services.ingest.AuditIngest` (run records, group commit) and
-:class:`~.services.runs.RunService` (the runs view). The HTTP routers and the
-offline CLI reach the services through it; its few methods of its own are the
-set-up, the shutdown, and short forms the CLI and tests use.
+:class:`~.services.ingest.AuditIngest` (run records, group commit),
+:class:`~.services.runs.RunService` (the runs view) and
+:class:`~.services.workflow.WorkflowService` (requests, reviewers, approvals,
+comments). The HTTP routers and the offline CLI reach the services through it; its
+few methods of its own are the set-up, the shutdown, and short forms the CLI and
+tests use.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from .services.policies import PolicyService
 from .services.runs import RunService
 from .services.secrets import SecretService
 from .services.tokens import TokenService
+from .services.workflow import WorkflowService
 
 SCHEMA_VERSION = "1"
 
@@ -66,6 +69,7 @@ class Coordinator:
         self.secrets = SecretService(self.chain, master)
         self.runs = RunService(engine, settings.lost_after_seconds)
         self.ingest = AuditIngest(self.chain, self.runs)
+        self.workflow = WorkflowService(self.chain, self.policies)
 
     def __repr__(self) -> str:
         return f"Coordinator({self.engine.url.render_as_string(hide_password=True)!r})"

@@ -46,7 +46,7 @@ class SigningKey(BaseModel):
 
 class TokenCreate(_In):
     name: str = Field(min_length=1, max_length=128, pattern=PlainText)
-    role: Literal["admin", "author", "reviewer", "pipeline", "auditor"]
+    role: Literal["admin", "author", "reviewer", "pipeline", "auditor", "requester"]
     labels: list[Annotated[str, Field(max_length=128, pattern=PlainText)]] = Field(
         default_factory=list, max_length=100
     )
@@ -75,7 +75,7 @@ class PolicyPush(_In):
 class PolicyInfo(BaseModel):
     label: str
     version: int
-    state: Literal["draft", "in_review", "rejected", "active", "superseded"]
+    state: Literal["draft", "in_review", "returned", "rejected", "active", "superseded"]
     sha256: str
     author: str
     created_at: str

@@ -3,8 +3,16 @@ them in :data:`ROUTERS` order."""
 
 from __future__ import annotations
 
-from . import audit, keys, meta, policies, runs, tokens
+from . import audit, keys, meta, policies, runs, tokens, workflow
 
-ROUTERS = (meta.router, tokens.router, policies.router, keys.router, audit.router, runs.router)
+ROUTERS = (
+    meta.router,
+    tokens.router,
+    policies.router,
+    workflow.router,
+    keys.router,
+    audit.router,
+    runs.router,
+)
 
 __all__ = ["ROUTERS"]

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from ..errors import ApiError
 
-ROLES = ("admin", "author", "reviewer", "pipeline", "auditor")
+ROLES = ("admin", "author", "reviewer", "pipeline", "auditor", "requester")
 RUN_EVENTS = ("run.started", "policy.fetched", "run.completed", "run.failed")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 PRINCIPAL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:-]{0,127}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,6 +110,10 @@ class PolicyService:
         self.chain = chain
         self.engine = chain.engine
         self._signer = signer
+        # The workflow's check before activation (assigned reviewers, approvals needed):
+        # called in the approving transaction; False records the approval without activating.
+        self.review_gate: Callable[[Connection, list[dict[str, Any]], Principal, Any], bool] | None
+        self.review_gate = None
 
     def push(self, actor: Principal, document: Any) -> dict[str, Any]:
         """Store a new draft version of a policy after full validation; its version is assigned."""
@@ -221,35 +225,48 @@ class PolicyService:
                     f"version {version} is older than version {newest}, already activated;"
                     " re-activating an older version is an explicit rollback",
                 )
-            signature = b64e(self._signer.sign(row["document"].encode("utf-8")))
-            stamp = db.now()
-            conn.execute(
-                update(db.policies)
-                .where(db.policies.c.label == label, db.policies.c.state == "active")
-                .values(state="superseded")
-            )
-            conn.execute(
-                update(db.policies)
-                .where(db.policies.c.id == row["id"])
-                .values(
-                    state="active",
-                    reviewed_by=actor.name,
-                    reviewed_at=stamp,
-                    activated_at=stamp,
-                    signature=signature,
-                )
-            )
-            self.chain.record(
-                conn,
-                appended,
-                actor,
-                "policy.approved",
-                label,
-                version=version,
-                sha256=row["sha256"],
-                activation_seq=len(acts) + 1,
-            )
+            if self.review_gate is None or self.review_gate(conn, appended, actor, row):
+                self._activate(conn, appended, actor, row, len(acts) + 1)
         return self.info(label, version)
+
+    def _activate(
+        self,
+        conn: Connection,
+        appended: list[dict[str, Any]],
+        actor: Principal,
+        row: Any,
+        activation_seq: int,
+    ) -> None:
+        """in_review -> active: sign the version and supersede the previous active one."""
+        label, version = row["label"], row["version"]
+        signature = b64e(self._signer.sign(row["document"].encode("utf-8")))
+        stamp = db.now()
+        conn.execute(
+            update(db.policies)
+            .where(db.policies.c.label == label, db.policies.c.state == "active")
+            .values(state="superseded")
+        )
+        conn.execute(
+            update(db.policies)
+            .where(db.policies.c.id == row["id"])
+            .values(
+                state="active",
+                reviewed_by=actor.name,
+                reviewed_at=stamp,
+                activated_at=stamp,
+                signature=signature,
+            )
+        )
+        self.chain.record(
+            conn,
+            appended,
+            actor,
+            "policy.approved",
+            label,
+            version=version,
+            sha256=row["sha256"],
+            activation_seq=activation_seq,
+        )
 
     def rollback(self, actor: Principal, label: str, version: int, reason: str) -> dict[str, Any]:
         """Re-activate a superseded version: an explicit reviewer action with a reason, audited

@@ -18,7 +18,7 @@ if str(ROOT) not in sys.path:
 
 from coordinator_client import Client  # noqa: E402
 
-ROLES = ("admin", "author", "reviewer", "pipeline", "auditor")
+ROLES = ("admin", "author", "reviewer", "pipeline", "auditor", "requester")
 
 
 def _env() -> dict[str, str]:

@@ -37,6 +37,19 @@ MATRIX: list[tuple[str, str, object, set[str]]] = [
     ("GET", "/v1/audit/verify", None, AUDITORS),
     ("GET", "/v1/audit/anchor", None, AUDITORS),
     ("GET", "/v1/runs", None, AUDITORS),
+    # The request -> review workflow (tests/console covers its behaviour).
+    ("POST", "/v1/requests", {}, {"requester"}),
+    ("GET", "/v1/requests", None, READERS | {"requester"}),
+    ("GET", "/v1/requests/req-000000000000", None, READERS | {"requester"}),
+    ("POST", "/v1/requests/req-000000000000/decline", {}, {"author", "admin"}),
+    ("POST", "/v1/requests/req-000000000000/link", {}, {"author"}),
+    ("GET", "/v1/policies/no-such/review-settings", None, READERS),
+    ("PUT", "/v1/policies/no-such/review-settings", {}, {"admin"}),
+    ("POST", "/v1/policies/no-such/versions/1/reviewers", {}, {"author", "admin"}),
+    ("POST", "/v1/policies/no-such/versions/1/request-changes", {}, {"reviewer"}),
+    ("GET", "/v1/policies/no-such/versions/1/comments", None, READERS),
+    ("POST", "/v1/policies/no-such/versions/1/comments", {}, {"author", "reviewer"}),
+    ("GET", "/v1/policies/no-such/versions/1/review", None, READERS),
 ]
 
 CALLERS = [*ROLES, None]
