@@ -125,7 +125,7 @@ BUILTIN_TAGS: dict[str, str] = {
 TAG_RE = re.compile(r"[a-z][a-z0-9_]{0,63}(?:\.[a-z0-9_]{1,63}){1,3}")
 FAMILY_RE = re.compile(r"[a-z][a-z0-9_]{0,63}(?:\.[a-z0-9_]{1,63}){0,2}\.\*")
 COLUMN_RE = re.compile(r"[^\x00-\x1f\x7f]{1,128}")
-TYPE_RE = re.compile(r"[a-z][a-z0-9_\[\], =:/+-]{0,127}")
+TYPE_RE = re.compile(r"[a-z][A-Za-z0-9_\[\](), =:/+.<>-]{0,127}")
 MAX_COLUMNS = 2000
 PROPOSAL_STATES = ("pending", "accepted", "rejected")
 

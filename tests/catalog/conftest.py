@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "console"))
 
-from _console_support import Coord, make_coord  # noqa: E402
+from _console_support import Coord, make_coord
 
 
 @pytest.fixture
