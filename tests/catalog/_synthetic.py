@@ -59,6 +59,15 @@ def phone(rng: random.Random) -> str:
     return f"({rng.randint(200, 999)}) 555-{rng.randint(0, 9999):04d}"
 
 
+def version(rng: random.Random) -> str:
+    """A version string; one in ten has four parts (dotted like an IPv4 address)."""
+    four = rng.random() < 0.1
+    parts = [rng.randint(1, 9), rng.randint(0, 20), rng.randint(0, 99)]
+    if four:
+        parts.append(rng.randint(0, 999))
+    return ".".join(map(str, parts))
+
+
 def email(rng: random.Random) -> str:
     user = rng.choice(FIRST).lower().replace("é", "e").replace("ü", "u").replace("-", "")
     return f"{user}.{rng.randint(1, 999)}@example{rng.randint(1, 9)}.com"
@@ -123,13 +132,7 @@ def dataset(rows: int = 2000, seed: int = 11) -> pa.Table:
         "reference": col(lambda: "DE" + "".join(rng.choice(string.digits) for _ in range(20))),
         "amount": col(lambda: round(rng.uniform(1, 5000), 2)),
         "created_at": col(lambda: f"2026-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}"),
-        "app_version": col(
-            lambda: (
-                f"{rng.randint(1, 9)}.{rng.randint(0, 20)}.{rng.randint(0, 99)}.{rng.randint(0, 999)}"
-                if rng.random() < 0.1
-                else f"{rng.randint(1, 9)}.{rng.randint(0, 20)}.{rng.randint(0, 99)}"
-            )
-        ),
+        "app_version": col(lambda: version(rng)),
         "note": col(lambda: f"customer {email(rng)} asked about order {rng.randint(1000, 9999)}"),
         "status": col(lambda: rng.choice(["new", "paid", "shipped", "returned"])),
         "product_name": col(lambda: rng.choice(["Desk Lamp", "Chair", "Kettle", "Mug"])),
