@@ -165,14 +165,23 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     pol = load_policy(Path(args.file))
     inputs = open_inputs(args.data, csv_options=_csv_options(args))
     resolver = _PlanResolver(load_keys(args.keys_file, args.key))
-    plan = build_plan(pol, inputs.schema, resolver=resolver)
+    # {tag: ...} rules resolve through the catalog's tags of --dataset, as column_tags= does.
+    tags = _catalog_tags(args) if args.dataset else {}
+    plan = build_plan(pol, inputs.schema, resolver=resolver, column_tags=tags)
     rows = plan.describe()
+    coverage = None
+    if args.dataset:
+        from .coverage import coverage_report
+
+        coverage = coverage_report(pol, inputs.schema.names, tags)
     if args.json:
         doc = {
             "policy": {"label": pol.label, "version": pol.version, "sha256": pol.sha256},
             "columns": rows,
             "missing_keys": resolver.missing,
         }
+        if coverage is not None:
+            doc["coverage"] = {"dataset": args.dataset, **coverage.to_dict()}
         json.dump(doc, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return EXIT_OK
@@ -194,7 +203,31 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         print("  ".join([*cells, row[4]]).rstrip())
     if resolver.missing:
         print(f"keys not available here (needed to apply): {', '.join(resolver.missing)}")
+    if coverage is not None:
+        print(f"coverage against the catalog's tags of dataset {args.dataset}:")
+        for line in coverage.lines():
+            print(f"  {line}")
     return EXIT_OK
+
+
+def _catalog_tags(args: argparse.Namespace) -> dict[str, list[str]]:
+    """{column: [tag, ...]} of ``--dataset`` in the coordinator's catalog."""
+    try:
+        from coordinator_client import Client
+    except ImportError:
+        raise CapeError(
+            "--dataset needs the coordinator client: install the 'coordinator' extra"
+        ) from None
+    url = args.coordinator or os.environ.get("CAPE_COORDINATOR_URL")
+    token = args.token or os.environ.get("CAPE_TOKEN")
+    if not url or not token:
+        raise CapeError(
+            "--dataset reads the coordinator's catalog: pass --coordinator URL and --token"
+            " (or set CAPE_COORDINATOR_URL and CAPE_TOKEN)"
+        )
+    with Client(url, token) as client:
+        resp = client.request("GET", f"/v1/catalog/datasets/{args.dataset}/column-tags")
+        return {str(k): [str(t) for t in v] for k, v in resp.json().items()}
 
 
 # -- cape apply / reveal --------------------------------------------------------------------
@@ -508,6 +541,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key", action="append", default=[], metavar="NAME=VALUE")
     p.add_argument("--csv-type", action="append", default=[], metavar="COLUMN=TYPE")
     p.add_argument("--delimiter", default=",")
+    p.add_argument(
+        "--dataset",
+        metavar="NAME",
+        help="resolve {tag: ...} rules through the coordinator catalog's tags of NAME and "
+        "report coverage (tagged columns no rule covers, rules that match nothing)",
+    )
+    p.add_argument("--coordinator", metavar="URL", help="with --dataset ($CAPE_COORDINATOR_URL)")
+    p.add_argument("--token", help="with --dataset ($CAPE_TOKEN)")
     p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("apply", help="apply a policy to CSV/Parquet files", parents=[common])

@@ -1,0 +1,278 @@
+"""The catalog's command line: ``cape catalog scan|proposals|accept|reject|show|tag|untag|
+coverage|atlas ...``.
+
+Same contract as :mod:`cape_coordinator.cli`: ``--coordinator``/``CAPE_COORDINATOR_URL``
+and ``--token``/``CAPE_TOKEN``; ``--json`` prints JSON for scripts. ``catalog scan PATH``
+alone only prints what it would propose (it needs no coordinator); with ``--dataset
+NAME`` it registers the dataset's schema and stores the proposals as *pending* in the
+catalog, where a reviewer accepts or rejects each (``catalog accept|reject``): a scan
+never tags a column by itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from .cli import UsageError, _client, _print_json, _table
+
+
+def register(
+    subparsers: argparse._SubParsersAction,  # type: ignore[type-arg]
+    conn: argparse.ArgumentParser,
+) -> None:
+    """Add ``catalog``."""
+    cat = subparsers.add_parser("catalog", help="governance catalog: datasets, tags, scans")
+    csub = cat.add_subparsers(dest="catalog_command", required=True)
+
+    p = csub.add_parser(
+        "scan",
+        parents=[conn],
+        help="sample a CSV/Parquet dataset and propose tags (stored as pending with --dataset)",
+    )
+    p.add_argument("path", metavar="PATH", help="CSV/Parquet file or directory")
+    p.add_argument("--dataset", help="register the schema and store the proposals under NAME")
+    p.add_argument("--owner", help="the dataset's owner (default: the token's name)")
+    p.add_argument("--sample", type=int, default=10_000, help="rows to read (default 10000)")
+    p.add_argument("--threshold", type=float, default=0.8, help="least confidence to propose")
+    p.add_argument("--min-evidence", type=int, default=5, help="least confirmed values")
+    p.add_argument("--delimiter", default=",", help="CSV delimiter")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_scan)
+
+    p = csub.add_parser("proposals", parents=[conn], help="list the scanner's proposals")
+    p.add_argument("--dataset")
+    p.add_argument("--state", choices=["pending", "accepted", "rejected"], default="pending")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_proposals)
+
+    p = csub.add_parser("accept", parents=[conn], help="accept proposals: their tags are set")
+    p.add_argument("ids", type=int, nargs="+", metavar="ID")
+    p.set_defaults(func=cmd_accept)
+
+    p = csub.add_parser("reject", parents=[conn], help="reject a proposal (nothing is tagged)")
+    p.add_argument("ids", type=int, nargs="+", metavar="ID")
+    p.add_argument("--reason", help="why (kept with the decision)")
+    p.set_defaults(func=cmd_reject)
+
+    p = csub.add_parser("show", parents=[conn], help="a dataset's columns, types and tags")
+    p.add_argument("dataset")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_show)
+
+    p = csub.add_parser("list", parents=[conn], help="every dataset")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_list)
+
+    for verb, helptext in (("tag", "put a tag on a column"), ("untag", "take a tag off")):
+        p = csub.add_parser(verb, parents=[conn], help=helptext)
+        p.add_argument("dataset")
+        p.add_argument("column")
+        p.add_argument("tag")
+        p.set_defaults(func=cmd_tag, verb=verb)
+
+    p = csub.add_parser(
+        "coverage", parents=[conn], help="which tagged columns a policy file leaves uncovered"
+    )
+    p.add_argument("dataset")
+    p.add_argument("--policy", required=True, metavar="FILE")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_coverage)
+
+    p = csub.add_parser(
+        "require-coverage",
+        parents=[conn],
+        help="tie a policy label to a dataset; approvals must cover its tagged columns",
+    )
+    p.add_argument("label")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--off", action="store_true", help="report coverage in review, do not block")
+    p.set_defaults(func=cmd_require_coverage)
+
+
+def cmd_scan(args: argparse.Namespace) -> int:
+    from cape_pipelines.catalog.scan import scan_path
+    from cape_pipelines.inputs import CsvOptions
+
+    if not 0 < args.threshold <= 1:
+        raise UsageError("--threshold must be in (0, 1]")
+    if args.sample < 1 or args.min_evidence < 1:
+        raise UsageError("--sample and --min-evidence must be at least 1")
+    result = scan_path(
+        Path(args.path),
+        sample=args.sample,
+        threshold=args.threshold,
+        min_evidence=args.min_evidence,
+        csv_options=CsvOptions(delimiter=args.delimiter),
+    )
+    proposals = [p.to_dict() for p in result.proposals]
+    stored: list[dict[str, Any]] = []
+    if args.dataset:
+        client = _client(args)
+        owner = args.owner or client.whoami()["name"]
+        client.request(
+            "PUT",
+            f"/v1/catalog/datasets/{args.dataset}",
+            json_body={"owner": owner, "schema": result.schema},
+        )
+        if proposals:
+            stored = client.request(
+                "POST",
+                f"/v1/catalog/datasets/{args.dataset}/proposals",
+                json_body={"proposals": proposals},
+            ).json()
+    if args.json:
+        _print_json(
+            {"schema": result.schema, "rows": result.rows, "proposals": stored or proposals}
+        )
+        return 0
+    print(f"sampled {result.rows} rows of {args.path}: {len(proposals)} proposal(s)")
+    rows = stored or proposals
+    _table(
+        rows,
+        (["id"] if stored else [])
+        + ["column", "tag", "confidence", "evidence", "sampled", "detector"],
+    )
+    if stored:
+        print(f"stored as pending in dataset {args.dataset}: `cape catalog accept ID` to tag")
+    return 0
+
+
+def cmd_proposals(args: argparse.Namespace) -> int:
+    rows = (
+        _client(args)
+        .request(
+            "GET", "/v1/catalog/proposals", params={"dataset": args.dataset, "state": args.state}
+        )
+        .json()
+    )
+    if args.json:
+        _print_json(rows)
+    else:
+        _table(
+            rows, ["id", "dataset", "column", "tag", "confidence", "evidence", "sampled", "state"]
+        )
+    return 0
+
+
+def cmd_accept(args: argparse.Namespace) -> int:
+    client = _client(args)
+    for pid in args.ids:
+        info = client.request("POST", f"/v1/catalog/proposals/{pid}/accept").json()
+        print(f"accepted {pid}: {info['dataset']}.{info['column']} tagged {info['tag']}")
+    return 0
+
+
+def cmd_reject(args: argparse.Namespace) -> int:
+    client = _client(args)
+    for pid in args.ids:
+        info = client.request(
+            "POST", f"/v1/catalog/proposals/{pid}/reject", json_body={"reason": args.reason}
+        ).json()
+        print(f"rejected {pid}: {info['dataset']}.{info['column']} {info['tag']}")
+    return 0
+
+
+def _print_dataset(info: dict[str, Any]) -> None:
+    print(f"dataset {info['name']} (owner {info['owner']})")
+    rows = [
+        {
+            "column": c["name"],
+            "type": c["type"],
+            "tags": ", ".join(f"{t['tag']} ({t['tagged_by']} {t['tagged_at']})" for t in c["tags"]),
+        }
+        for c in info["columns"]
+    ]
+    _table(rows, ["column", "type", "tags"])
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    info = _client(args).request("GET", f"/v1/catalog/datasets/{args.dataset}").json()
+    if args.json:
+        _print_json(info)
+    else:
+        _print_dataset(info)
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    rows = _client(args).request("GET", "/v1/catalog/datasets").json()
+    if args.json:
+        _print_json(rows)
+        return 0
+    _table(
+        [
+            {
+                "name": d["name"],
+                "owner": d["owner"],
+                "columns": len(d["columns"]),
+                "tagged": sum(1 for c in d["columns"] if c["tags"]),
+            }
+            for d in rows
+        ],
+        ["name", "owner", "columns", "tagged"],
+    )
+    return 0
+
+
+def cmd_tag(args: argparse.Namespace) -> int:
+    path = "tags" if args.verb == "tag" else "untag"
+    info = (
+        _client(args)
+        .request(
+            "POST",
+            f"/v1/catalog/datasets/{args.dataset}/{path}",
+            json_body={"column": args.column, "tag": args.tag},
+        )
+        .json()
+    )
+    _print_dataset(info)
+    return 0
+
+
+def coverage_lines(report: dict[str, Any]) -> list[str]:
+    """A coverage report (the catalog's JSON form) in words."""
+    out = [
+        f"uncovered: column {u['column']!r} tagged {', '.join(u['tags'])} matches no rule"
+        for u in report["uncovered"]
+    ]
+    out += [f"unused: rule {i} matches no column" for i in report["unmatched_rules"]]
+    if not out:
+        out.append(f"complete: all {len(report['covered'])} tagged columns are covered")
+    return out
+
+
+def cmd_coverage(args: argparse.Namespace) -> int:
+    from .cli import read_policy_file
+
+    document = read_policy_file(args.policy)
+    report = (
+        _client(args)
+        .request(
+            "POST",
+            f"/v1/catalog/datasets/{args.dataset}/coverage",
+            json_body={"document": document},
+        )
+        .json()
+    )
+    if args.json:
+        _print_json(report)
+    else:
+        print("\n".join(coverage_lines(report)))
+    return 0 if report["complete"] else 1
+
+
+def cmd_require_coverage(args: argparse.Namespace) -> int:
+    info = (
+        _client(args)
+        .request(
+            "PUT",
+            f"/v1/catalog/labels/{args.label}",
+            json_body={"dataset": args.dataset, "require_coverage": not args.off},
+        )
+        .json()
+    )
+    rule = "required" if info["require_coverage"] else "reported, not required"
+    print(f"label {info['label']}: dataset {info['dataset']}, coverage {rule}")
+    return 0
