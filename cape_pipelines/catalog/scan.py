@@ -216,9 +216,7 @@ def _column_proposals(
     return out
 
 
-def scan_table(
-    table: pa.Table, *, threshold: float = 0.8, min_evidence: int = 5
-) -> list[Proposal]:
+def scan_table(table: pa.Table, *, threshold: float = 0.8, min_evidence: int = 5) -> list[Proposal]:
     """Proposals for the columns of an Arrow table (already sampled)."""
     if not 0.0 < threshold <= 1.0:
         raise ValueError("threshold must be in (0, 1]")
