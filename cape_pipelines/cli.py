@@ -266,8 +266,11 @@ def _close_client(client: Any, sink: Any) -> None:
 
 def _cmd_apply(args: argparse.Namespace) -> int:
     keys = load_keys(args.keys_file, args.key)
-    if args.policy and (args.coordinator or args.token or args.public_key):
-        raise CapeError("--coordinator, --token and --public-key go with --policy-label")
+    if args.policy and (args.public_key or ((args.coordinator or args.token) and not args.dataset)):
+        raise CapeError(
+            "--coordinator and --token go with --policy-label or --dataset;"
+            " --public-key with --policy-label"
+        )
     policy: Any = Path(args.policy) if args.policy else None
     client = sink = None
     run_from: dict[str, Any] = {"audit": _audit_target(args)}
@@ -283,6 +286,10 @@ def _cmd_apply(args: argparse.Namespace) -> int:
             policy = src.policy
             sink = None if args.audit_file else src.audit
             run_from = {"audit": src.audit, "resolver": src.resolver, "policy_source": src.source}
+        if args.dataset:
+            # {tag: ...} rules bind to the columns the catalog tags in --dataset (every engine
+            # gets them through the same binding as column_tags=).
+            run_from["column_tags"] = _catalog_tags(args)
         result = _apply_files_from(policy, args, keys, run_from)
     finally:
         if client is not None:
@@ -564,6 +571,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--coordinator", metavar="URL", help="with --policy-label (default $CAPE_COORDINATOR_URL)"
     )
     p.add_argument("--token", help="with --policy-label: a pipeline token (default $CAPE_TOKEN)")
+    p.add_argument(
+        "--dataset",
+        metavar="NAME",
+        help="resolve {tag: ...} rules through the coordinator catalog's tags of NAME",
+    )
     p.add_argument(
         "--public-key",
         metavar="KEY",
