@@ -12,10 +12,16 @@ never tags a column by itself.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 from pathlib import Path
 from typing import Any
 
 from .cli import UsageError, _client, _print_json, _table
+
+ATLAS_URL_ENV = "CAPE_ATLAS_URL"
+ATLAS_USER_ENV = "CAPE_ATLAS_USER"
+ATLAS_PASSWORD_ENV = "CAPE_ATLAS_PASSWORD"  # noqa: S105 - the variable's name
 
 
 def register(
@@ -89,6 +95,31 @@ def register(
     p.add_argument("--dataset", required=True)
     p.add_argument("--off", action="store_true", help="report coverage in review, do not block")
     p.set_defaults(func=cmd_require_coverage)
+
+    atlas = csub.add_parser("atlas", help="exchange datasets, columns and tags with Apache Atlas")
+    asub = atlas.add_subparsers(dest="atlas_command", required=True)
+    ns = argparse.ArgumentParser(add_help=False)
+    ns.add_argument("--namespace", default="cape", help="qualifiedName suffix (default cape)")
+    remote = argparse.ArgumentParser(add_help=False)
+    remote.add_argument("--atlas-url", help=f"Atlas base URL (default ${ATLAS_URL_ENV})")
+    remote.add_argument("--atlas-user", help=f"basic-auth user (default ${ATLAS_USER_ENV})")
+    p = asub.add_parser("export", parents=[conn, ns], help="write Atlas v2 JSON of the catalog")
+    p.add_argument("--dataset", action="append", default=[], help="only these (repeatable)")
+    p.add_argument("--output", required=True, metavar="FILE")
+    p.set_defaults(func=cmd_atlas_export)
+    p = asub.add_parser(
+        "import", parents=[conn, ns], help="Atlas classifications from a file -> pending proposals"
+    )
+    p.add_argument("file", metavar="FILE")
+    p.set_defaults(func=cmd_atlas_import)
+    p = asub.add_parser("push", parents=[conn, ns, remote], help="export to a live Atlas")
+    p.add_argument("--dataset", action="append", default=[], help="only these (repeatable)")
+    p.set_defaults(func=cmd_atlas_push)
+    p = asub.add_parser(
+        "pull", parents=[conn, ns, remote], help="a dataset's classifications from a live Atlas"
+    )
+    p.add_argument("dataset")
+    p.set_defaults(func=cmd_atlas_pull)
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
@@ -276,3 +307,101 @@ def cmd_require_coverage(args: argparse.Namespace) -> int:
     rule = "required" if info["require_coverage"] else "reported, not required"
     print(f"label {info['label']}: dataset {info['dataset']}, coverage {rule}")
     return 0
+
+
+# ---- Apache Atlas ---------------------------------------------------------------------------
+
+
+def _export(args: argparse.Namespace) -> dict[str, Any]:
+    from cape_pipelines.catalog.atlas import export_catalog
+
+    datasets = _client(args).request("GET", "/v1/catalog/datasets").json()
+    if args.dataset:
+        known = {d["name"] for d in datasets}
+        missing = [n for n in args.dataset if n not in known]
+        if missing:
+            raise UsageError(f"no dataset {', '.join(missing)} in the catalog")
+        datasets = [d for d in datasets if d["name"] in args.dataset]
+    return export_catalog(datasets, args.namespace)
+
+
+def _atlas(args: argparse.Namespace) -> Any:
+    from cape_pipelines.catalog.atlas import AtlasClient
+
+    url = args.atlas_url or os.environ.get(ATLAS_URL_ENV)
+    if not url:
+        raise UsageError(f"no Atlas: pass --atlas-url URL or set {ATLAS_URL_ENV}")
+    user = args.atlas_user or os.environ.get(ATLAS_USER_ENV)
+    # The password only from the environment: never on a command line others can read.
+    return AtlasClient(url, user, os.environ.get(ATLAS_PASSWORD_ENV), timeout=args.timeout)
+
+
+def cmd_atlas_export(args: argparse.Namespace) -> int:
+    doc = _export(args)
+    Path(args.output).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", "utf-8")
+    n = len(doc["entities"]["entities"])
+    print(f"wrote {args.output}: {n} entities, {len(doc['typedefs']['classificationDefs'])} tags")
+    return 0
+
+
+def cmd_atlas_push(args: argparse.Namespace) -> int:
+    doc = _export(args)
+    _atlas(args).push(doc)
+    print(f"pushed {len(doc['entities']['entities'])} entities to Atlas")
+    return 0
+
+
+def _propose_classifications(args: argparse.Namespace, document: dict[str, Any]) -> int:
+    """Store the document's classifications as pending proposals (detector ``atlas``);
+    classifications outside the taxonomy and unknown columns are listed, not stored."""
+    from cape_pipelines.catalog.atlas import classifications_from
+
+    found = classifications_from(document, args.namespace)
+    client = _client(args)
+    tags = [t["tag"] for t in client.request("GET", "/v1/catalog/tags").json()]
+    exact = {t for t in tags if not t.endswith(".*")}
+    families = tuple(t[:-1] for t in tags if t.endswith(".*"))
+    stored = skipped = 0
+    for dataset, columns in sorted(found.items()):
+        info = client.request("GET", f"/v1/catalog/datasets/{dataset}").json()
+        have = {c["name"]: {t["tag"] for t in c["tags"]} for c in info["columns"]}
+        items = []
+        for column, classes in sorted(columns.items()):
+            for tag in classes:
+                if column not in have or not (tag in exact or tag.startswith(families)):
+                    print(f"skipped: {dataset}.{column} {tag} (unknown column or tag)")
+                    skipped += 1
+                elif tag not in have[column]:
+                    items.append(
+                        {
+                            "column": column,
+                            "tag": tag,
+                            "confidence": 1.0,
+                            "evidence": 0,
+                            "sampled": 0,
+                            "detector": "atlas",
+                        }
+                    )
+        if items:
+            client.request(
+                "POST",
+                f"/v1/catalog/datasets/{dataset}/proposals",
+                json_body={"proposals": items},
+            )
+            stored += len(items)
+    print(f"{stored} proposal(s) stored as pending, {skipped} skipped")
+    return 0
+
+
+def cmd_atlas_import(args: argparse.Namespace) -> int:
+    try:
+        document = json.loads(Path(args.file).read_text("utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{args.file}: not a readable JSON file ({type(exc).__name__})") from None
+    if not isinstance(document, dict):
+        raise UsageError(f"{args.file}: expected a JSON object")
+    return _propose_classifications(args, document)
+
+
+def cmd_atlas_pull(args: argparse.Namespace) -> int:
+    return _propose_classifications(args, _atlas(args).pull(args.dataset, args.namespace))
