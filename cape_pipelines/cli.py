@@ -175,7 +175,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
         coverage = coverage_report(pol, inputs.schema.names, tags)
     if args.json:
-        doc = {
+        doc: dict[str, Any] = {
             "policy": {"label": pol.label, "version": pol.version, "sha256": pol.sha256},
             "columns": rows,
             "missing_keys": resolver.missing,

@@ -206,8 +206,8 @@ def _column_proposals(
         if confidence >= threshold and hits >= need:
             out.append(Proposal(column, tag, confidence, hits, n, "+".join(names)))
     key = _normalise(column)
-    for tag, (names, check) in NAME_HINTS.items():
-        if key not in names:
+    for tag, (hinted, check) in NAME_HINTS.items():
+        if key not in hinted:
             continue
         hits = sum(1 for v in values if check(v))
         confidence = round(HINT_WEIGHT * hits / n, 3)
