@@ -37,7 +37,15 @@ def register(
         parents=[conn],
         help="sample a CSV/Parquet dataset and propose tags (stored as pending with --dataset)",
     )
-    p.add_argument("path", metavar="PATH", help="CSV/Parquet file or directory")
+    p.add_argument(
+        "path", metavar="PATH", help="CSV/Parquet file or directory; with --engine spark: TABLE"
+    )
+    p.add_argument(
+        "--engine",
+        choices=["arrow", "spark"],
+        default="arrow",
+        help="arrow (files, in this process) or spark (PATH is a table of the Spark session)",
+    )
     p.add_argument("--dataset", help="register the schema and store the proposals under NAME")
     p.add_argument("--owner", help="the dataset's owner (default: the token's name)")
     p.add_argument("--sample", type=int, default=10_000, help="rows to read (default 10000)")
@@ -130,13 +138,31 @@ def cmd_scan(args: argparse.Namespace) -> int:
         raise UsageError("--threshold must be in (0, 1]")
     if args.sample < 1 or args.min_evidence < 1:
         raise UsageError("--sample and --min-evidence must be at least 1")
-    result = scan_path(
-        Path(args.path),
-        sample=args.sample,
-        threshold=args.threshold,
-        min_evidence=args.min_evidence,
-        csv_options=CsvOptions(delimiter=args.delimiter),
-    )
+    if args.engine == "spark":
+        from pyspark.sql import SparkSession
+
+        from cape_pipelines.catalog.scan import scan_spark_table
+
+        # The session spark-submit or the environment configures (master, catalog).
+        spark = SparkSession.builder.appName("cape-catalog-scan").getOrCreate()
+        try:
+            result = scan_spark_table(
+                spark,
+                args.path,
+                sample=args.sample,
+                threshold=args.threshold,
+                min_evidence=args.min_evidence,
+            )
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    else:
+        result = scan_path(
+            Path(args.path),
+            sample=args.sample,
+            threshold=args.threshold,
+            min_evidence=args.min_evidence,
+            csv_options=CsvOptions(delimiter=args.delimiter),
+        )
     proposals = [p.to_dict() for p in result.proposals]
     stored: list[dict[str, Any]] = []
     if args.dataset:

@@ -32,7 +32,15 @@ import pyarrow.compute as pc
 from ..inputs import CsvOptions, open_inputs
 from ..transforms.text_scrub import _DETECTORS
 
-__all__ = ["DETECTOR_TAGS", "NAME_HINTS", "Proposal", "ScanResult", "scan_path", "scan_table"]
+__all__ = [
+    "DETECTOR_TAGS",
+    "NAME_HINTS",
+    "Proposal",
+    "ScanResult",
+    "scan_path",
+    "scan_spark_table",
+    "scan_table",
+]
 
 DETECTOR_TAGS: dict[str, str] = {
     "email": "pii.email",
@@ -262,4 +270,34 @@ def scan_path(
         schema={f.name: str(f.type) for f in schema},
         rows=table.num_rows,
         proposals=scan_table(table, threshold=threshold, min_evidence=min_evidence),
+    )
+
+
+# A table name as Spark SQL takes it: dotted identifiers, each plain or back-quoted (so a
+# path table such as parquet.`/data/customers` works too); nothing else reaches the SQL.
+_SPARK_TABLE = re.compile(
+    r"(?:[A-Za-z_][A-Za-z0-9_]*|`[^`]+`)(?:\.(?:[A-Za-z_][A-Za-z0-9_]*|`[^`]+`))*"
+)
+
+
+def scan_spark_table(
+    spark: Any,
+    table: str,
+    *,
+    sample: int = 10_000,
+    threshold: float = 0.8,
+    min_evidence: int = 5,
+) -> ScanResult:
+    """Scan the first ``sample`` rows of a Spark table (``db.table``, a temporary view, or
+    ``parquet.`/path```), collected to the driver as Arrow."""
+    if sample < 1:
+        raise ValueError("sample must be at least 1 row")
+    if not _SPARK_TABLE.fullmatch(table):
+        raise ValueError(f"not a Spark table name: {table!r}")
+    frame = spark.sql(f"SELECT * FROM {table}").limit(sample)  # noqa: S608 - name checked above
+    arrow = frame.toArrow()
+    return ScanResult(
+        schema={f.name: str(f.type) for f in arrow.schema},
+        rows=arrow.num_rows,
+        proposals=scan_table(arrow, threshold=threshold, min_evidence=min_evidence),
     )
