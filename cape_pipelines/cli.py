@@ -247,8 +247,21 @@ def _coordinator_client(args: argparse.Namespace) -> Any:
         raise CapeError("--policy-label needs --coordinator URL or CAPE_COORDINATOR_URL")
     if not token:
         raise CapeError("--policy-label needs --token or CAPE_TOKEN (a pipeline token)")
-    # None lets the client read CAPE_COORDINATOR_PUBLIC_KEY.
-    return Client(url, token, public_key=args.public_key)
+    key_cache = None
+    if args.key_cache or os.environ.get("CAPE_KEY_CACHE_DIR"):
+        from coordinator_client import KeyCache
+
+        key_cache = KeyCache.from_settings(
+            args.key_cache, key_file=args.key_cache_key_file, ttl=args.key_cache_ttl
+        )
+    # None lets the client read CAPE_COORDINATOR_PUBLIC_KEY and CAPE_POLICY_MAX_AGE.
+    return Client(
+        url,
+        token,
+        public_key=args.public_key,
+        policy_max_age=args.policy_max_age,
+        key_cache=key_cache,
+    )
 
 
 def _close_client(client: Any, sink: Any) -> None:
@@ -266,10 +279,19 @@ def _close_client(client: Any, sink: Any) -> None:
 
 def _cmd_apply(args: argparse.Namespace) -> int:
     keys = load_keys(args.keys_file, args.key)
-    if args.policy and (args.public_key or ((args.coordinator or args.token) and not args.dataset)):
+    # --coordinator/--token also serve --dataset (the catalog); the rest only --policy-label.
+    coordinator_only = (
+        (args.coordinator or args.token) and not args.dataset,
+        args.public_key,
+        args.policy_max_age is not None,
+        args.key_cache,
+        args.key_cache_key_file,
+        args.key_cache_ttl is not None,
+    )
+    if args.policy and any(coordinator_only):
         raise CapeError(
-            "--coordinator and --token go with --policy-label or --dataset;"
-            " --public-key with --policy-label"
+            "--coordinator and --token go with --policy-label or --dataset; --public-key,"
+            " --policy-max-age and --key-cache* with --policy-label"
         )
     policy: Any = Path(args.policy) if args.policy else None
     client = sink = None
@@ -580,6 +602,32 @@ def build_parser() -> argparse.ArgumentParser:
         "--public-key",
         metavar="KEY",
         help="the coordinator's pinned signing key (default $CAPE_COORDINATOR_PUBLIC_KEY)",
+    )
+    p.add_argument(
+        "--policy-max-age",
+        type=float,
+        metavar="SECONDS",
+        help="with --policy-label: during an outage, use the cached policy only if it was "
+        "last confirmed online at most this long ago (default $CAPE_POLICY_MAX_AGE or "
+        "86400; 0 for no limit)",
+    )
+    p.add_argument(
+        "--key-cache",
+        metavar="DIR",
+        help="with --policy-label: keep the label's keys sealed (AES-GCM) in DIR for runs "
+        "during an outage (default $CAPE_KEY_CACHE_DIR; off unless set)",
+    )
+    p.add_argument(
+        "--key-cache-key-file",
+        metavar="FILE",
+        help="the key cache's 32-byte wrapping key (default $CAPE_KEY_CACHE_KEY_FILE or "
+        "$CAPE_KEY_CACHE_KEY)",
+    )
+    p.add_argument(
+        "--key-cache-ttl",
+        type=float,
+        metavar="SECONDS",
+        help="how long cached keys stay usable (default $CAPE_KEY_CACHE_TTL or 86400)",
     )
     _add_io_options(p)
     p.add_argument(

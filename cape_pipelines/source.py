@@ -24,9 +24,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
-from .audit import AuditTarget, Sink
+from .audit import AuditTarget, Sink, resolve_sink
 from .keys import KeyProvider, KeyResolver
 from .policy.load import PolicySource, load_policy
 from .policy.models import Policy
@@ -94,9 +94,37 @@ def resolve_policy(
         raise TypeError(f"client must be a coordinator_client.Client, not {type(client).__name__}")
     fetched = client.get_policy(policy)
     chain = KeyResolver(keys, providers=[client.key_provider(policy)])
-    sink = audit if audit is not None else client.default_audit_sink()
+    sink: AuditTarget = audit if audit is not None else client.default_audit_sink()
     where = f"coordinator {client.url} label {fetched.label} version {fetched.version}"
+    served_offline = getattr(client, "served_offline", None)
+    if callable(served_offline) and served_offline(policy):
+        # The coordinator was down: every record of this run says so (issue 9.7).
+        sink = _OfflineSink(resolve_sink(sink))
+        where += " (offline: the client's cached copy)"
     return ResolvedPolicy(fetched, chain, sink, where)
+
+
+class _OfflineSink:
+    """Adds ``offline: true`` to each record of a run whose policy came from the client's
+    cache while the coordinator was unreachable; otherwise it is the sink it wraps."""
+
+    def __init__(self, sink: Sink):
+        self.sink = sink
+
+    def __repr__(self) -> str:
+        return f"offline({self.sink!r})"
+
+    def emit(self, record: Mapping[str, Any]) -> None:
+        self.sink.emit({**record, "offline": True})
+
+    def close(self) -> None:
+        self.sink.close()
+
+    def __getattr__(self, name: str) -> Any:
+        # flush(), pending_count() and the like of the wrapped sink (a SpoolSink).
+        if name == "sink":  # not set yet, as while unpickling
+            raise AttributeError(name)
+        return getattr(self.sink, name)
 
 
 __all__ = ["CoordinatorClient", "ResolvedPolicy", "resolve_policy"]

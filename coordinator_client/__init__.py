@@ -5,25 +5,33 @@
 >>> policy, keys = client.policy_and_keys("customers")                     # doctest: +SKIP
 """
 
-from .client import Client, load_public_key
+from .client import Client, PolicyFetch, load_public_key
 from .errors import (
     AuthError,
     CoordinatorError,
     CoordinatorWarning,
     NotFound,
+    PolicyRefused,
     SignatureError,
     Unavailable,
 )
+from .keycache import KeyCache, KeyCacheError
 from .spool import SpoolSink
+from .transport import Transport
 
 __all__ = [
     "AuthError",
     "Client",
     "CoordinatorError",
     "CoordinatorWarning",
+    "KeyCache",
+    "KeyCacheError",
     "NotFound",
+    "PolicyFetch",
+    "PolicyRefused",
     "SignatureError",
     "SpoolSink",
+    "Transport",
     "Unavailable",
     "load_public_key",
 ]

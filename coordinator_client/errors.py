@@ -29,8 +29,15 @@ class NotFound(CoordinatorError):
     """No such label, version, key or token (404)."""
 
 
-class SignatureError(CoordinatorError):
-    """A policy's Ed25519 signature does not verify against the pinned key: it is not used."""
+class PolicyRefused(CoordinatorError):
+    """A policy failed a check and is not used: a bad signature, an envelope for another
+    label or version, a rollback to an older activation, or a cached copy past its
+    maximum age."""
+
+
+class SignatureError(PolicyRefused):
+    """A policy's Ed25519 signature does not verify against the pinned key, or the bytes
+    are not the ones signed: it is not used."""
 
 
 class CoordinatorWarning(UserWarning):

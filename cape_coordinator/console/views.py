@@ -255,7 +255,9 @@ def install(app: FastAPI) -> None:
     app.mount("/ui/static", StaticFiles(directory=str(static)), name="console-static")
 
     @app.middleware("http")
-    async def headers(request: Request, call_next: Callable[[Request], Awaitable[Response]]):
+    async def headers(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
         response = await call_next(request)
         if request.url.path == "/ui" or request.url.path.startswith("/ui/"):
             for k, v in SECURITY_HEADERS.items():
@@ -682,7 +684,9 @@ def install(app: FastAPI) -> None:
         return con.back(session, url, done)
 
     @post("/ui/policies/{label}/{version}/submit")
-    async def policy_submit(request: Request, session: Session, label: str, version: str):
+    async def policy_submit(
+        request: Request, session: Session, label: str, version: str
+    ) -> Response:
         return await _act(
             request,
             session,
@@ -694,7 +698,9 @@ def install(app: FastAPI) -> None:
         )
 
     @post("/ui/policies/{label}/{version}/approve")
-    async def policy_approve(request: Request, session: Session, label: str, version: str):
+    async def policy_approve(
+        request: Request, session: Session, label: str, version: str
+    ) -> Response:
         return await _act(
             request,
             session,
@@ -706,7 +712,9 @@ def install(app: FastAPI) -> None:
         )
 
     @post("/ui/policies/{label}/{version}/reject")
-    async def policy_reject(request: Request, session: Session, label: str, version: str):
+    async def policy_reject(
+        request: Request, session: Session, label: str, version: str
+    ) -> Response:
         return await _act(
             request,
             session,
@@ -718,7 +726,9 @@ def install(app: FastAPI) -> None:
         )
 
     @post("/ui/policies/{label}/{version}/request-changes")
-    async def policy_changes(request: Request, session: Session, label: str, version: str):
+    async def policy_changes(
+        request: Request, session: Session, label: str, version: str
+    ) -> Response:
         return await _act(
             request,
             session,
@@ -730,7 +740,9 @@ def install(app: FastAPI) -> None:
         )
 
     @post("/ui/policies/{label}/{version}/comment")
-    async def policy_comment(request: Request, session: Session, label: str, version: str):
+    async def policy_comment(
+        request: Request, session: Session, label: str, version: str
+    ) -> Response:
         def add(f: FormData, n: int) -> Any:
             rule = _text(f, "rule")
             reply = _text(f, "reply_to")
@@ -746,7 +758,9 @@ def install(app: FastAPI) -> None:
         return await _act(request, session, label, version, "policy.comment", add, "Comment added.")
 
     @post("/ui/policies/{label}/{version}/assign")
-    async def policy_assign(request: Request, session: Session, label: str, version: str):
+    async def policy_assign(
+        request: Request, session: Session, label: str, version: str
+    ) -> Response:
         def assign(f: FormData, n: int) -> Any:
             names = _text(f, "reviewers").replace(",", " ").split()
             return workflow.assign(session.principal, label, n, names)
@@ -1116,7 +1130,11 @@ def _filter_runs(rows: list[dict[str, Any]], filters: dict[str, str]) -> list[di
     out = rows
     if filters["engine"]:
         out = [r for r in out if r["engine"] == filters["engine"]]
-    for key, keep in (("since", lambda t, b: t >= b), ("until", lambda t, b: t < b)):
+    bounds: tuple[tuple[str, Callable[[str, str], bool]], ...] = (
+        ("since", lambda t, b: t >= b),
+        ("until", lambda t, b: t < b),
+    )
+    for key, keep in bounds:
         if filters[key]:
             try:
                 bound = db.format_time(db.parse_time(filters[key]))

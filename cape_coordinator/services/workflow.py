@@ -628,7 +628,7 @@ class WorkflowService:
             insert(approvals),
             {"label": label, "version": version, "reviewer": actor.name, "approved_at": db.now()},
         )
-        required = self._settings(conn, label)["required_approvals"]
+        required = int(self._settings(conn, label)["required_approvals"])
         count = len(done) + 1
         self.chain.record(
             conn,

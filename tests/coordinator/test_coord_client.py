@@ -176,4 +176,9 @@ def test_refused_record_moved_aside(fresh_server, tmp_path):
     sink.emit(good)
     assert sink.flush(30)
     sink.close()
-    assert [p.name.endswith("-bad.json") for p in (tmp_path / "rejected").iterdir()] == [True]
+    # The refused record is set aside with the reason beside it (issue 9.6).
+    rejected = sorted(p.name for p in (tmp_path / "rejected").iterdir())
+    assert [n.endswith("-bad.json") for n in rejected] == [True, False]
+    assert rejected[1] == rejected[0][: -len(".json")] + ".reason.json"
+    reason = json.loads((tmp_path / "rejected" / rejected[1]).read_text())
+    assert (reason["status"], reason["tries"]) == (422, 5)
