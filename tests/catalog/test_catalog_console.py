@@ -57,3 +57,18 @@ def test_catalog_page_per_role_and_decisions_with_csrf(cc):
     assert cc.coord.catalog.column_tags("customers")["email"] == ["pii.email"]
     resp = bob.post(f"/ui/catalog/proposals/{pid}/reject", data={"csrf": csrf_of(page)})
     assert "Not decided" in resp.text and "is accepted" in resp.text
+
+
+def test_version_page_shows_coverage_and_whether_it_blocks(cc):
+    admin = cc.principals["admin"]
+    cat = cc.coord.catalog
+    cat.register(admin, "customers", "alice", {"email": "string", "ssn": "string"})
+    cat.tag(admin, "customers", "ssn", "pii.ssn")
+    cat.set_label_settings(admin, "customers", "customers", True)
+    author = cc.client("author")
+    doc = {"label": "customers", "rules": [{"match": {"name": "email"}, "actions": ["drop"]}]}
+    version = author.post("/v1/policies", json={"document": doc}).json()["version"]
+    page = sign_in(cc, "reviewer").get(f"/ui/policies/customers/{version}").text
+    assert "Coverage of dataset customers" in page
+    assert "Approval is blocked until these are covered" in page
+    assert "<li>ssn (pii.ssn)</li>" in page
