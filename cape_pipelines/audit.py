@@ -157,6 +157,8 @@ def engine_version(engine: str) -> str:
         "spark": "pyspark",
         "pandas": "pandas",
         "pyarrow": "pyarrow",
+        "flight": "pyarrow",
+        "flink": "apache-flink",
     }.get(engine)
     if package is None:
         return platform.python_version()

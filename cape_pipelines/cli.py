@@ -18,24 +18,30 @@ exit code (None means 0) and raises :class:`~cape_pipelines.CapeError` or
 from __future__ import annotations
 
 import argparse
+import codecs
+import contextlib
 import hashlib
 import importlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import yaml
 
 from . import __version__
-from .errors import CapeError, KeyMissingError
+from .errors import CapeError, KeyMissingError, PlanError
+from .inputs import format_of, open_inputs
 from .io import DEFAULT_BATCH_SIZE, CsvOptions, apply_files, parse_arrow_type
-from .keys import KeyRef, KeyResolver, decode_key_text
+from .keys import KeyRef, KeyResolver, decode_key_text, env_var_name
 
 EXIT_OK = 0
 EXIT_REFUSED = 1
@@ -61,13 +67,45 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
         pass
 
 
-def _setup_logging(debug: bool) -> None:
-    """Warnings (and audit records going to logging) of the package on stderr, once."""
+class _QuietAudit(logging.Filter):
+    """Drops audit records on their way to stderr unless ``--verbose`` asked for them.
+
+    Three JSON lines before every error message buried the message; records a
+    user wants are written where asked (``--audit-file``, ``CAPE_AUDIT_FILE``,
+    the coordinator), or on stderr with ``--audit-file -`` or ``--verbose``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.verbose = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.verbose or record.name != "cape_pipelines.audit"
+
+
+class _StderrSink:
+    """``--audit-file -``: each record as one JSON line on stderr."""
+
+    def emit(self, record: Mapping[str, Any]) -> None:
+        sys.stderr.write(json.dumps(record, sort_keys=True, separators=(",", ":")) + "\n")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        return None
+
+
+def _setup_logging(debug: bool, verbose: bool = False) -> None:
+    """Warnings of the package on stderr, once; audit records too with ``verbose``."""
     logger = logging.getLogger("cape_pipelines")
-    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+    handler = next((h for h in logger.handlers if isinstance(h, _StderrHandler)), None)
+    if handler is None:
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("cape: %(name)s: %(message)s"))
+        handler.addFilter(_QuietAudit())
         logger.addHandler(handler)
+    for f in handler.filters:
+        if isinstance(f, _QuietAudit):
+            f.verbose = verbose or debug
     logger.setLevel(logging.DEBUG if debug else logging.INFO)
 
 
@@ -115,10 +153,19 @@ def _csv_options(args: argparse.Namespace) -> CsvOptions:
     delimiter = {"\\t": "\t", "tab": "\t"}.get(args.delimiter, args.delimiter)
     if len(delimiter) != 1:
         raise CapeError("--delimiter takes one character (or '\\t' or 'tab' for a tab)")
-    return CsvOptions(delimiter=delimiter, column_types=_csv_types(args.csv_type))
+    encoding = getattr(args, "encoding", None) or "utf-8"
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise CapeError(f"--encoding {encoding}: unknown encoding") from None
+    return CsvOptions(
+        delimiter=delimiter, column_types=_csv_types(args.csv_type), encoding=encoding
+    )
 
 
-def _audit_target(args: argparse.Namespace) -> str | None:
+def _audit_target(args: argparse.Namespace) -> Any:
+    if args.audit_file == "-":
+        return _StderrSink()
     return args.audit_file or None
 
 
@@ -377,6 +424,13 @@ def _cmd_reveal(args: argparse.Namespace) -> int:
         raise CapeError("--key takes NAME or NAME=VALUE")
     if sep:
         keys[name] = decode_key_text(value, f"--key {name}")
+    present = open_inputs(args.input, csv_options=_csv_options(args)).schema.names
+    absent = [c for c in columns if c not in present]
+    if absent:
+        raise CapeError(
+            f"--columns: no column {', '.join(map(repr, absent))} in {args.input} "
+            f"(columns: {', '.join(present)})"
+        )
     result = apply_files(
         reveal_policy(columns, name, args.on_error),
         args.input,
@@ -419,7 +473,12 @@ def demo_paths() -> tuple[Path, Path]:
 
 
 def _show(title: str, table: Any, rows: int) -> None:
-    import pandas as pd
+    try:
+        import pandas as pd
+    except ImportError:  # pandas is an optional extra; Arrow prints a table too
+        print(f"\n{title}")
+        print(table.slice(0, rows).to_string(preview_cols=20))
+        return
 
     frame = table.slice(0, rows).to_pandas(integer_object_nulls=True)
     with pd.option_context("display.width", 250, "display.max_columns", None):
@@ -480,7 +539,34 @@ def run_demo(output: str | None = None, audit_file: str | None = None, rows: int
     return EXIT_OK
 
 
+def write_samples(directory: str | os.PathLike[str]) -> list[Path]:
+    """Copy the sample data and demo policy into ``directory``, with a keys file of the
+    PUBLIC demo keys, so the README's "Using it" commands run as written there."""
+    target = Path(directory)
+    target.mkdir(parents=True, exist_ok=True)
+    data, policy = demo_paths()
+    keys = "".join(f"{name}: {value.hex()}\n" for name, value in sorted(demo_keys().items()))
+    files = {
+        target / "customers.csv": data.read_bytes(),
+        target / "policy.yaml": policy.read_bytes(),
+        target / "keys.yaml": (
+            "# PUBLIC demo keys (cape demo): anyone can derive them; never use for real data.\n"
+            + keys
+        ).encode(),
+    }
+    existing = [str(p) for p in files if p.exists()]
+    if existing:
+        raise CapeError(f"--write-samples: {', '.join(existing)} already exist(s); not replaced")
+    for path, content in files.items():
+        path.write_bytes(content)
+    return list(files)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.write_samples:
+        for path in write_samples(args.write_samples):
+            print(f"wrote {path}", file=sys.stderr)
+        return EXIT_OK
     return run_demo(output=args.output, audit_file=args.audit_file, rows=args.rows)
 
 
@@ -504,7 +590,9 @@ def _add_io_options(p: argparse.ArgumentParser) -> None:
         "--format", choices=["csv", "parquet"], help="output format (default: from --output)"
     )
     p.add_argument("--keys-file", metavar="FILE", help="YAML/JSON mapping: key name -> hex")
-    p.add_argument("--audit-file", metavar="FILE", help="append audit records (JSONL) here")
+    p.add_argument(
+        "--audit-file", metavar="FILE", help="append audit records (JSONL) here; '-': stderr"
+    )
     p.add_argument(
         "--batch-size",
         type=_positive_int,
@@ -522,6 +610,12 @@ def _add_io_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--delimiter", default=",", help="CSV field delimiter (default ','; '\\t' or tab: a tab)"
     )
+    p.add_argument(
+        "--encoding",
+        default="utf-8",
+        metavar="NAME",
+        help="text encoding of CSV inputs (default utf-8; e.g. latin-1, utf-16, cp1252)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--no-progress", action="store_true", help="never show a progress bar")
 
@@ -533,6 +627,13 @@ def _debug_parent() -> argparse.ArgumentParser:
         action="store_true",
         default=argparse.SUPPRESS,
         help="show tracebacks and debug logs",
+    )
+    parent.add_argument(
+        "--verbose",
+        "-v",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="also print the run's audit records on stderr",
     )
     return parent
 
@@ -679,6 +780,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", metavar="PATH", help="keep the protected output here (.parquet)")
     p.add_argument("--audit-file", metavar="FILE", help="also append audit records here")
     p.add_argument("--rows", type=_positive_int, default=5, help="rows to show (default 5)")
+    p.add_argument(
+        "--write-samples",
+        metavar="DIR",
+        help="instead of running the demo: write customers.csv, policy.yaml and keys.yaml "
+        "(public demo keys) into DIR, to try the other commands on",
+    )
     p.set_defaults(func=_cmd_demo)
 
     _register_extensions(sub, psub)
@@ -686,6 +793,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _register_extensions(sub: Any, policy_sub: Any) -> None:
+    # `cape flight serve` needs pyarrow.flight, which some pyarrow builds lack.
+    try:
+        flight_cli = importlib.import_module("cape_pipelines.flight.cli")
+    except ImportError:
+        pass
+    else:
+        flight_cli.register(sub)
     try:
         coordinator_cli = importlib.import_module("cape_coordinator.cli")
     except ImportError:
@@ -704,6 +818,67 @@ def _reason(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP arrived: stop exactly as for Ctrl-C, then exit 128 + the signal.
+
+    A subclass of KeyboardInterrupt, so every cleanup that already handles
+    Ctrl-C (temporary output removed, destination untouched, ``run.failed``
+    recorded) handles what Kubernetes, Airflow and systemd send as well.
+    """
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"terminated by {signal.Signals(signum).name}")
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def _stop_signals_as_interrupts() -> Iterator[None]:
+    """While a command runs, SIGTERM and SIGHUP raise :class:`Terminated` in the main thread."""
+    wanted = [getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n)]
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be installed from the main thread
+        return
+    previous = {s: signal.signal(s, _raise_terminated) for s in wanted}
+    try:
+        yield
+    finally:
+        for s, old in previous.items():
+            signal.signal(s, old)
+
+
+def _hint(exc: BaseException, args: argparse.Namespace) -> str:
+    """What a command-line user can do about ``exc``, in their terms (not the Python API's)."""
+    if isinstance(exc, KeyMissingError):
+        name = exc.key_name
+        return (
+            f"; give it with --key {name}=HEX, a '{name}: HEX' line in --keys-file FILE, "
+            f"or the environment variable {env_var_name(name)}"
+        )
+    if isinstance(exc, PlanError) and _header_only_csv(getattr(args, "input", None)):
+        return (
+            "; the CSV has no data rows, so every column was read as text: "
+            "pin the types with --csv-type COLUMN=TYPE"
+        )
+    return ""
+
+
+def _header_only_csv(path: str | None) -> bool:
+    """Whether ``path`` is a CSV file with a header and no data rows (error path only)."""
+    if not path or format_of(path) != "csv" or not os.path.isfile(path):
+        return False
+    try:
+        with pa.input_stream(path, compression="detect") as raw:
+            head = raw.read(1 << 16)
+    except (OSError, pa.ArrowException):
+        return False
+    lines = [line for line in head.splitlines() if line.strip()]
+    return len(lines) == 1 and len(head) < (1 << 16)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``cape`` with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
     parser = build_parser()
@@ -712,10 +887,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:
         return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
     debug = bool(getattr(args, "debug", False)) or os.environ.get("CAPE_DEBUG") == "1"
-    _setup_logging(debug)
+    _setup_logging(debug, bool(getattr(args, "verbose", False)))
     handler: Handler = args.func
     try:
-        return int(handler(args) or EXIT_OK)
+        with _stop_signals_as_interrupts():
+            return int(handler(args) or EXIT_OK)
+    except Terminated as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"cape: {exc}", file=sys.stderr)
+        return 128 + exc.signum
     except KeyboardInterrupt:
         if debug:
             traceback.print_exc()
@@ -729,7 +910,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CapeError, OSError) as exc:
         if debug:
             traceback.print_exc()
-        print(f"cape: error: {_reason(exc)}", file=sys.stderr)
+        text = _reason(exc)
+        if isinstance(exc, KeyMissingError):
+            # The Python API's name for "keys you passed" means nothing on the command line.
+            text = text.replace("(tried: keys=, ", "(tried: --key, --keys-file, ")
+        print(f"cape: error: {text}{_hint(exc, args)}", file=sys.stderr)
         return EXIT_REFUSED
     except Exception as exc:
         if debug:

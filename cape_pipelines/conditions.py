@@ -5,7 +5,7 @@ parsed here by hand (never ``eval``, never pandas ``query``) into an AST of
 frozen dataclasses, which pickles and is checked against a schema by
 :meth:`Condition.to_expression`. The grammar, keywords case-insensitive::
 
-    condition  := or_expr
+    condition  := or_expr                        -- at most MAX_PREDICATES predicates
     or_expr    := and_expr (("or" | "|") and_expr)*
     and_expr   := not_expr (("and" | "&") not_expr)*
     not_expr   := ("not" | "~") not_expr | "(" condition ")" | predicate
@@ -24,7 +24,9 @@ a backslash is an ordinary character. Double-quoted strings, ``=``, ``<>``,
 ``and`` and ``or``, as in pandas. ``null`` is not a literal: write ``is null``.
 
 Semantics are SQL's three-valued logic (Arrow's Kleene ``and``/``or``): a
-comparison or ``in`` with a null operand is null. ``row-redact`` removes rows
+comparison or ``in`` with a null operand is null, and so is one with a float
+NaN (IEEE would make ``NaN < 1000`` and ``NaN >= 1000`` both false, letting
+the row through every range condition). ``row-redact`` removes rows
 where the condition is true *or null*, so a missing value never lets a row
 through. Literals are typed against the column: an integer literal against a
 float column is fine, a string against an int column is a :class:`PlanError`.
@@ -61,6 +63,11 @@ __all__ = [
 ]
 
 MAX_DEPTH = 100
+# Arrow flattens a chain of and/or into one call and walks it recursively when
+# binding a filter; around 9,000 operands that overflows the native stack and
+# the process dies. Refusing long conditions when the policy is validated keeps
+# "validate says ok" meaning "apply will run", with a wide margin.
+MAX_PREDICATES = 4000
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
@@ -133,7 +140,23 @@ class Compare(Node):
             ">": lambda a, b: a > b,
             ">=": lambda a, b: a >= b,
         }
-        return ops[self.op](left, right)
+        return _nan_is_unknown(field_type, left, ops[self.op](left, right))
+
+
+def _nan_is_unknown(
+    field_type: pa.DataType, left: pc.Expression, result: pc.Expression
+) -> pc.Expression:
+    """``result``, but null where a float column holds NaN.
+
+    IEEE comparisons make NaN false under both ``x < 1000`` and ``x >= 1000``,
+    so a NaN row would survive every range condition. NaN is an unknown value,
+    like null, so the comparison is unknown and ``row-redact`` removes the row.
+    """
+    if pa.types.is_dictionary(field_type):
+        field_type = field_type.value_type
+    if not pa.types.is_floating(field_type):
+        return result
+    return pc.if_else(pc.is_nan(left), pa.scalar(None, pa.bool_()), result)
 
 
 @dataclass(frozen=True)
@@ -159,7 +182,8 @@ class InList(Node):
         if self.negated:
             found = ~found
         # is_in says false for a null input; SQL (and fail-closed redaction) wants null.
-        return pc.if_else(left.is_valid(), found, pa.scalar(None, pa.bool_()))
+        found = pc.if_else(left.is_valid(), found, pa.scalar(None, pa.bool_()))
+        return _nan_is_unknown(field_type, left, found)
 
 
 @dataclass(frozen=True)
@@ -181,38 +205,67 @@ class IsNull(Node):
         return f.is_valid() if self.negated else f.is_null()
 
 
-@dataclass(frozen=True)
+def _balanced(exprs: list[pc.Expression], combine: Any) -> pc.Expression:
+    """Combine ``exprs`` pairwise, so a 10,000-term condition is an expression of depth 14."""
+    while len(exprs) > 1:
+        paired = [combine(exprs[i], exprs[i + 1]) for i in range(0, len(exprs) - 1, 2)]
+        if len(exprs) % 2:
+            paired.append(exprs[-1])
+        exprs = paired
+    return exprs[0]
+
+
+@dataclass(frozen=True, init=False)
 class And(Node):
-    """Kleene conjunction: false wins over null."""
+    """Kleene conjunction of two or more operands: false wins over null.
 
-    left: Node
-    right: Node
+    The parser flattens ``a and b and c`` into one node with three operands, so
+    a long flat condition neither nests the AST nor the compiled expression
+    (both would otherwise be as deep as the condition is long).
+    """
+
+    operands: tuple[Node, ...]
+
+    def __init__(self, *operands: Node):
+        if len(operands) < 2:
+            raise ValueError("and takes at least two operands")
+        object.__setattr__(self, "operands", tuple(operands))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), self.operands)
 
     def columns(self) -> set[str]:
-        return self.left.columns() | self.right.columns()
+        return set().union(*(op.columns() for op in self.operands))
 
     def __str__(self) -> str:
-        return f"({self.left} and {self.right})"
+        return "(" + " and ".join(str(op) for op in self.operands) + ")"
 
     def compile(self, schema: pa.Schema) -> pc.Expression:
-        return self.left.compile(schema) & self.right.compile(schema)
+        return _balanced([op.compile(schema) for op in self.operands], lambda a, b: a & b)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Or(Node):
-    """Kleene disjunction: true wins over null."""
+    """Kleene disjunction of two or more operands: true wins over null (flattened like And)."""
 
-    left: Node
-    right: Node
+    operands: tuple[Node, ...]
+
+    def __init__(self, *operands: Node):
+        if len(operands) < 2:
+            raise ValueError("or takes at least two operands")
+        object.__setattr__(self, "operands", tuple(operands))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), self.operands)
 
     def columns(self) -> set[str]:
-        return self.left.columns() | self.right.columns()
+        return set().union(*(op.columns() for op in self.operands))
 
     def __str__(self) -> str:
-        return f"({self.left} or {self.right})"
+        return "(" + " or ".join(str(op) for op in self.operands) + ")"
 
     def compile(self, schema: pa.Schema) -> pc.Expression:
-        return self.left.compile(schema) | self.right.compile(schema)
+        return _balanced([op.compile(schema) for op in self.operands], lambda a, b: a | b)
 
 
 @dataclass(frozen=True)
@@ -380,6 +433,7 @@ class _Parser:
         self.tokens = _tokenize(text)
         self.i = 0
         self.depth = 0
+        self.predicates = 0
 
     @property
     def tok(self) -> _Token:
@@ -424,18 +478,18 @@ class _Parser:
         return node
 
     def or_expr(self) -> Node:
-        node = self.and_expr()
+        operands = [self.and_expr()]
         while self.is_kw("or") or self.is_punct("|"):
             self.advance()
-            node = Or(node, self.and_expr())
-        return node
+            operands.append(self.and_expr())
+        return operands[0] if len(operands) == 1 else Or(*operands)
 
     def and_expr(self) -> Node:
-        node = self.not_expr()
+        operands = [self.not_expr()]
         while self.is_kw("and") or self.is_punct("&"):
             self.advance()
-            node = And(node, self.not_expr())
-        return node
+            operands.append(self.not_expr())
+        return operands[0] if len(operands) == 1 else And(*operands)
 
     def not_expr(self) -> Node:
         self.depth += 1
@@ -499,6 +553,13 @@ class _Parser:
 
     def predicate(self) -> Node:
         start = self.tok
+        self.predicates += 1
+        if self.predicates > MAX_PREDICATES:
+            raise ConditionSyntaxError(
+                f"condition has more than {MAX_PREDICATES} comparisons; split it into several "
+                "row-redact rules or use 'in (...)' lists",
+                start.pos,
+            )
         left_lit = self.literal()
         if left_lit is not None:
             if self.tok.kind != "op":
@@ -652,24 +713,24 @@ def _coerce(
             values.append(v)
         if not integral:
             target = pa.float64()
-            return field.cast(target), [pa.scalar(float(lit.value), target) for lit in lits]
+            return field.cast(target), [pa.scalar(_float(lit.value), target) for lit in lits]
         if _fits(values, t):
             return field, [pa.scalar(v, t) for v in values]
         if all(_INT64_MIN <= v <= _INT64_MAX for v in values) and not pa.types.is_uint64(t):
             return field.cast(pa.int64()), [pa.scalar(v, pa.int64()) for v in values]
         target = pa.float64()
-        return field.cast(target), [pa.scalar(float(v), target) for v in values]
+        return field.cast(target), [pa.scalar(_float(v), target) for v in values]
     if family == "float":
         target = pa.float64()
         if not t.equals(target):
             field = field.cast(target)
-        return field, [pa.scalar(float(lit.value), target) for lit in lits]
+        return field, [pa.scalar(_float(lit.value), target) for lit in lits]
     if family == "decimal":
         decs = [Decimal(lit.value) for lit in lits]
         if _fits(decs, t):
             return field, [pa.scalar(d, t) for d in decs]
         target = pa.float64()
-        return field.cast(target), [pa.scalar(float(d), target) for d in decs]
+        return field.cast(target), [pa.scalar(_float(d), target) for d in decs]
     if family == "string":
         if pa.types.is_string_view(t):
             # Acero has no kernels for string_view yet; large_string holds the same values.
@@ -717,11 +778,19 @@ def _family(t: pa.DataType) -> str | None:
     return None
 
 
+def _float(value: int | Decimal) -> float:
+    """``value`` as the nearest float; beyond float64's range, an infinity (never OverflowError).
+
+    ``x < 1e400`` is then true for every finite ``x``, as it is for the exact number.
+    """
+    return float(Decimal(value))
+
+
 def _py(lit: Literal | dt.datetime) -> Any:
     if isinstance(lit, dt.datetime):
         return lit
     if lit.kind == "decimal":
-        return float(lit.value)
+        return _float(lit.value)
     return lit.value
 
 

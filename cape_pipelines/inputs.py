@@ -11,6 +11,7 @@ says, the line and column.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import csv
 import io
@@ -87,6 +88,8 @@ class CsvOptions:
 
     delimiter: str = ","
     column_types: Mapping[str, pa.DataType] = field(default_factory=dict)
+    encoding: str = "utf-8"
+    """The files' text encoding (any Python codec name); read as UTF-8 otherwise."""
 
 
 @dataclass
@@ -134,17 +137,26 @@ class InputSet:
         try:
             reader = pacsv.open_csv(
                 first,
-                read_options=pacsv.ReadOptions(block_size=CSV_INFER_BLOCK, use_threads=False),
+                read_options=_read_options(self.csv, CSV_INFER_BLOCK),
                 parse_options=_parse_options(self.csv),
                 convert_options=pacsv.ConvertOptions(column_types=pinned),
             )
+            with contextlib.closing(reader):
+                schema = reader.schema
+                names = schema.names  # decodes the header: a UnicodeError here
         except pa.ArrowInvalid as exc:
-            raise _csv_error(first, exc, self.csv, None) from None
-        with contextlib.closing(reader):
-            schema = reader.schema
-        unknown = sorted(set(pinned) - set(schema.names))
+            header = _header_names(first, self.csv)
+            names_only = pa.schema([(n, pa.string()) for n in header]) if header else None
+            raise _csv_error(first, exc, self.csv, names_only) from None
+        except UnicodeError:
+            raise _encoding_error(first, self.csv, "header") from None
+        unknown = sorted(set(pinned) - set(names))
         if unknown:
             raise DataError(f"{first}: pinned CSV column(s) not in the file: {', '.join(unknown)}")
+        # Arrow infers `binary` for a column whose bytes are not UTF-8 text.
+        binary = [f.name for f in schema if pa.types.is_binary(f.type) and f.name not in pinned]
+        if binary:
+            raise _encoding_error(first, self.csv, f"column {binary[0]!r}")
         # A column empty in the whole first block infers as `null`; string is the only
         # type every later value can be read as.
         fields = [pa.field(f.name, pa.string()) if pa.types.is_null(f.type) else f for f in schema]
@@ -184,16 +196,18 @@ class InputSet:
                 try:
                     reader = pacsv.open_csv(
                         path,
-                        read_options=pacsv.ReadOptions(use_threads=False),
+                        read_options=_read_options(self.csv),
                         parse_options=_parse_options(self.csv),
                         convert_options=pacsv.ConvertOptions(
                             column_types={f.name: f.type for f in self.schema}
                         ),
                     )
+                    with contextlib.closing(reader):
+                        names = reader.schema.names
                 except pa.ArrowInvalid as exc:
                     raise _csv_error(path, exc, self.csv, self.schema) from None
-                with contextlib.closing(reader):
-                    names = reader.schema.names
+                except UnicodeError:
+                    raise _encoding_error(path, self.csv, "header") from None
             self._check_names(path, names)
 
     def _check_names(self, path: Path, names: Sequence[str]) -> None:
@@ -229,7 +243,7 @@ class InputSet:
         try:
             reader = pacsv.open_csv(
                 path,
-                read_options=pacsv.ReadOptions(block_size=block, use_threads=False),
+                read_options=_read_options(self.csv, block),
                 parse_options=_parse_options(self.csv),
                 convert_options=pacsv.ConvertOptions(column_types={f.name: f.type for f in schema}),
             )
@@ -240,12 +254,56 @@ class InputSet:
                         yield batch.slice(start, batch_size)
         except pa.ArrowInvalid as exc:
             raise _csv_error(path, exc, self.csv, schema) from None
+        except UnicodeError:
+            raise _encoding_error(path, self.csv, "header") from None
 
 
 def _parquet_file(path: Path) -> pq.ParquetFile:
     # A small read buffer streams each column chunk page by page, so a huge row group
     # does not have to sit in memory whole.
     return pq.ParquetFile(path, buffer_size=1 << 20, pre_buffer=False)
+
+
+def _read_options(opts: CsvOptions, block_size: int | None = None) -> pacsv.ReadOptions:
+    extra = {} if block_size is None else {"block_size": block_size}
+    encoding = opts.encoding.lower().replace("_", "-")
+    if encoding in ("utf-8", "utf8"):
+        return pacsv.ReadOptions(use_threads=False, **extra)
+    return pacsv.ReadOptions(use_threads=False, encoding=opts.encoding, **extra)
+
+
+def _first_bad_byte(path: Path, encoding: str) -> int | None:
+    """The offset of the first byte of ``path`` that ``encoding`` cannot decode (error path)."""
+    decoder = codecs.getincrementaldecoder(encoding)()
+    offset = 0
+    try:
+        with pa.input_stream(str(path), compression="detect") as raw:
+            while chunk := raw.read(1 << 20):
+                pending = len(decoder.getstate()[0])
+                try:
+                    decoder.decode(chunk)
+                except UnicodeDecodeError as exc:
+                    return offset - pending + exc.start
+                offset += len(chunk)
+            decoder.decode(b"", final=True)
+    except UnicodeDecodeError as exc:
+        return offset - len(exc.object) + exc.start
+    except (OSError, pa.ArrowException, LookupError):
+        return None
+    return None
+
+
+def _encoding_error(path: Path, opts: CsvOptions, part: str) -> DataError:
+    """A DataError naming the file, the byte offset and the option that reads such files."""
+    at = _first_bad_byte(path, opts.encoding)
+    where = f"byte {at}" if at is not None else f"its {part}"
+    hint = "pass --encoding (e.g. --encoding latin-1, --encoding utf-16)"
+    with contextlib.suppress(OSError, pa.ArrowException):
+        with pa.input_stream(str(path), compression="detect") as raw:
+            head = raw.read(4)
+        if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+            hint = "it starts with a UTF-16 byte-order mark: pass --encoding utf-16"
+    return DataError(f"{path}: not {opts.encoding} text at {where} ({part}); {hint}")
 
 
 def _parse_options(opts: CsvOptions) -> pacsv.ParseOptions:
@@ -256,6 +314,7 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
+_UTF8_RE = re.compile(r"In CSV column #(\d+): CSV conversion error to \w*string: invalid UTF8")
 _PARSE_RE = re.compile(r"Expected (\d+) columns, got (\d+)")
 _CONVERT_RE = re.compile(r"In CSV column #(\d+): (?:Row #(\d+): )?CSV conversion error to ([^:]+):")
 
@@ -264,7 +323,19 @@ def _csv_error(
     path: Path, exc: BaseException, opts: CsvOptions, schema: pa.Schema | None
 ) -> DataError:
     """A DataError naming the file, the line and the column, never the offending value."""
+    if opts.encoding.lower().replace("_", "-") in ("utf-8", "utf8"):
+        with contextlib.suppress(OSError, pa.ArrowException):
+            with pa.input_stream(str(path), compression="detect") as raw:
+                head = raw.read(4)
+            if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+                # UTF-16 read as UTF-8 parses as one broken column; say what it is.
+                return _encoding_error(path, opts, "header")
     text = str(exc)
+    m = _UTF8_RE.search(text)
+    if m:
+        col_index = int(m.group(1))
+        col = schema.names[col_index] if schema is not None and col_index < len(schema) else None
+        return _encoding_error(path, opts, f"column {col!r}" if col else "data")
     m = _PARSE_RE.search(text)
     if m:
         expected, found = int(m.group(1)), int(m.group(2))
@@ -281,13 +352,23 @@ def _csv_error(
         col_text = f"column {col!r}" if col else f"column #{col_index + 1}"
         pinned = col is not None and col in opts.column_types
         hint = (
-            "its type is pinned"
+            f"its type is pinned by --csv-type {col}=..."
             if pinned
             else "its type was inferred from the first rows; pin another with "
             f"--csv-type {col or 'COLUMN'}=string"
         )
         return DataError(f"{path}: {where}, {col_text}: value is not a valid {type_name} ({hint})")
     return DataError(f"{path}: cannot read CSV: {_first_line(exc)}")
+
+
+def _header_names(path: Path, opts: CsvOptions) -> list[str] | None:
+    """The column names of a CSV file's header, for error messages (error path only)."""
+    try:
+        with pa.input_stream(str(path), compression="detect") as raw:
+            text = io.TextIOWrapper(raw, encoding=opts.encoding, errors="replace", newline="")
+            return next(csv.reader(text, delimiter=opts.delimiter), None)
+    except (OSError, csv.Error, pa.ArrowException, LookupError):
+        return None
 
 
 def _find_bad_line(path: Path, delimiter: str, expected: int) -> int | None:
@@ -320,6 +401,13 @@ def open_inputs(
     opts = csv_options or CsvOptions()
     if not root.exists():
         raise DataError(f"input {root} does not exist")
+    if not root.is_file() and not root.is_dir():
+        # A pipe or a device (/dev/stdin): cape reads an input twice (its types, then
+        # its data) and measures it for progress, which a stream cannot give.
+        raise DataError(
+            f"input {root} is not a regular file or a directory (a pipe or a device?); "
+            "save it to a file first, e.g. cat > in.csv"
+        )
     if root.is_file():
         fmt = format or format_of(root)
         if fmt is None:

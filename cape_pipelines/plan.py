@@ -221,6 +221,8 @@ def build_plan(
                             key_id = loc
                             store[key_id] = key
                     for col in targets:
+                        if col not in current:
+                            raise PlanError(f"column {col!r} was removed by an earlier action")
                         in_type = current[col]
                         out_type = t.output_type(in_type, col)
                         steps.append(ColumnStep(col, t, key_id, in_type, out_type, loc))

@@ -40,7 +40,7 @@ import pyarrow as pa
 
 from .audit import AuditTarget, RunContext, Sink, error_info
 from .core import Counters
-from .keys import KeyResolver
+from .keys import KeyRef, KeyResolver, WorkerKeyProvider
 from .plan import Plan, build_plan
 from .policy.load import PolicySource
 from .policy.models import Policy
@@ -61,6 +61,8 @@ class Binding:
     engine: str
     column_tags: Mapping[str, Sequence[str]] = field(default_factory=dict)
     source: str | None = None
+    # Set: plans ship key names and this provider, never named keys' bytes (see keys.KeyStore).
+    worker_keys: WorkerKeyProvider | None = None
 
     def __repr__(self) -> str:
         return (
@@ -69,8 +71,16 @@ class Binding:
         )
 
     def build(self, schema: pa.Schema) -> Plan:
-        """The plan for ``schema``, with nothing recorded if it cannot be built."""
-        return build_plan(self.policy, schema, resolver=self.resolver, column_tags=self.column_tags)
+        """The plan for ``schema``, with nothing recorded if it cannot be built.
+
+        Keys are resolved here either way (a missing key fails now, on the
+        driver); with :attr:`worker_keys` the plan then pickles only the named
+        keys' names and the provider, so workers resolve them themselves.
+        """
+        plan = build_plan(self.policy, schema, resolver=self.resolver, column_tags=self.column_tags)
+        if self.worker_keys is not None:
+            plan.keys = plan.keys.by_reference(key_names(plan), self.worker_keys)
+        return plan
 
     def plan(
         self, schema: pa.Schema | Callable[[], pa.Schema], *, run_id: str | None = None
@@ -117,6 +127,7 @@ def bind(
     source: str | None = None,
     record_failure: bool = False,
     run_id: str | None = None,
+    worker_keys: WorkerKeyProvider | None = None,
 ) -> Binding:
     """Resolve ``policy`` for one job on ``engine`` (see :mod:`cape_pipelines.source`).
 
@@ -142,7 +153,21 @@ def bind(
         engine=engine,
         column_tags=dict(column_tags or {}),
         source=src.source if src.source is not None else source,
+        worker_keys=worker_keys,
     )
+
+
+def key_names(plan: Plan) -> dict[str, str]:
+    """Key id -> key name for every step whose key is a named secret (``{secret: NAME}``)."""
+    from .plan import ColumnStep
+
+    names: dict[str, str] = {}
+    for step in plan.steps:
+        if isinstance(step, ColumnStep) and step.key_id is not None:
+            ref = getattr(step.transform, "key", None)
+            if isinstance(ref, KeyRef) and ref.secret is not None:
+                names[step.key_id] = ref.secret
+    return names
 
 
 class Run:

@@ -1,6 +1,6 @@
 # Sourced by scripts/demo and scripts/test: a Python 3.11 virtualenv in .venv with the project
-# installed (editable, every extra). Safe to run again: it reinstalls only when pyproject.toml
-# or the interpreter changed. Needs Python 3.11 (python3.11 or python3); Java 17 for Spark.
+# installed (editable, every extra, versions pinned by constraints/ci-py311.txt). Safe to run
+# again: it reinstalls only when pyproject.toml, the constraints or the interpreter changed. Needs Python 3.11 (python3.11 or python3); Java 17 for Spark.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -28,11 +28,15 @@ if ! "$VENV/bin/python" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11)
 fi
 
 STAMP="$VENV/.cape-install-stamp"
-WANT="$(cat "$ROOT/pyproject.toml" "$VENV/pyvenv.cfg" | sha256sum | cut -d' ' -f1) $ROOT"
+CONSTRAINTS="$ROOT/constraints/ci-py311.txt"
+WANT="$(cat "$ROOT/pyproject.toml" "$CONSTRAINTS" "$VENV/pyvenv.cfg" | sha256sum | cut -d' ' -f1) $ROOT"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
     echo "cape: installing the project and its extras into $VENV (first run takes a few minutes)" >&2
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade "pip>=24"
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$ROOT[all,dev]"
+    # The constraints file pins every dependency to the versions CI runs, so a run
+    # today and a run next month install the same set.
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
+        -c "$CONSTRAINTS" -e "$ROOT[all,dev]"
     echo "$WANT" >"$STAMP"
 fi
 

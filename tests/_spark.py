@@ -15,8 +15,17 @@ from typing import Any
 _SESSION: Any = None
 
 
+# A subprocess of the cluster tests (tests/clusters) sets this to a standalone
+# master's URL, so the same test code runs against real executors; every other
+# run uses local[2].
+MASTER_ENV = "CAPE_TEST_SPARK_MASTER"
+
+
 def get_spark() -> Any:
-    """The shared ``local[2]`` SparkSession: UTC, UI off, few shuffle partitions, Arrow on."""
+    """The shared SparkSession (``local[2]``, or the cluster in ``$CAPE_TEST_SPARK_MASTER``).
+
+    UTC, UI off, few shuffle partitions, Arrow on.
+    """
     global _SESSION
     if _SESSION is not None:
         return _SESSION
@@ -25,9 +34,19 @@ def get_spark() -> Any:
     # Workers must run the same interpreter as the driver (the venv's Python).
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    master = os.environ.get(MASTER_ENV) or "local[2]"
+    builder = SparkSession.builder.master(master)
+    if master.startswith("spark://"):
+        # Loopback only, small executors: the machine is shared.
+        builder = (
+            builder.config("spark.driver.host", "127.0.0.1")
+            .config("spark.driver.bindAddress", "127.0.0.1")
+            .config("spark.executor.memory", "512m")
+            .config("spark.executor.cores", "1")
+            .config("spark.cores.max", "2")
+        )
     _SESSION = (
-        SparkSession.builder.master("local[2]")
-        .appName("cape-pipelines-tests")
+        builder.appName("cape-pipelines-tests")
         .config("spark.ui.enabled", "false")
         .config("spark.sql.shuffle.partitions", "2")
         .config("spark.default.parallelism", "2")

@@ -25,7 +25,7 @@ from apache_beam.transforms.window import GlobalWindows
 from ..audit import AuditTarget, MemorySink, Sink, resolve_sink
 from ..core import Counters
 from ..errors import PlanError
-from ..keys import KeyResolver
+from ..keys import KeyResolver, WorkerKeyProvider
 from ..plan import Plan
 from ..policy.load import PolicySource
 from ..seam import Binding, RemoteRun, bind
@@ -107,6 +107,7 @@ class ApplyPolicy(beam.PTransform):
         batch_size: int = DEFAULT_BATCH_SIZE,
         label: str | None = None,
         client: CoordinatorClient | None = None,
+        worker_keys: WorkerKeyProvider | None = None,
         _carry_column: str | None = None,
     ):
         super().__init__(label)
@@ -120,6 +121,7 @@ class ApplyPolicy(beam.PTransform):
             audit=audit,
             column_tags=column_tags,
             client=client,
+            worker_keys=worker_keys,
         )
         self._policy = binding.policy
         sink = _worker_sink(binding.audit)

@@ -31,7 +31,7 @@ from dask.base import tokenize
 
 from ..audit import AuditTarget
 from ..core import Counters
-from ..keys import KeyResolver
+from ..keys import KeyResolver, WorkerKeyProvider
 from ..pandas.apply import apply_frame
 from ..plan import ColumnStep, Plan
 from ..policy.load import PolicySource
@@ -124,6 +124,7 @@ def apply_policy(
     column_tags: Mapping[str, Sequence[str]] | None = None,
     resolver: KeyResolver | None = None,
     client: CoordinatorClient | None = None,
+    worker_keys: WorkerKeyProvider | None = None,
 ) -> dd.DataFrame:
     """Apply ``policy`` to a Dask DataFrame; a lazy Dask DataFrame comes back.
 
@@ -157,6 +158,7 @@ def apply_policy(
         audit=audit,
         column_tags=column_tags,
         client=client,
+        worker_keys=worker_keys,
     )
     plan = binding.plan(dask_schema(ddf))
     task = PlanTask(plan, new_string_dtype())

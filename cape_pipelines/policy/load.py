@@ -66,14 +66,72 @@ def _read_source(source: PolicySource) -> tuple[Any, str | None]:
     return _parse_text(str(source), None), None
 
 
+def _mark(node: yaml.Node) -> str:
+    return f"line {node.start_mark.line + 1}, column {node.start_mark.column + 1}"
+
+
+def _duplicate_keys(loader: yaml.SafeLoader, root: yaml.Node) -> list[tuple[str, str]]:
+    """Every mapping key given twice anywhere in the document, with both places.
+
+    YAML (and ``json.loads``) keep the last of two equal keys, so a second
+    ``rules:`` block would silently replace the first one a reviewer read. The
+    walk is iterative so that a deeply nested document cannot exhaust the stack.
+    """
+    problems: list[tuple[str, str]] = []
+    stack: list[tuple[yaml.Node, tuple[Any, ...]]] = [(root, ())]
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend((child, (*path, i)) for i, child in enumerate(node.value))
+        elif isinstance(node, yaml.MappingNode):
+            seen: dict[Any, yaml.Node] = {}
+            for key_node, value_node in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                if isinstance(key_node, yaml.ScalarNode):
+                    key = (key_node.tag, loader.construct_object(key_node))
+                    shown = key[1]
+                else:
+                    key = (key_node.tag, yaml.serialize(key_node))
+                    shown = "(complex key)"
+                first = seen.get(key)
+                if first is not None:
+                    problems.append(
+                        (
+                            _loc((*path, shown)) if isinstance(shown, str) else _loc(path),
+                            f"duplicate key {shown!r} at {_mark(first)} and {_mark(key_node)}; "
+                            "give each key once",
+                        )
+                    )
+                else:
+                    seen[key] = key_node
+                stack.append((value_node, (*path, shown)))
+    problems.sort(key=lambda p: _natural_key(p[0]))
+    return problems
+
+
 def _parse_text(text: str, where: str | None) -> Any:
+    loader = yaml.SafeLoader(text)
     try:
-        return yaml.safe_load(text)
+        root = loader.get_single_node()
+        if root is None:
+            return None
+        duplicates = _duplicate_keys(loader, root)
+        if duplicates:
+            raise PolicyError(duplicates, source=where)
+        return loader.construct_document(root)
+    except RecursionError:
+        # PyYAML composes and constructs recursively; a policy is a few levels deep.
+        raise PolicyError(
+            [("policy", "the document is nested too deeply to be a policy")], source=where
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         loc = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "policy"
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise PolicyError([(loc, f"malformed YAML/JSON: {problem}")], source=where) from None
+    finally:
+        loader.dispose()
 
 
 def build_transformation(type_name: str, params: Mapping[str, Any], where: str) -> Transformation:
@@ -137,8 +195,17 @@ def _build_actions(
         if not isinstance(rule, Mapping) or not isinstance(rule.get("actions"), list):
             continue
         has_match = rule.get("match") is not None
+        dropped_at: int | None = None
         for a, action in enumerate(rule["actions"]):
             aloc = f"rules[{r}].actions[{a}].transform"
+            if dropped_at is not None:
+                problems.append(
+                    (
+                        f"rules[{r}].actions[{a}]",
+                        f"actions[{dropped_at}] already removed the rule's columns",
+                    )
+                )
+                continue
             if action == "drop":
                 action = {"transform": {"type": "column-redact"}}
             if not isinstance(action, Mapping) or not isinstance(action.get("transform"), Mapping):
@@ -170,6 +237,8 @@ def _build_actions(
                 problems.append((aloc, "column-redact without a match needs columns"))
                 continue
             built[(r, a)] = t
+            if has_match and t.kind == "columns" and not getattr(t, "columns", None):
+                dropped_at = a
     return built, problems
 
 

@@ -36,7 +36,7 @@ from pyspark.sql import functions as F
 
 from ..audit import AuditTarget
 from ..core import Counters, apply_batch
-from ..keys import KeyResolver
+from ..keys import KeyResolver, WorkerKeyProvider
 from ..plan import ColumnStep, FilterStep, Plan
 from ..policy.load import PolicySource
 from ..seam import Binding, Tracked, bind
@@ -101,6 +101,7 @@ def apply_policy(
     column_tags: Mapping[str, Sequence[str]] | None = None,
     resolver: KeyResolver | None = None,
     client: CoordinatorClient | None = None,
+    worker_keys: WorkerKeyProvider | None = None,
 ) -> DataFrame:
     """Apply ``policy`` to a Spark DataFrame; returns a lazy DataFrame with the output schema.
 
@@ -124,6 +125,7 @@ def apply_policy(
         audit=audit,
         column_tags=column_tags,
         client=client,
+        worker_keys=worker_keys,
     )
     plan = binding.plan(lambda: schema_to_arrow(sdf.schema, session_time_zone(sdf)))
     out = _policy_frame(plan, sdf)

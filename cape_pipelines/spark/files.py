@@ -112,12 +112,18 @@ FALSE_SPELLINGS = tuple(_DEFAULTS.false_values)
 _IPC_COLUMN = "arrow_ipc"
 
 
-def session() -> SparkSession:
+def session(console_progress: bool = True) -> SparkSession:
     """The active SparkSession, or a new ``local[*]`` one when there is none and no master is
-    configured (``spark-submit`` sets one)."""
+    configured (``spark-submit`` sets one).
+
+    ``console_progress=False`` keeps a new session's ``[Stage 0:>`` console bar off
+    (PySpark counts as a shell, where Spark turns it on), as ``--no-progress`` promises.
+    """
     from pyspark import SparkConf, SparkContext
 
     builder = SparkSession.builder
+    if not console_progress:
+        builder = builder.config("spark.ui.showConsoleProgress", "false")
     if SparkContext._active_spark_context is None:
         # Python workers must run this interpreter, which has Cape Pipelines installed.
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
@@ -281,7 +287,8 @@ def apply_files_spark(
     from pyspark.errors import PySparkException
 
     inputs.check_columns()
-    spark = session()
+    # The run's own bar is off (--no-progress, or stderr not a terminal): so is Spark's.
+    spark = session(console_progress=getattr(progress, "stream", None) is not None)
     conf = {"spark.sql.execution.arrow.maxRecordsPerBatch": str(batch_size)}
     zone = _time_zone(inputs.schema)
     if zone is not None:

@@ -88,6 +88,29 @@ def _tagged(tag: int, extra: np.ndarray | int = 0) -> np.ndarray | np.uint64:
     return (np.uint64(tag) << np.uint64(56)) | (np.asarray(extra, dtype=np.uint64) & _LOW48)
 
 
+_NUMPY_DTYPES = {
+    pa.from_numpy_dtype(np.dtype(name)): np.dtype(name)
+    for name in (
+        "int8",
+        "int16",
+        "int32",
+        "int64",
+        "uint8",
+        "uint16",
+        "uint32",
+        "uint64",
+        "float16",
+        "float32",
+        "float64",
+    )
+}
+
+
+def numpy_dtype(t: pa.DataType) -> np.dtype:
+    """The numpy dtype of an integer or float Arrow type (``to_pandas_dtype`` needs pandas)."""
+    return _NUMPY_DTYPES[t]
+
+
 def values_view(arr: pa.Array) -> np.ndarray:
     """A zero-copy numpy view of a fixed-width array's values; null slots hold anything.
 
@@ -99,7 +122,7 @@ def values_view(arr: pa.Array) -> np.ndarray:
     if pa.types.is_boolean(t):
         return arr.fill_null(False).to_numpy(zero_copy_only=False)
     if pa.types.is_integer(t) or pa.types.is_floating(t):
-        dtype = np.dtype(t.to_pandas_dtype())
+        dtype = numpy_dtype(t)
     elif t.bit_width == 32:
         dtype = np.dtype(np.int32)
     else:

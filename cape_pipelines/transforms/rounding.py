@@ -9,13 +9,21 @@ alone would be wrong or would fail.
 
 Decisions:
 
-* ``numeric-rounding`` rounds exactly as ``pc.round(x, precision,
-  round_mode="half_to_even")``. Integers with ``precision >= 0`` are unchanged;
-  with a negative precision they round to tens, hundreds, ... A float too large
-  to have digits at ``precision`` is returned unchanged (the kernel does the
-  same, except that it raises when scaling overflows). A result beyond the
-  type's range (``126`` as int8 to tens is ``130``) is a :class:`TransformError`.
-  float16 is rounded as float32. Decimals round in their own type.
+* ``numeric-rounding`` of a float gives exactly what decimal arithmetic gives:
+  the float's exact binary value rounded half to even at ``precision``, then
+  the nearest value of the column's float type. ``pc.round`` alone does not
+  (it scales by a power of ten in floating point: ``-980397061323.76`` to
+  ``-12`` digits came out ``-999999995904.0``, and ties near ``5e11`` were off
+  by a cent), so :func:`_round_floats` uses it nowhere: a numpy fast path
+  handles every value whose result it can prove exact (scaled value below
+  2**52 and not within its rounding error of a tie, powers of ten exact up to
+  10**22), and Python's :mod:`decimal` computes the rest exactly. A float with
+  no digits beyond ``precision`` is unchanged because rounding leaves it so,
+  never because it is large; at ``precision <= -309`` every float64 rounds to
+  zero. Integers with ``precision >= 0`` are unchanged; with a negative
+  precision they round to tens, hundreds, ... A result beyond the type's range
+  (``126`` as int8 to tens is ``130``; ``1.7e308`` to ``-308`` is ``2e308``) is
+  a :class:`TransformError`. Decimals round in their own type.
 * ``date-truncation`` truncates timestamps with a time zone on their **UTC**
   wall time, as cape-python did: Arrow's local-time flooring raises on every
   ambiguous or non-existent local time (each DST change), which a pipeline
@@ -27,6 +35,7 @@ Decisions:
 
 from __future__ import annotations
 
+from decimal import ROUND_HALF_EVEN, Context, Decimal
 from typing import Any, ClassVar
 
 import numpy as np
@@ -38,7 +47,114 @@ from ..errors import TransformError
 from . import _prf
 from .base import CapeDType, ColumnContext, ColumnTransformation, SqlArg, SqlFunction
 
-_MANTISSA_BITS = {16: 10, 32: 23, 64: 52}
+# Largest power of ten a float64 holds exactly (5**22 < 2**53).
+_EXACT_POW10 = 22
+_TWO52 = float(1 << 52)
+# Enough digits for any float64 (at most 767 significant) quantized at |precision| <= 400.
+_DECIMAL = Context(prec=1200, Emax=100_000, Emin=-100_000, rounding=ROUND_HALF_EVEN)
+
+
+def _exact_round(x: float, precision: int) -> Decimal:
+    """``x``'s exact value rounded half to even at ``precision`` digits (a Decimal, exact)."""
+    return Decimal(x).quantize(Decimal((0, (1,), -precision)), context=_DECIMAL)
+
+
+def _nearest(value: Decimal, dtype: np.dtype) -> Any:
+    """The value of float ``dtype`` nearest to ``value``, ties to even (IEEE round to nearest)."""
+    if dtype == np.float64:
+        return float(value)  # Decimal -> float is correctly rounded
+    info = np.finfo(dtype)
+    top = Decimal(float(info.max))
+    below_top = Decimal(float(np.nextafter(info.max, dtype.type(0), dtype=dtype)))
+    if abs(value) >= top + (top - below_top) / 2:
+        return dtype.type(np.inf if value > 0 else -np.inf)
+    guess = dtype.type(float(value))
+    candidates = [
+        guess,
+        np.nextafter(guess, dtype.type(-np.inf), dtype=dtype),
+        np.nextafter(guess, dtype.type(np.inf), dtype=dtype),
+    ]
+    candidates = [c for c in candidates if np.isfinite(c)]
+
+    def rank(c: Any) -> tuple[Decimal, int]:
+        odd = int(np.array(c, dtype).view(f"u{dtype.itemsize}")) & 1
+        return abs(Decimal(float(c)) - value), odd
+
+    best = min(candidates, key=rank)
+    if best == 0:
+        best = dtype.type(-0.0) if value.is_signed() else dtype.type(0.0)
+    return best
+
+
+def _round_floats(values: np.ndarray, precision: int) -> np.ndarray:
+    """Round float ``values`` (any float dtype, no nulls) exactly; same dtype out.
+
+    Every value is computed in float64 (which holds float16/32 values exactly)
+    as the nearest float64 to the exactly rounded decimal, then narrowed to the
+    column's type; a float64 lying exactly on a narrower type's rounding
+    boundary is recomputed exactly, since narrowing it would round twice.
+    """
+    dtype = values.dtype
+    x = values.astype(np.float64)
+    mag = np.abs(x)
+    out = x.copy()
+    slow = np.zeros(x.shape, dtype=bool)
+    back: Any = np.multiply  # undoes the scaling: x / 10**q -> N * 10**q, x * 10**p -> N / 10**p
+    with np.errstate(all="ignore"):
+        finite = np.isfinite(x)
+        if precision >= 0:
+            # No binary digit below 10**-precision's place: x * 10**p is an integer,
+            # so the rounding is x itself. Or the rounding moves x by less than half
+            # the gap to its neighbours, so the nearest float to the result is x.
+            gap = np.spacing(mag)
+            keep = (gap >= 2.0**-precision) | (10.0**-precision * 1.0001 < gap / 2)
+            todo = finite & ~keep
+            if precision <= _EXACT_POW10:
+                scale = 10.0**precision
+                y = x * scale
+                back = np.true_divide
+        else:
+            q = -precision
+            if q <= _EXACT_POW10:
+                todo = finite.copy()
+                scale = 10.0**q
+                y = x / scale
+                back = np.multiply
+            else:
+                # |x| below half of 10**q rounds to a signed zero; beyond float64's
+                # range (q >= 309) that is every finite value.
+                half = 0.4999 * 10.0**q if q <= 308 else np.inf
+                zero = finite & (mag < half)
+                out[zero] = np.copysign(0.0, x[zero])
+                todo = finite & ~zero
+        if abs(precision) <= _EXACT_POW10:
+            # y is x scaled, off the exact product by at most half an ulp of y, which
+            # is at most half of spacing(|y|): rint(y) is the exact rounding unless a
+            # tie (a half-integer) lies within spacing(|y|) of y. frac is exact below 2**52.
+            frac = y - np.floor(y)
+            sure = (np.abs(y) < _TWO52) & (np.abs(frac - 0.5) > np.spacing(np.abs(y)))
+            fast = todo & sure
+            out[fast] = back(np.rint(y[fast]), scale)
+            slow = todo & ~sure
+        else:
+            slow = todo
+    for i in np.flatnonzero(slow):
+        out[i] = float(_exact_round(float(x[i]), precision))
+    if dtype == np.float64:
+        return out
+    with np.errstate(all="ignore"):
+        narrow = out.astype(dtype)
+        wide = narrow.astype(np.float64)
+        toward = np.nextafter(narrow, np.where(out > wide, np.inf, -np.inf).astype(dtype))
+        midpoint = (wide + toward.astype(np.float64)) / 2
+        boundary = (out != wide) & np.isfinite(out) & (out == midpoint)
+        info = np.finfo(dtype)
+        top = float(info.max)
+        edge = top + (top - float(np.nextafter(info.max, dtype.type(0), dtype=dtype))) / 2
+        boundary |= np.abs(out) == edge
+    for i in np.flatnonzero(boundary & finite):
+        narrow[i] = _nearest(_exact_round(float(x[i]), precision), dtype)
+    return narrow
 
 
 def _cast_to_dtype(result: pa.Array, out_type: pa.DataType) -> pa.Array:
@@ -97,22 +213,50 @@ class NumericRounding(ColumnTransformation):
         t = array.type
         if pa.types.is_integer(t):
             result = self._round_int(array)
-        elif pa.types.is_float16(t):
-            result = self._round_float(array.cast(pa.float32())).cast(t)
         elif pa.types.is_floating(t):
             result = self._round_float(array)
         else:
-            try:
-                result = pc.round(array, self.precision, round_mode="half_to_even")
-            except pa.ArrowInvalid as exc:
-                raise TransformError(f"rounding to {self.precision} digits failed: {exc}") from None
+            result = self._round_decimal(array)
         return _cast_to_dtype(result, out_type)
+
+    def _round_decimal(self, array: pa.Array) -> pa.Array:
+        whole_digits = array.type.precision - array.type.scale
+        if -self.precision >= whole_digits:
+            # Arrow refuses a power of ten the type cannot hold, whatever the data.
+            # Every value is below 10**whole_digits, so it rounds to 0, or (more
+            # than half of it) to 10**whole_digits, which the type cannot hold.
+            lo_hi = pc.min_max(array)
+            lo, hi = lo_hi["min"].as_py(), lo_hi["max"].as_py()
+            step = Decimal(10) ** -self.precision
+            if lo is not None and max(-lo, hi) * 2 > step:
+                raise self._overflow(array.type)
+            zeros = pa.array([0] * len(array), pa.int8()).cast(array.type)
+            return pc.if_else(array.is_valid(), zeros, pa.scalar(None, array.type))
+        if self.precision >= array.type.scale:
+            return array
+        try:
+            result = pc.round(array, self.precision, round_mode="half_to_even")
+        except pa.ArrowInvalid:
+            raise self._overflow(array.type) from None
+        # pyarrow 25 reports a result that does not fit only when it is the last
+        # value of the array; before that it silently writes 0. A correct rounding
+        # moves no value by more than half a step, so anything else overflowed.
+        moved = pc.abs(pc.subtract(result, array))
+        scale = max(self.precision + 1, 0)
+        digits = max(-self.precision, scale, 1)
+        half_step = pa.scalar(
+            Decimal(5).scaleb(-self.precision - 1),
+            (pa.decimal128 if digits <= 38 else pa.decimal256)(digits, scale),
+        )
+        if pc.any(pc.greater(moved, half_step)).as_py():
+            raise self._overflow(array.type)
+        return result
 
     def _round_int(self, array: pa.Array) -> pa.Array:
         if self.precision >= 0:
             return array
         scale = 10 ** (-self.precision)
-        info = np.iinfo(array.type.to_pandas_dtype())
+        info = np.iinfo(_prf.numpy_dtype(array.type))
         if scale > info.max:
             # Arrow refuses a power of ten the type cannot hold. Its only
             # representable multiple is 0: values up to half of it round to 0
@@ -128,25 +272,13 @@ class NumericRounding(ColumnTransformation):
             raise self._overflow(array.type) from None
 
     def _round_float(self, array: pa.Array) -> pa.Array:
-        try:
-            return pc.round(array, self.precision, round_mode="half_to_even")
-        except pa.ArrowInvalid:
-            pass
-        # The kernel raises when scaling a value by 10**precision overflows. A
-        # value whose scaled magnitude reaches 2**mantissa already has no
-        # digits to drop, and the kernel returns such values unchanged; do the
-        # same for the overflowing ones and let the kernel round the rest.
-        magnitude = pc.abs(array.cast(pa.float64()))
-        p = self.precision
-        scaled = pc.multiply(magnitude, 10.0**p) if p >= 0 else pc.divide(magnitude, 10.0**-p)
-        limit = float(1 << _MANTISSA_BITS[array.type.bit_width])
-        unchanged = pc.fill_null(pc.greater_equal(scaled, limit), False)
-        rest = pc.if_else(unchanged, pa.scalar(0, array.type), array)
-        try:
-            rounded = pc.round(rest, p, round_mode="half_to_even")
-        except pa.ArrowInvalid:
-            raise self._overflow(array.type) from None
-        return pc.if_else(unchanged, array, rounded)
+        np_type = _prf.numpy_dtype(array.type)
+        values = array.fill_null(0).to_numpy(zero_copy_only=False).astype(np_type, copy=False)
+        rounded = _round_floats(values, self.precision)
+        if bool((np.isinf(rounded) & np.isfinite(values)).any()):
+            raise self._overflow(array.type)
+        mask = array.is_null().to_numpy(zero_copy_only=False) if array.null_count else None
+        return pa.array(rounded, type=array.type, mask=mask)
 
     def _overflow(self, typ: pa.DataType) -> TransformError:
         return TransformError(

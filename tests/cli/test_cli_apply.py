@@ -294,14 +294,30 @@ def test_audit_goes_to_cape_audit_file_when_no_flag(tmp_path, capsys, files, mon
     assert [x["event"] for x in _audit(audit)] == ["run.started", "policy.fetched", "run.completed"]
 
 
-def test_audit_goes_to_stderr_logging_by_default(tmp_path, capsys, files, monkeypatch):
+def test_audit_goes_to_stderr_only_when_asked(tmp_path, capsys, files, monkeypatch):
+    # issue 8: three JSON lines before every message buried it; stderr gets the
+    # records with --verbose (as log lines) or --audit-file - (as JSON lines).
     pol, src = files
     monkeypatch.delenv("CAPE_AUDIT_FILE", raising=False)
-    r = run(capsys, "apply", "--policy", pol, "--input", src, "--output", tmp_path / "o.csv")
+    args = ["apply", "--policy", pol, "--input", src, "--output", tmp_path / "o.csv"]
+    r = run(capsys, *args)
+    assert r.code == 0, r.err
+    assert "cape_pipelines.audit" not in r.err and "run.started" not in r.err
+
+    r = run(capsys, *args, "--overwrite", "--verbose")
     assert r.code == 0, r.err
     logged = [line for line in r.err.splitlines() if line.startswith("cape: cape_pipelines.audit")]
     events = [json.loads(line.split(": ", 2)[2])["event"] for line in logged]
     assert events == ["run.started", "policy.fetched", "run.completed"]
+
+    r = run(capsys, *args, "--overwrite", "--audit-file", "-")
+    assert r.code == 0, r.err
+    lines = [line for line in r.err.splitlines() if line.startswith("{")]
+    assert [json.loads(line)["event"] for line in lines] == [
+        "run.started",
+        "policy.fetched",
+        "run.completed",
+    ]
 
 
 def test_no_progress_bar_when_stderr_is_not_a_terminal(tmp_path, capsys, files):

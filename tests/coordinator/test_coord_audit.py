@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import requests
 from _coord_support import run_cli
+from _db_snapshot import stores_nothing
 
 from cape_coordinator.cli import register
 from cape_coordinator.config import Paths, Settings
@@ -266,10 +267,11 @@ def test_record_ids_are_uuid_like():
 
 
 def test_audit_needs_records(server, tokens):
-    resp = requests.post(
-        server.url + "/v1/audit",
-        json={"records": []},
-        headers={"Authorization": f"Bearer {tokens['pipeline']}"},
-        timeout=30,
-    )
+    with stores_nothing(server):
+        resp = requests.post(
+            server.url + "/v1/audit",
+            json={"records": []},
+            headers={"Authorization": f"Bearer {tokens['pipeline']}"},
+            timeout=30,
+        )
     assert resp.status_code == 422

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import requests
 from _coord_support import ROLES
+from _db_snapshot import row_counts
 
 ALL = set(ROLES)
 READERS = {"admin", "author", "reviewer", "auditor"}
@@ -77,7 +78,10 @@ CALLERS = [*ROLES, None]
 @pytest.mark.parametrize("caller", CALLERS, ids=[c or "no-token" for c in CALLERS])
 def test_role_matrix(server, tokens, method, path, body, admitted, caller):
     headers = {"Authorization": f"Bearer {tokens[caller]}"} if caller else {}
+    before = row_counts(server.db)
     resp = requests.request(method, server.url + path, json=body, headers=headers, timeout=30)
+    if resp.status_code in (401, 403):
+        assert row_counts(server.db) == before, "a refused request changed the database"
     if caller is None:
         assert resp.status_code == 401
         assert resp.json()["error"]["code"] == "unauthenticated"

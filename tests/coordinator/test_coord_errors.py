@@ -6,6 +6,7 @@ import socket
 
 import pytest
 import requests
+from _db_snapshot import stores_nothing
 
 SECRET = "4f1c-do-not-echo-9a7e"
 
@@ -25,9 +26,10 @@ def _post(server, tokens, path, *, role="pipeline", **kwargs):
     ],
 )
 def test_malformed_json_is_400(server, tokens, path, role, body):
-    resp = _post(
-        server, tokens, path, role=role, data=body, headers={"Content-Type": "application/json"}
-    )
+    with stores_nothing(server):
+        resp = _post(
+            server, tokens, path, role=role, data=body, headers={"Content-Type": "application/json"}
+        )
     assert resp.status_code == 400
     assert resp.json() == {
         "error": {"code": "malformed_json", "message": "request body is not valid JSON"}
@@ -50,7 +52,8 @@ def test_malformed_json_is_400(server, tokens, path, role, body):
     ],
 )
 def test_invalid_body_is_422_without_echo(server, tokens, path, role, body):
-    resp = _post(server, tokens, path, role=role, json=body)
+    with stores_nothing(server):
+        resp = _post(server, tokens, path, role=role, json=body)
     assert resp.status_code == 422
     error = resp.json()["error"]
     # A record the coordinator cannot take is `record_invalid` (issue 9), naming its index.
@@ -61,9 +64,10 @@ def test_invalid_body_is_422_without_echo(server, tokens, path, role, body):
 
 def test_declared_oversized_body_is_413(server, tokens):
     big = b'{"records": [' + b" " * 1_100_000 + b"]}"
-    resp = _post(
-        server, tokens, "/v1/audit", data=big, headers={"Content-Type": "application/json"}
-    )
+    with stores_nothing(server):
+        resp = _post(
+            server, tokens, "/v1/audit", data=big, headers={"Content-Type": "application/json"}
+        )
     assert resp.status_code == 413
     assert resp.json()["error"]["code"] == "payload_too_large"
 
@@ -76,9 +80,10 @@ def test_streamed_oversized_body_is_413(server, tokens):
         for _ in range(300):
             yield b" " * 8192
 
-    resp = _post(
-        server, tokens, "/v1/audit", data=chunks(), headers={"Content-Type": "application/json"}
-    )
+    with stores_nothing(server):
+        resp = _post(
+            server, tokens, "/v1/audit", data=chunks(), headers={"Content-Type": "application/json"}
+        )
     assert resp.status_code == 413
     assert resp.json()["error"]["code"] == "payload_too_large"
 
@@ -93,7 +98,8 @@ def test_too_many_records_in_one_batch(server, tokens):
         }
         for i in range(1001)
     ]
-    resp = _post(server, tokens, "/v1/audit", json={"records": records})
+    with stores_nothing(server):  # not the first 1,000 of them either
+        resp = _post(server, tokens, "/v1/audit", json={"records": records})
     assert resp.status_code == 422
 
 
@@ -127,3 +133,17 @@ def test_bad_content_length_refused(server):
         head = sock.recv(4096).decode("latin-1")
     assert head.startswith("HTTP/1.1 4")
     assert "Traceback" not in head
+
+
+def test_the_snapshot_sees_an_accepted_write(server, tokens):
+    """stores_nothing is not vacuous: a write the server accepts fails it."""
+    with pytest.raises(AssertionError, match="changed the database"):
+        with stores_nothing(server):
+            resp = _post(
+                server,
+                tokens,
+                "/v1/tokens",
+                role="admin",
+                json={"name": "snapshot-check", "role": "auditor"},
+            )
+            assert resp.status_code in (200, 201), resp.text

@@ -8,6 +8,7 @@ import json
 import pytest
 import requests
 from _coord_support import new_label, policy_doc
+from _db_snapshot import stores_nothing
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from coordinator_client import AuthError, CoordinatorError, NotFound
@@ -136,12 +137,13 @@ MALFORMED = [
 
 @pytest.mark.parametrize("document,location", MALFORMED)
 def test_malformed_policy_rejected_with_locations(server, tokens, document, location):
-    resp = requests.post(
-        server.url + "/v1/policies",
-        json={"document": document},
-        headers={"Authorization": f"Bearer {tokens['author']}"},
-        timeout=30,
-    )
+    with stores_nothing(server):
+        resp = requests.post(
+            server.url + "/v1/policies",
+            json={"document": document},
+            headers={"Authorization": f"Bearer {tokens['author']}"},
+            timeout=30,
+        )
     assert resp.status_code == 422
     error = resp.json()["error"]
     assert error["code"] == "invalid_policy"

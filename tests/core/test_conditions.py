@@ -92,7 +92,7 @@ def null_rows(text: str) -> list[int]:
         ("age = 40", [2]),  # '=' accepted as '=='
         ("age <> 40", [0, 1, 4]),  # '<>' accepted as '!='
         ("age != 40", [0, 1, 4]),
-        ("score > 1", [1, 3]),  # int literal against a float column; NaN compares false
+        ("score > 1", [1, 3]),  # int literal against a float column; NaN is unknown (null)
         ("age > 17.5", [1, 2, 4]),  # non-integral literal against an int column
         ("age == 18.0", [1]),  # integral decimal literal against an int column
         ("tiny < 1000", [0, 1, 2, 4]),  # literal out of int8 range
@@ -283,3 +283,87 @@ def test_string_view_column_is_compared_as_large_string() -> None:
     schema = pa.schema([("s", pa.string_view())])
     expr = parse_condition("s == 'a'").to_expression(schema)
     assert "large_string" in str(expr)
+
+
+# ---------------------------------------------------------------- long conditions
+
+
+def _row_redact(condition: str) -> dict:
+    return {
+        "label": "t",
+        "rules": [{"actions": [{"transform": {"type": "row-redact", "condition": condition}}]}],
+    }
+
+
+@pytest.mark.parametrize("joiner", [" and ", " or ", " & "])
+def test_a_long_flat_condition_validates_plans_pickles_and_applies(joiner: str) -> None:
+    import cape_pipelines as cape
+    from cape_pipelines.plan import build_plan
+
+    n = 3000
+    op = "==" if joiner == " or " else "!="
+    text = joiner.join(f"x {op} {i}" for i in range(n))
+    table = pa.table({"x": pa.array(range(n + 7), pa.int64())})
+    policy = pickle.loads(pickle.dumps(cape.load_policy(_row_redact(text))))
+    build_plan(policy, table.schema)
+    out = cape.apply_policy(policy, table)
+    # and: rows 0..n-1 make one term false (kept); or: those rows make one term true (removed)
+    kept = list(range(n)) if op == "!=" else list(range(n, n + 7))
+    assert out.column("x").to_pylist() == kept
+
+
+def test_a_flat_chain_is_one_node() -> None:
+    root = parse_condition(" and ".join(f"a > {i}" for i in range(50))).root
+    assert len(root.operands) == 50  # type: ignore[attr-defined]
+    assert parse_condition(str(parse_condition("a > 1 and b > 2 and c > 3"))).root == (
+        parse_condition("a > 1 and b > 2 and c > 3").root
+    )
+
+
+def test_a_condition_beyond_the_limit_is_a_policy_error_at_validate() -> None:
+    import cape_pipelines as cape
+    from cape_pipelines.conditions import MAX_PREDICATES
+
+    text = " and ".join(f"x != {i}" for i in range(MAX_PREDICATES + 1))
+    with pytest.raises(cape.PolicyError) as info:
+        cape.load_policy(_row_redact(text))
+    [(loc, msg)] = info.value.problems
+    assert loc == "rules[0].actions[0].transform.condition"
+    assert f"more than {MAX_PREDICATES} comparisons" in msg
+
+
+# ---------------------------------------------------------------- NaN is unknown
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "score < 1000",
+        "score >= 1000",
+        "score == 2.5",
+        "score != 2.5",
+        "score in (0.5, 1.5)",
+        "score not in (0.5, 1.5)",
+        "not score < 1000",
+    ],
+)
+def test_nan_compares_as_unknown(text: str) -> None:
+    assert 4 in null_rows(text)  # row 4's score is NaN
+    assert 4 not in true_rows(text)
+
+
+@pytest.mark.parametrize("typ", [pa.float64(), pa.float32(), pa.float16()])
+@pytest.mark.parametrize("condition", ["x < 1000", "x >= 1000", "not (x >= 1000)"])
+def test_row_redact_removes_nan_rows_under_any_range_condition(typ, condition) -> None:
+    import numpy as np
+
+    import cape_pipelines as cape
+
+    if typ == pa.float16():
+        values = [np.float16(5), None, np.float16("nan")]
+    else:
+        values = [5.0, None, np.nan]
+    table = pa.table({"x": pa.array(values, typ), "i": [0, 1, 2]})
+    out = cape.apply_policy(_row_redact(condition), table)
+    assert 2 not in out.column("i").to_pylist()  # the NaN row never passes
+    assert 1 not in out.column("i").to_pylist()  # nor the null one

@@ -26,7 +26,11 @@ KEY = bytes(range(32))
             None,
             KEY,
         ),
-        ({"type": "secret", "name": "my-key", "value": "QUJD"}, None, b"ABC"),
+        (
+            {"type": "secret", "name": "my-key", "value": "QUJDREVGR0hJSktMTU5PUA=="},
+            None,
+            b"ABCDEFGHIJKLMNOP",
+        ),
     ],
 )
 def test_parse_key_ref(value: object, secret: str | None, inline: bytes | None) -> None:
@@ -138,3 +142,64 @@ def test_nothing_shows_key_bytes() -> None:
 def test_key_store_pickles_for_workers() -> None:
     store = pickle.loads(pickle.dumps(KeyStore({"x": KEY})))
     assert store["x"] == KEY and "x" in store and len(store) == 1
+
+
+# ---------------------------------------------------------------- the 16-byte floor
+
+
+SHORT = b"k" * 15
+
+
+@pytest.mark.parametrize(
+    ("keys", "environ", "providers", "where"),
+    [
+        ({"email-key": SHORT}, {}, [], "key 'email-key'"),
+        ({"email-key": SHORT.hex()}, {}, [], "key 'email-key'"),
+        ({}, {"CAPE_KEY_EMAIL_KEY": "01"}, [], r"key 'email-key' \(from CAPE_KEY_EMAIL_KEY\)"),
+        ({}, {}, [("vault", lambda name: SHORT)], r"key 'email-key' \(from vault\)"),
+    ],
+)
+def test_a_named_key_under_16_bytes_is_refused(keys, environ, providers, where) -> None:
+    resolver = KeyResolver(keys, environ=environ, providers=providers)
+    message = rf"^{where} is \d+ byte\(s\); keys must be at least 16"
+    with pytest.raises(KeyFormatError, match=message):
+        resolver.resolve(KeyRef(secret="email-key"))
+    # 16 bytes is enough
+    assert KeyResolver({"email-key": b"k" * 16}).resolve(KeyRef(secret="email-key")) == b"k" * 16
+
+
+def test_a_one_byte_key_is_refused_for_a_tokenizer_at_plan_time() -> None:
+    import pyarrow as pa
+
+    import cape_pipelines as cape
+
+    pol = {
+        "label": "t",
+        "rules": [
+            {
+                "match": {"name": "x"},
+                "actions": [{"transform": {"type": "tokenizer", "key": {"secret": "k"}}}],
+            }
+        ],
+    }
+    with pytest.raises(KeyFormatError) as info:
+        cape.apply_policy(pol, pa.table({"x": ["a"]}), keys={"k": b"\x07"})
+    assert "rules[0].actions[0].transform" in str(info.value)
+    assert "key 'k' is 1 byte(s)" in str(info.value)
+
+
+@pytest.mark.parametrize("key", ["short", {"type": "secret", "value": "QUJD"}])
+def test_a_short_inline_key_is_a_policy_error_at_validate(key: object) -> None:
+    import cape_pipelines as cape
+
+    pol = {
+        "label": "t",
+        "rules": [
+            {"match": {"name": "x"}, "actions": [{"transform": {"type": "tokenizer", "key": key}}]}
+        ],
+    }
+    with pytest.raises(cape.PolicyError) as info:
+        cape.load_policy(pol)
+    [(loc, msg)] = info.value.problems
+    assert loc.startswith("rules[0].actions[0].transform")
+    assert "keys must be at least 16 bytes" in msg and "short" not in msg

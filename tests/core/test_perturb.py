@@ -710,8 +710,8 @@ rules:
 
 
 def test_repr_hides_key():
-    t = NumericPerturbation(min=0, max=1, key="inline secret")
-    assert "inline secret" not in repr(t) and "hidden" in repr(t)
+    t = NumericPerturbation(min=0, max=1, key="inline secret phrase")
+    assert "inline secret phrase" not in repr(t) and "hidden" in repr(t)
 
 
 def test_date_perturbation_direct_call_needs_a_key():

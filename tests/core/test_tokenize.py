@@ -24,6 +24,7 @@ from pydantic import ValidationError
 
 import cape_pipelines as cape
 from cape_pipelines.audit import MemorySink
+from cape_pipelines.errors import KeyFormatError
 from cape_pipelines.transforms.base import ColumnContext
 from cape_pipelines.transforms.tokenize import Tokenizer
 
@@ -131,6 +132,13 @@ RFC4231 = [
 def test_rfc4231_vectors(key_hex: str, data: bytes, expected: str, max_len: int | None) -> None:
     key = bytes.fromhex(key_hex)
     params = {"max_token_len": max_len} if max_len else {}
+    if len(key) < 16:
+        # Case 2's key ("Jefe") is below the 16-byte floor: a policy refuses it, the
+        # HMAC itself is still checked through a direct call.
+        with pytest.raises(KeyFormatError, match=r"4 byte\(s\); keys must be at least 16"):
+            tokenize(pa.array([data], pa.binary()), key, **params)
+        assert direct(pa.array([data], pa.binary()), key, **params).to_pylist() == [expected]
+        return
     # Binary input is hashed as its raw bytes.
     assert tokenize(pa.array([data], pa.binary()), key, **params) == [expected]
     assert direct(pa.array([data], pa.binary()), key, **params).to_pylist() == [expected]
@@ -156,12 +164,15 @@ CAPE_VALUES = [
 @pytest.mark.parametrize(
     "key",
     [
-        pytest.param("my secret", id="cape-python-plain-string-key"),
-        pytest.param({"type": "secret", "value": "c2VjcmV0IGJ5dGVz"}, id="cape-python-base64-key"),
+        pytest.param("my secret passphrase", id="cape-python-plain-string-key"),
+        pytest.param(
+            {"type": "secret", "value": "c2VjcmV0IGJ5dGVzLCAyNCBvZiB0aGVt"},
+            id="cape-python-base64-key",
+        ),
     ],
 )
 def test_cape_sha256_equals_cape_python(key: object) -> None:
-    raw = b"my secret" if isinstance(key, str) else b"secret bytes"
+    raw = b"my secret passphrase" if isinstance(key, str) else b"secret bytes, 24 of them"
     pol = policy({"type": "tokenizer", "key": key, "algorithm": "cape-sha256"})
     out = cape.apply_policy(pol, pd.DataFrame({"x": CAPE_VALUES}), audit=MemorySink())
     assert out["x"].tolist() == [cape_python_token(v, raw) for v in CAPE_VALUES]

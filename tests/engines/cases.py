@@ -172,6 +172,7 @@ def _noise_within(column: str, low: float, high: float) -> Callable[[pa.Table, p
             assert (a is None) == (b is None)
             if a is not None:
                 assert low <= b - a < high, (column, a, b)
+        assert before != after, f"{column} was not perturbed"
 
     return check
 
@@ -188,6 +189,33 @@ def _same_shift_per(entity: str, *columns: str) -> Callable[[pa.Table, pa.Table]
                     shifts.setdefault(who, set()).add(b - a)
             assert all(len(s) == 1 for s in shifts.values()), (col, shifts)
             assert len({next(iter(s)) for s in shifts.values()}) > 1, "every entity moved alike"
+
+    return check
+
+
+def _shift_within(column: str, low: dt.timedelta, high: dt.timedelta) -> Callable[..., None]:
+    """Each non-null date/timestamp moved by an amount in [low, high] (nulls stay null)."""
+
+    def check(inp: pa.Table, out: pa.Table) -> None:
+        typ = inp.schema.field(column).type
+        unit = "D" if pa.types.is_date(typ) else typ.unit
+        as_int = pa.int32() if pa.types.is_date32(typ) else pa.int64()
+        before = inp.column(column).combine_chunks().view(as_int).to_pylist()
+        after = out.column(column).combine_chunks().view(as_int).to_pylist()
+        per = {"D": 86_400, "s": 1, "ms": 10**-3, "us": 10**-6, "ns": 10**-9}[unit]
+        for a, b in zip(before, after, strict=True):
+            assert (a is None) == (b is None)
+            if a is not None:
+                moved = dt.timedelta(seconds=(b - a) * per)
+                assert low <= moved <= high, (column, a, b, moved)
+
+    return check
+
+
+def _unchanged(*columns: str) -> Callable[[pa.Table, pa.Table], None]:
+    def check(inp: pa.Table, out: pa.Table) -> None:
+        for c in columns:
+            assert out.column(c).equals(inp.column(c)), c
 
     return check
 
@@ -301,7 +329,9 @@ CASES: list[Case] = [
             }
         ),
         FROM_CORE,
-        check=_all(*(_noise_within(c, -5, 5) for c in ("i32", "i64", "f64"))),
+        check=_all(
+            *(_noise_within(c, -5, 5) for c in ("i16", "i32", "i64", "f64")), _unchanged("i8")
+        ),
     ),
     Case(
         # One patient's rows sit in every partition; each patient moves by one amount.
@@ -343,7 +373,11 @@ CASES: list[Case] = [
             }
         ),
         FROM_CORE,
-        check=_same_shift_per("patient", "visit", "at"),
+        check=_all(
+            _same_shift_per("patient", "visit", "at"),
+            _shift_within("visit", dt.timedelta(days=-30), dt.timedelta(days=29)),  # min <= n < max
+            _shift_within("at", dt.timedelta(days=-30), dt.timedelta(days=29)),
+        ),
     ),
     Case(
         # Dates stay dates; ns-precision and tz-aware timestamps keep unit and zone.
@@ -366,10 +400,19 @@ CASES: list[Case] = [
             }
         ),
         FROM_CORE,
-        check=_keeps_types,
+        check=_all(
+            _keeps_types,
+            # n days in [-2, 1] plus m hours in [-3, 2]; a date rounds its total down
+            _shift_within("d", dt.timedelta(days=-3), dt.timedelta(days=1)),
+            *(
+                _shift_within(c, -dt.timedelta(days=2, hours=3), dt.timedelta(days=1, hours=2))
+                for c in ("ts_ns", "ts_utc", "ts_paris")
+            ),
+        ),
     ),
     Case(
-        # Half to even: 0.25 -> 0.2, -2.5 -> -2, 3.5 -> 4; 1250 -> 1200, -1350 -> -1400.
+        # Half to even. f64 at 1 digit: 0.25 (an exact binary tie) -> 0.2; -2.5 and 3.5
+        # have no second digit and stay. i16 to hundreds: 1250 -> 1200, -1350 -> -1400.
         "numeric-rounding",
         pa.table(
             {
@@ -503,7 +546,12 @@ CASES: list[Case] = [
         {
             "label": "cape-python",
             "transformations": [
-                {"name": "tok", "type": "tokenizer", "key": "my secret", "algorithm": "cape-sha256"}
+                {
+                    "name": "tok",
+                    "type": "tokenizer",
+                    "key": "my secret passphrase",
+                    "algorithm": "cape-sha256",
+                }
             ],
             "rules": [
                 {"match": {"name": "country"}, "actions": [{"transform": {"name": "tok"}}]},
@@ -515,7 +563,9 @@ CASES: list[Case] = [
             "country",
             pa.array(
                 [
-                    None if c is None else hashlib.sha256(c.encode() + b"my secret").hexdigest()
+                    None
+                    if c is None
+                    else hashlib.sha256(c.encode() + b"my secret passphrase").hexdigest()
                     for c in PEOPLE.column("country").to_pylist()
                 ]
             ),

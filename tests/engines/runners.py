@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import pathlib
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pandas as pd
 import pyarrow as pa
+import pytest
 
 import cape_pipelines
 from cape_pipelines.audit import MemorySink
@@ -171,6 +173,30 @@ def _check_index(df: pd.DataFrame, out: pd.DataFrame) -> None:
 
 
 RUNNERS: dict[str, Runner] = {"pyarrow": run_pyarrow, "pandas": run_pandas}
+# Engines whose extra is not installed, with why: each still gets a runner, which
+# skips visibly (a SKIPPED line per test) instead of the parity suite shrinking
+# in silence. CI installs every extra and sets CAPE_REQUIRE_ALL_ENGINES=1, which
+# turns a missing engine into a failure.
+MISSING: dict[str, str] = {}
+REQUIRE_ALL_ENGINES = os.environ.get("CAPE_REQUIRE_ALL_ENGINES", "") not in ("", "0")
+
+
+def _missing_runner(name: str, reason: str) -> Runner:
+    def run(policy: Mapping[str, Any], table: pa.Table, keys: Any = None) -> pa.Table:
+        if REQUIRE_ALL_ENGINES:
+            pytest.fail(f"engine {name}: {reason}, and CAPE_REQUIRE_ALL_ENGINES is set")
+        pytest.skip(f"engine {name}: {reason}")
+
+    return run
+
+
+def _register_missing(names: Sequence[str], package: str, extra: str) -> None:
+    reason = f"{package} is not installed (pip install 'cape-pipelines[{extra}]')"
+    for name in names:
+        MISSING[name] = reason
+        RUNNERS[name] = _missing_runner(name, reason)
+
+
 VIA_PANDAS: set[str] = {"pandas"}
 UNORDERED: set[str] = set()
 # Engines that hold timestamps in microseconds (Spark): their expectation is the
@@ -178,17 +204,23 @@ UNORDERED: set[str] = set()
 MICROS_ONLY: set[str] = set()
 MARKS: dict[str, str] = {}
 
+VIA_PANDAS |= {"dask-threads", "dask-distributed"}
+MARKS.update({"dask-threads": "dask", "dask-distributed": "dask"})
 if importlib.util.find_spec("dask") is not None:
     RUNNERS["dask-threads"] = run_dask_threads
     RUNNERS["dask-distributed"] = run_dask_distributed
-    VIA_PANDAS |= {"dask-threads", "dask-distributed"}
-    MARKS.update({"dask-threads": "dask", "dask-distributed": "dask"})
+else:
+    _register_missing(["dask-threads", "dask-distributed"], "dask", "dask")
 
 
-def _load_engine_runners(module: str, engine_package: str, marker: str) -> None:
-    """Add another engine's runners, if its runner module exists and its engine is installed."""
+def _load_engine_runners(
+    module: str, engine_package: str, marker: str, names: Sequence[str]
+) -> None:
+    """Add another engine's runners; ``names`` skip (or fail in CI) if it is not installed."""
     here = pathlib.Path(__file__).parent
-    if not (here / f"{module}.py").exists() or importlib.util.find_spec(engine_package) is None:
+    if importlib.util.find_spec(engine_package) is None:
+        _register_missing(names, engine_package, marker)
+        MARKS.update(dict.fromkeys(names, marker))
         return
     if str(here) not in sys.path:
         sys.path.insert(0, str(here))
@@ -201,5 +233,5 @@ def _load_engine_runners(module: str, engine_package: str, marker: str) -> None:
     MICROS_ONLY.update(getattr(mod, "MICROS_ONLY", ()))
 
 
-_load_engine_runners("runner_beam", "apache_beam", "beam")
-_load_engine_runners("runner_spark", "pyspark", "spark")
+_load_engine_runners("runner_beam", "apache_beam", "beam", ["beam-inprocess", "beam-multiprocess"])
+_load_engine_runners("runner_spark", "pyspark", "spark", ["spark"])

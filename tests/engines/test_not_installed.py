@@ -6,13 +6,10 @@ engine's package unimportable, as if it were not installed.
 
 from __future__ import annotations
 
-import pathlib
 import subprocess
 import sys
 
 import pytest
-
-import cape_pipelines
 
 SCRIPT = r"""
 import importlib, importlib.abc, sys
@@ -57,9 +54,6 @@ ENGINES = [
 
 @pytest.mark.parametrize(("extra", "package", "adapter"), ENGINES, ids=[e[0] for e in ENGINES])
 def test_core_works_and_adapter_names_the_extra(extra: str, package: str, adapter: str) -> None:
-    adapter_init = pathlib.Path(cape_pipelines.__file__).parent / extra / "__init__.py"
-    if not adapter_init.exists():
-        pytest.skip(f"{adapter} is not written yet")
     proc = subprocess.run(
         [sys.executable, "-c", SCRIPT, package, adapter],
         capture_output=True,

@@ -3,8 +3,8 @@
 Parametrised over (engine, case). Types and values must be equal; engines that
 hand back pandas are compared after the one dtype round trip
 ``runners.normalise``, engines listed in ``runners.UNORDERED`` as multisets of
-rows, every other engine in order. A case is marked xfail only while a
-transformation it uses is not registered yet (its module still a placeholder).
+rows, every other engine in order. An engine whose extra is not installed is a
+SKIPPED line per test (a failure when CAPE_REQUIRE_ALL_ENGINES=1, as in CI).
 """
 
 from __future__ import annotations
@@ -16,25 +16,39 @@ from typing import Any
 import pyarrow as pa
 import pytest
 from cases import CASES, FROM_CORE, Case
-from runners import MARKS, MICROS_ONLY, RUNNERS, UNORDERED, VIA_PANDAS, normalise
+from runners import (
+    MARKS,
+    MICROS_ONLY,
+    MISSING,
+    REQUIRE_ALL_ENGINES,
+    RUNNERS,
+    UNORDERED,
+    VIA_PANDAS,
+    normalise,
+)
 
 from cape_pipelines import build_plan
 from cape_pipelines.core import apply_table
 from cape_pipelines.transforms import known_types
 
-
-def _pending(case: Case) -> list[Any]:
-    missing = sorted(case.transform_types() - set(known_types()))
-    if not missing:
-        return []
-    reason = f"transformation(s) {', '.join(missing)} not registered yet (module a placeholder)"
-    return [pytest.mark.xfail(reason=reason, strict=True)]
-
-
 ENGINES = [
     pytest.param(e, marks=[getattr(pytest.mark, MARKS[e])] if e in MARKS else []) for e in RUNNERS
 ]
-CASE_PARAMS = [pytest.param(c, id=c.name, marks=_pending(c)) for c in CASES]
+CASE_PARAMS = [pytest.param(c, id=c.name) for c in CASES]
+
+
+def test_every_case_uses_registered_transformations() -> None:
+    for case in CASES:
+        assert case.transform_types() <= set(known_types()), case.name
+
+
+def test_every_engine_is_installed_when_required() -> None:
+    """CI (CAPE_REQUIRE_ALL_ENGINES=1) fails here, once, naming each missing engine."""
+    if not REQUIRE_ALL_ENGINES:
+        if MISSING:
+            pytest.skip(f"engines not installed: {', '.join(sorted(MISSING))}")
+        return
+    assert not MISSING, MISSING
 
 
 def floor_ns_to_micros(table: pa.Table) -> pa.Table:

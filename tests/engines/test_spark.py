@@ -31,20 +31,10 @@ from cape_pipelines.spark import (
     write,
 )
 from cape_pipelines.spark.convert import floor_to_micros, to_arrow, to_spark
-from cape_pipelines.transforms import get_transformation_class
 
 pytestmark = pytest.mark.spark
 
 KEYS = {"k": b"k" * 32, "k64": b"s" * 64}
-
-
-def needs(*type_names: str) -> None:
-    """Skip while a transformation family another engineer writes has not landed."""
-    for name in type_names:
-        try:
-            get_transformation_class(name)
-        except KeyError:
-            pytest.skip(f"transformation {name!r} not registered yet")
 
 
 def policy(*rules: dict[str, Any], **extra: Any) -> dict[str, Any]:
@@ -749,7 +739,6 @@ def udfs(spark: Any, people: Any) -> list[str]:
 def test_udf_equals_policy_path(
     spark: Any, udfs: list[str], needed: str, sql: str, transform: dict, column: str
 ) -> None:
-    needs(needed)
     got = spark.sql(f"SELECT ssn, {sql} AS v FROM people").toArrow()
     want = apply_arrow(policy(on(column, transform)), PEOPLE, keys=KEYS, audit=MemorySink())
     expected = want.column(column)
@@ -760,7 +749,6 @@ def test_udf_equals_policy_path(
 
 
 def test_reveal_round_trips_the_reversible_token(spark: Any, udfs: list[str]) -> None:
-    needs("reversible-tokenizer", "token-reverser")
     rows = spark.sql(
         "SELECT name, cape_reveal(cape_tokenize_reversible(name, 'k'), 'k') AS back FROM people"
     ).collect()

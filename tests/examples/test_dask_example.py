@@ -8,31 +8,15 @@ import subprocess
 import sys
 
 import pytest
-import yaml
 
 pytest.importorskip("dask.dataframe")
 
 from cape_pipelines.cli import demo_paths
-from cape_pipelines.transforms import known_types
 
 EXAMPLE = pathlib.Path(__file__).resolve().parents[2] / "examples" / "dask_accessor.py"
 
 
-def _pending() -> list[str]:
-    """Transformation types of the demo policy that are not registered yet."""
-    doc = yaml.safe_load(demo_paths()[1].read_text())
-    used = {t["type"] for t in doc.get("transformations", [])}
-    for rule in doc["rules"]:
-        used |= {
-            a["transform"]["type"]
-            for a in rule["actions"]
-            if isinstance(a, dict) and "type" in a["transform"]
-        }
-    return sorted(used - set(known_types()))
-
-
 @pytest.mark.dask
-@pytest.mark.xfail(bool(_pending()), reason=f"not registered yet: {_pending()}", strict=True)
 @pytest.mark.parametrize("distributed", [False, True], ids=["threads", "distributed"])
 def test_dask_example_writes_protected_parquet(tmp_path: pathlib.Path, distributed: bool) -> None:
     import pandas as pd

@@ -8,27 +8,12 @@ import pathlib
 from typing import Any
 
 import pytest
-import yaml
 
 pytest.importorskip("pyspark")
 
 from cape_pipelines.cli import demo_paths
-from cape_pipelines.transforms import known_types
 
 EXAMPLE = pathlib.Path(__file__).resolve().parents[2] / "examples" / "spark_sql_udfs.py"
-
-
-def _pending() -> list[str]:
-    """Transformation types of the demo policy that are not registered yet."""
-    doc = yaml.safe_load(demo_paths()[1].read_text())
-    used = {t["type"] for t in doc.get("transformations", [])}
-    for rule in doc["rules"]:
-        used |= {
-            a["transform"]["type"]
-            for a in rule["actions"]
-            if isinstance(a, dict) and "type" in a["transform"]
-        }
-    return sorted(used - set(known_types()))
 
 
 def _load_example() -> Any:
@@ -40,7 +25,6 @@ def _load_example() -> Any:
 
 
 @pytest.mark.spark
-@pytest.mark.xfail(bool(_pending()), reason=f"not registered yet: {_pending()}", strict=True)
 def test_spark_example_writes_protected_parquet(spark: Any, tmp_path: pathlib.Path) -> None:
     import pandas as pd
 
