@@ -170,6 +170,9 @@ def register(
     from .workflow_cli import register as register_workflow
 
     register_workflow(subparsers, psub, conn)
+    from .catalog_cli import register as register_catalog
+
+    register_catalog(subparsers, conn)
 
     audit = subparsers.add_parser("audit", help="the audit trail")
     asub = audit.add_subparsers(dest="audit_command", required=True)

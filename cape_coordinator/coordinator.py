@@ -38,6 +38,7 @@ from .crypto import (
     signing_key_from_raw,
 )
 from .services.base import Principal
+from .services.catalog import CatalogService
 from .services.chain import GENESIS, AuditChain, Copies, VerifyResult, anchor_message
 from .services.ingest import AuditIngest
 from .services.policies import PolicyService
@@ -70,6 +71,19 @@ class Coordinator:
         self.runs = RunService(engine, settings.lost_after_seconds)
         self.ingest = AuditIngest(self.chain, self.runs)
         self.workflow = WorkflowService(self.chain, self.policies)
+        self.catalog = CatalogService(self.chain)
+        self.policies.review_gate = self._with_coverage(self.policies.review_gate)
+        self.workflow.coverage = self.catalog.label_coverage
+
+    def _with_coverage(self, gate: Any) -> Any:
+        """The approval gate preceded by the catalog's coverage check (a refusal stores
+        nothing: it raises inside the approving transaction)."""
+
+        def gated(conn: Any, appended: list[dict[str, Any]], actor: Principal, row: Any) -> bool:
+            self.catalog.coverage_gate(conn, row["label"], json.loads(row["document"]))
+            return gate is None or bool(gate(conn, appended, actor, row))
+
+        return gated
 
     def __repr__(self) -> str:
         return f"Coordinator({self.engine.url.render_as_string(hide_password=True)!r})"

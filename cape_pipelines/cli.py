@@ -212,14 +212,23 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     pol = load_policy(Path(args.file))
     inputs = open_inputs(args.data, csv_options=_csv_options(args))
     resolver = _PlanResolver(load_keys(args.keys_file, args.key))
-    plan = build_plan(pol, inputs.schema, resolver=resolver)
+    # {tag: ...} rules resolve through the catalog's tags of --dataset, as column_tags= does.
+    tags = _catalog_tags(args) if args.dataset else {}
+    plan = build_plan(pol, inputs.schema, resolver=resolver, column_tags=tags)
     rows = plan.describe()
+    coverage = None
+    if args.dataset:
+        from .coverage import coverage_report
+
+        coverage = coverage_report(pol, inputs.schema.names, tags)
     if args.json:
-        doc = {
+        doc: dict[str, Any] = {
             "policy": {"label": pol.label, "version": pol.version, "sha256": pol.sha256},
             "columns": rows,
             "missing_keys": resolver.missing,
         }
+        if coverage is not None:
+            doc["coverage"] = {"dataset": args.dataset, **coverage.to_dict()}
         json.dump(doc, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return EXIT_OK
@@ -241,7 +250,31 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         print("  ".join([*cells, row[4]]).rstrip())
     if resolver.missing:
         print(f"keys not available here (needed to apply): {', '.join(resolver.missing)}")
+    if coverage is not None:
+        print(f"coverage against the catalog's tags of dataset {args.dataset}:")
+        for line in coverage.lines():
+            print(f"  {line}")
     return EXIT_OK
+
+
+def _catalog_tags(args: argparse.Namespace) -> dict[str, list[str]]:
+    """{column: [tag, ...]} of ``--dataset`` in the coordinator's catalog."""
+    try:
+        from coordinator_client import Client
+    except ImportError:
+        raise CapeError(
+            "--dataset needs the coordinator client: install the 'coordinator' extra"
+        ) from None
+    url = args.coordinator or os.environ.get("CAPE_COORDINATOR_URL")
+    token = args.token or os.environ.get("CAPE_TOKEN")
+    if not url or not token:
+        raise CapeError(
+            "--dataset reads the coordinator's catalog: pass --coordinator URL and --token"
+            " (or set CAPE_COORDINATOR_URL and CAPE_TOKEN)"
+        )
+    with Client(url, token) as client:
+        resp = client.request("GET", f"/v1/catalog/datasets/{args.dataset}/column-tags")
+        return {str(k): [str(t) for t in v] for k, v in resp.json().items()}
 
 
 # -- cape apply / reveal --------------------------------------------------------------------
@@ -293,9 +326,9 @@ def _close_client(client: Any, sink: Any) -> None:
 
 def _cmd_apply(args: argparse.Namespace) -> int:
     keys = load_keys(args.keys_file, args.key)
+    # --coordinator/--token also serve --dataset (the catalog); the rest only --policy-label.
     coordinator_only = (
-        args.coordinator,
-        args.token,
+        (args.coordinator or args.token) and not args.dataset,
         args.public_key,
         args.policy_max_age is not None,
         args.key_cache,
@@ -304,8 +337,8 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     )
     if args.policy and any(coordinator_only):
         raise CapeError(
-            "--coordinator, --token, --public-key, --policy-max-age and --key-cache* go with "
-            "--policy-label"
+            "--coordinator and --token go with --policy-label or --dataset; --public-key,"
+            " --policy-max-age and --key-cache* with --policy-label"
         )
     policy: Any = Path(args.policy) if args.policy else None
     client = sink = None
@@ -322,6 +355,10 @@ def _cmd_apply(args: argparse.Namespace) -> int:
             policy = src.policy
             sink = None if args.audit_file else src.audit
             run_from = {"audit": src.audit, "resolver": src.resolver, "policy_source": src.source}
+        if args.dataset:
+            # {tag: ...} rules bind to the columns the catalog tags in --dataset (every engine
+            # gets them through the same binding as column_tags=).
+            run_from["column_tags"] = _catalog_tags(args)
         result = _apply_files_from(policy, args, keys, run_from)
     finally:
         if client is not None:
@@ -634,6 +671,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key", action="append", default=[], metavar="NAME=VALUE")
     p.add_argument("--csv-type", action="append", default=[], metavar="COLUMN=TYPE")
     p.add_argument("--delimiter", default=",")
+    p.add_argument(
+        "--dataset",
+        metavar="NAME",
+        help="resolve {tag: ...} rules through the coordinator catalog's tags of NAME and "
+        "report coverage (tagged columns no rule covers, rules that match nothing)",
+    )
+    p.add_argument("--coordinator", metavar="URL", help="with --dataset ($CAPE_COORDINATOR_URL)")
+    p.add_argument("--token", help="with --dataset ($CAPE_TOKEN)")
     p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("apply", help="apply a policy to CSV/Parquet files", parents=[common])
@@ -649,6 +694,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--coordinator", metavar="URL", help="with --policy-label (default $CAPE_COORDINATOR_URL)"
     )
     p.add_argument("--token", help="with --policy-label: a pipeline token (default $CAPE_TOKEN)")
+    p.add_argument(
+        "--dataset",
+        metavar="NAME",
+        help="resolve {tag: ...} rules through the coordinator catalog's tags of NAME",
+    )
     p.add_argument(
         "--public-key",
         metavar="KEY",

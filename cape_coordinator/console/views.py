@@ -975,6 +975,10 @@ def install(app: FastAPI) -> None:
             session, "/ui/admin/keys", f"Key {name} rotated: version {info['current']} is current."
         )
 
+    from .catalog_pages import install as install_catalog
+
+    install_catalog(con, get, post, call)
+
 
 # ---- helpers ----------------------------------------------------------------------------
 

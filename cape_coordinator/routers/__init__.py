@@ -3,7 +3,7 @@ them in :data:`ROUTERS` order."""
 
 from __future__ import annotations
 
-from . import audit, keys, meta, policies, runs, tokens, workflow
+from . import audit, catalog, keys, meta, policies, runs, tokens, workflow
 
 ROUTERS = (
     meta.router,
@@ -13,6 +13,7 @@ ROUTERS = (
     keys.router,
     audit.router,
     runs.router,
+    catalog.router,
 )
 
 __all__ = ["ROUTERS"]

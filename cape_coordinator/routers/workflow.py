@@ -180,6 +180,11 @@ class Review(ReviewState):
     side_by_side: list[DiffRow]
     request: RequestInfo | None = Field(description="who asked for it and why")
     plan: PlanOut | None = Field(description="the plan over the requested dataset's schema")
+    coverage: dict[str, Any] | None = Field(
+        default=None,
+        description="the catalog's coverage report against the label's dataset (tagged "
+        "columns no rule covers, rules that match nothing; `required`: it blocks approval)",
+    )
     comments: list[CommentInfo]
 
 

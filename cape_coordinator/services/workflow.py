@@ -20,7 +20,7 @@ from __future__ import annotations
 import difflib
 import json
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pyarrow as pa
@@ -199,6 +199,9 @@ class WorkflowService:
         self.policies = policies
         self.engine = chain.engine
         policies.review_gate = self.approval_gate
+        # The catalog's coverage of a version (label, document) -> report or None; set by
+        # the coordinator so this service does not import the catalog.
+        self.coverage: Callable[[str, Mapping[str, Any]], dict[str, Any] | None] | None = None
 
     # ---- requests -----------------------------------------------------------------------
 
@@ -816,6 +819,7 @@ class WorkflowService:
             "side_by_side": side_by_side(old_text, new_text),
             "request": request,
             "plan": plan,
+            "coverage": self.coverage(label, document) if self.coverage else None,
             "comments": self.comments(label, version),
         }
 

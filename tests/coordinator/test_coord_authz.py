@@ -51,6 +51,22 @@ MATRIX: list[tuple[str, str, object, set[str]]] = [
     ("GET", "/v1/policies/no-such/versions/1/comments", None, READERS),
     ("POST", "/v1/policies/no-such/versions/1/comments", {}, {"author", "reviewer"}),
     ("GET", "/v1/policies/no-such/versions/1/review", None, READERS),
+    # The governance catalog (tests/catalog covers its behaviour).
+    ("GET", "/v1/catalog/tags", None, ALL),
+    ("POST", "/v1/catalog/tags", {}, {"admin"}),
+    ("GET", "/v1/catalog/datasets", None, ALL),
+    ("PUT", "/v1/catalog/datasets/no-such", {}, {"admin", "author"}),
+    ("GET", "/v1/catalog/datasets/no-such", None, ALL),
+    ("GET", "/v1/catalog/datasets/no-such/column-tags", None, ALL),
+    ("POST", "/v1/catalog/datasets/no-such/tags", {}, {"admin", "reviewer"}),
+    ("POST", "/v1/catalog/datasets/no-such/untag", {}, {"admin", "reviewer"}),
+    ("POST", "/v1/catalog/datasets/no-such/proposals", {}, {"admin", "author"}),
+    ("POST", "/v1/catalog/datasets/no-such/coverage", {}, ALL),
+    ("GET", "/v1/catalog/proposals", None, ALL),
+    ("POST", "/v1/catalog/proposals/999999/accept", None, {"admin", "reviewer"}),
+    ("POST", "/v1/catalog/proposals/999999/reject", {}, {"admin", "reviewer"}),
+    ("PUT", "/v1/catalog/labels/no-such", {}, {"admin"}),
+    ("GET", "/v1/catalog/labels/no-such", None, ALL),
 ]
 
 CALLERS = [*ROLES, None]
