@@ -31,11 +31,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from ..audit import RunContext
 from ..core import Counters, apply_batch
 from ..errors import CapeError
 from ..inputs import CsvOptions, InputSet, open_inputs
-from ..plan import Plan, build_plan
+from ..plan import Plan
+from ..seam import Binding, Run, bind
 from .access import Access, Grant, flight_error
 
 ENGINE = "flight"
@@ -135,17 +135,29 @@ class CapeFlightServer(flight.FlightServerBase):
         except (CapeError, flight.FlightError) as exc:
             raise flight_error(exc, label) from None
 
-    def _plan(self, grant: Grant, schema: pa.Schema, label: str) -> Plan:
+    @staticmethod
+    def _bind(grant: Grant) -> Binding:
+        # The grant's policy is verified already; the seam only carries it into the run.
+        return bind(
+            grant.policy,
+            engine=ENGINE,
+            source=grant.source,
+            resolver=grant.resolver,
+            audit=grant.audit,
+        )
+
+    def _plan(self, binding: Binding, schema: pa.Schema, label: str) -> Plan:
+        # Built without a record, as before: a stream that cannot be planned never started.
         try:
-            return build_plan(grant.policy, schema, resolver=grant.resolver)
+            return binding.build(schema)
         except CapeError as exc:
             raise flight_error(exc, label) from None
 
     def _dataset_plan(
         self, context: flight.ServerCallContext, name: str
-    ) -> tuple[Dataset, Grant, InputSet, Plan]:
+    ) -> tuple[Dataset, Binding, InputSet, Plan]:
         ds = self._dataset(name)
-        grant = self._grant(context, ds.label)
+        binding = self._bind(self._grant(context, ds.label))
         try:
             inputs = ds.inputs()
             schema = inputs.schema
@@ -153,7 +165,7 @@ class CapeFlightServer(flight.FlightServerBase):
             raise flight.FlightServerError(
                 f"cape: dataset {name!r} cannot be read: {exc}"
             ) from None
-        return ds, grant, inputs, self._plan(grant, schema, ds.label)
+        return ds, binding, inputs, self._plan(binding, schema, ds.label)
 
     def _info(self, ds: Dataset, inputs: InputSet, plan: Plan) -> flight.FlightInfo:
         endpoint = flight.FlightEndpoint(
@@ -167,14 +179,6 @@ class CapeFlightServer(flight.FlightServerBase):
             total if total is not None else -1,
             -1,
         )
-
-    def _run(self, grant: Grant, plan: Plan) -> RunContext:
-        run = RunContext(engine=ENGINE, sink=grant.audit)
-        run.set_policy(plan.label, plan.version, plan.sha256)
-        run.started()
-        if grant.source is not None:
-            run.policy_fetched(grant.source)
-        return run
 
     def _slices(self, batch: pa.RecordBatch) -> Iterator[pa.RecordBatch]:
         for start in range(0, batch.num_rows, self.batch_rows):
@@ -212,28 +216,28 @@ class CapeFlightServer(flight.FlightServerBase):
             raise flight.FlightServerError(
                 'cape: a ticket is what get_flight_info returned: JSON {"dataset": NAME}'
             ) from None
-        _, grant, inputs, plan = self._dataset_plan(context, str(name))
-        run = self._run(grant, plan)
+        _, binding, inputs, plan = self._dataset_plan(context, str(name))
+        run = binding.run(plan, counters=Counters.empty_for(plan))
         return flight.GeneratorStream(plan.output_schema, self._serve(run, plan, inputs))
 
-    def _serve(self, run: RunContext, plan: Plan, inputs: InputSet) -> Iterator[pa.RecordBatch]:
-        counters = Counters.empty_for(plan)
-        finished = False
+    def _serve(self, run: Run, plan: Plan, inputs: InputSet) -> Iterator[pa.RecordBatch]:
+        """The stream's batches, in one audited run (``run.failed`` if the client leaves)."""
+        closed = ConnectionAbortedError("the client closed the stream early")
         try:
-            for _, batch in inputs.batches(self.batch_rows):
-                out, c, _ = apply_batch(plan, batch)
-                counters.merge(c)
-                if out.num_rows:
-                    yield out
-            finished = True
-        except GeneratorExit:
-            run.failed(ConnectionAbortedError("the client closed the stream early"), counters)
-            raise
-        except BaseException as exc:
-            run.failed(exc, counters)
+            with run:
+                try:
+                    for _, batch in inputs.batches(self.batch_rows):
+                        out, c, _ = apply_batch(plan, batch)
+                        run.add(c)
+                        if out.num_rows:
+                            yield out
+                except GeneratorExit:
+                    # Recorded by the run as the client's doing; the generator then just ends.
+                    raise closed from None
+        except Exception as exc:
+            if exc is closed:
+                return
             raise flight.FlightServerError(f"cape: stream failed: {exc}") from None
-        if finished:
-            run.completed(counters)
 
     def do_exchange(
         self,
@@ -244,25 +248,22 @@ class CapeFlightServer(flight.FlightServerBase):
     ) -> None:
         """Protect the caller's batches with ``label``'s policy (descriptor path ``[label]``)."""
         label = _descriptor_name(descriptor)
-        grant = self._grant(context, label)
-        plan = self._plan(grant, reader.schema, label)
-        run = self._run(grant, plan)
-        counters = Counters.empty_for(plan)
+        binding = self._bind(self._grant(context, label))
+        plan = self._plan(binding, reader.schema, label)
         try:
-            writer.begin(plan.output_schema)
-            for chunk in reader:
-                if chunk.data is None:
-                    continue
-                for piece in self._slices(chunk.data):
-                    out, c, _ = apply_batch(plan, piece)
-                    counters.merge(c)
-                    writer.write_batch(out)
-        except BaseException as exc:
-            run.failed(exc, counters)
-            if isinstance(exc, flight.FlightError):
-                raise
+            with binding.run(plan, counters=Counters.empty_for(plan)) as run:
+                writer.begin(plan.output_schema)
+                for chunk in reader:
+                    if chunk.data is None:
+                        continue
+                    for piece in self._slices(chunk.data):
+                        out, c, _ = apply_batch(plan, piece)
+                        run.add(c)
+                        writer.write_batch(out)
+        except flight.FlightError:
+            raise
+        except Exception as exc:
             raise flight.FlightServerError(f"cape: exchange failed: {exc}") from None
-        run.completed(counters)
 
     def shutdown(self) -> None:
         super().shutdown()

@@ -31,13 +31,13 @@ from pyflink.table.expressions import col
 from pyflink.table.types import DataType
 from pyflink.table.udf import udf
 
-from ..audit import AuditTarget, RunContext
+from ..audit import AuditTarget
 from ..core import ColumnCounter, Counters, apply_batch
 from ..errors import PlanError
 from ..keys import KeyResolver
 from ..plan import Plan, build_plan
 from ..policy.load import PolicySource
-from ..source import resolve_policy
+from ..seam import Binding, bind
 
 ENGINE = "flink"
 KEEP = "__cape_keep"
@@ -148,11 +148,10 @@ class PolicyMapper:
 
 
 @dataclass
-class _Binding:
+class _Bound:
+    binding: Binding
     plan: Plan
     mapped: Table
-    audit: AuditTarget
-    fetched_from: str | None
 
 
 def apply_policy(
@@ -174,14 +173,17 @@ def apply_policy(
         raise TypeError(
             f"cape_pipelines.flink.apply_policy takes a pyflink Table, not {type(table).__name__}"
         )
-    src = resolve_policy(policy, client=client, keys=keys, resolver=resolver, audit=audit)
-    plan = build_plan(
-        src.policy,
-        schema_to_arrow(table),
+    binding = bind(
+        policy,
+        engine=ENGINE,
         keys=keys,
+        audit=audit,
         column_tags=column_tags,
-        resolver=src.resolver,
+        resolver=resolver,
+        client=client,
     )
+    # Built without a record, as before: the job has not started until collect().
+    plan = binding.build(schema_to_arrow(table))
     out_type = DataTypes.ROW(
         [DataTypes.FIELD(f.name, to_flink(f.type, f.name)) for f in plan.output_schema]
         + [DataTypes.FIELD(KEEP, DataTypes.BOOLEAN())]
@@ -189,7 +191,7 @@ def apply_policy(
     mapper = udf(PolicyMapper(plan), result_type=out_type, func_type="pandas")
     mapped = table.map(mapper)
     out = mapped.filter(col(KEEP)).drop_columns(col(KEEP))
-    out._cape_binding = _Binding(plan, mapped, src.audit, src.source)  # type: ignore[attr-defined]
+    out._cape_binding = _Bound(binding, plan, mapped)  # type: ignore[attr-defined]
     return out
 
 
@@ -203,24 +205,15 @@ def counters_from_table(plan: Plan, table: pa.Table, rows_in: int) -> Counters:
 
 def collect(out: Table) -> pa.Table:
     """Run the job and return the protected rows as Arrow: one audited run."""
-    binding: _Binding | None = getattr(out, "_cape_binding", None)
-    if binding is None:
+    bound: _Bound | None = getattr(out, "_cape_binding", None)
+    if bound is None:
         raise TypeError("collect() takes the Table returned by cape_pipelines.flink.apply_policy")
-    run = RunContext(engine=ENGINE, sink=binding.audit)
-    run.set_policy(binding.plan.label, binding.plan.version, binding.plan.sha256)
-    run.started()
-    try:
-        if binding.fetched_from is not None:
-            run.policy_fetched(binding.fetched_from)
-        df = binding.mapped.to_pandas()
+    with bound.binding.run(bound.plan) as run:
+        df = bound.mapped.to_pandas()
         rows_in = len(df)
         kept = df[df[KEEP].astype(bool)].drop(columns=[KEEP]).reset_index(drop=True)
-        table = pa.Table.from_pandas(kept, schema=binding.plan.output_schema, preserve_index=False)
-        counters = counters_from_table(binding.plan, table, rows_in)
-    except BaseException as exc:
-        run.failed(exc)
-        raise
-    run.completed(counters)
+        table = pa.Table.from_pandas(kept, schema=bound.plan.output_schema, preserve_index=False)
+        run.counters = counters_from_table(bound.plan, table, rows_in)
     return table
 
 
