@@ -6,6 +6,8 @@ malformed policy lists each of its problems) and no traceback; ``--debug`` (or
 (policy, plan, key, data or file error), 2 usage error, 70 internal error,
 130 interrupted.
 
+The command groups live in :mod:`cape_pipelines.commands` (one module each);
+this module builds the parser, runs ``cape apply`` and maps errors to exit codes.
 The parser is extensible: :func:`build_parser` calls
 ``cape_coordinator.cli.register(subparsers, policy_subparsers)`` when that
 module is importable, so the coordinator adds its own commands (``cape
@@ -18,263 +20,45 @@ exit code (None means 0) and raises :class:`~cape_pipelines.CapeError` or
 from __future__ import annotations
 
 import argparse
-import codecs
-import contextlib
-import hashlib
 import importlib
-import json
-import logging
 import os
-import signal
 import sys
-import threading
 import traceback
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from importlib import resources
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import yaml
 
 from . import __version__
+from .commands.common import (
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_REFUSED,
+    EXIT_USAGE,
+    Handler,
+    _add_io_options,
+    _audit_target,
+    _csv_options,
+    _debug_parent,
+    _positive_int,
+    _setup_logging,
+    load_keys,
+)
+from .commands.demo import DEMO_KEY_NAMES, _cmd_demo, demo_keys, demo_paths, run_demo, write_samples
+from .commands.policy import _catalog_tags, _cmd_plan, _cmd_schema, _cmd_validate
+from .commands.reveal import _cmd_reveal, reveal_policy
+from .commands.signals import Terminated, _stop_signals_as_interrupts
 from .errors import CapeError, KeyMissingError, PlanError
-from .inputs import format_of, open_inputs
-from .io import DEFAULT_BATCH_SIZE, CsvOptions, apply_files, parse_arrow_type
-from .keys import KeyRef, KeyResolver, decode_key_text, env_var_name
-
-EXIT_OK = 0
-EXIT_REFUSED = 1
-EXIT_USAGE = 2
-EXIT_INTERNAL = 70
-EXIT_INTERRUPTED = 130
-
-Handler = Callable[[argparse.Namespace], "int | None"]
-
+from .inputs import format_of
+from .io import apply_files
+from .keys import env_var_name
 
 # -- small helpers shared by the commands ---------------------------------------------------
 
 
-class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """Logs to whatever ``sys.stderr`` is at the time (so redirection and tests see it)."""
-
-    @property
-    def stream(self) -> Any:
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value: Any) -> None:
-        pass
-
-
-class _QuietAudit(logging.Filter):
-    """Drops audit records on their way to stderr unless ``--verbose`` asked for them.
-
-    Three JSON lines before every error message buried the message; records a
-    user wants are written where asked (``--audit-file``, ``CAPE_AUDIT_FILE``,
-    the coordinator), or on stderr with ``--audit-file -`` or ``--verbose``.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.verbose = False
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return self.verbose or record.name != "cape_pipelines.audit"
-
-
-class _StderrSink:
-    """``--audit-file -``: each record as one JSON line on stderr."""
-
-    def emit(self, record: Mapping[str, Any]) -> None:
-        sys.stderr.write(json.dumps(record, sort_keys=True, separators=(",", ":")) + "\n")
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        return None
-
-
-def _setup_logging(debug: bool, verbose: bool = False) -> None:
-    """Warnings of the package on stderr, once; audit records too with ``verbose``."""
-    logger = logging.getLogger("cape_pipelines")
-    handler = next((h for h in logger.handlers if isinstance(h, _StderrHandler)), None)
-    if handler is None:
-        handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("cape: %(name)s: %(message)s"))
-        handler.addFilter(_QuietAudit())
-        logger.addHandler(handler)
-    for f in handler.filters:
-        if isinstance(f, _QuietAudit):
-            f.verbose = verbose or debug
-    logger.setLevel(logging.DEBUG if debug else logging.INFO)
-
-
-def load_keys(keys_file: str | None, key_args: Sequence[str]) -> dict[str, bytes]:
-    """Keys from ``--keys-file`` (a YAML/JSON mapping of name to hex or ``base64:...``)
-    and ``--key NAME=VALUE`` arguments (later ones win). Values never appear in errors."""
-    keys: dict[str, bytes] = {}
-    if keys_file:
-        path = Path(keys_file)
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError:
-            raise CapeError(f"keys file {path} is not valid YAML/JSON") from None
-        if not isinstance(raw, Mapping):
-            raise CapeError(f"keys file {path} must be a mapping of key name to hex value")
-        for name, value in raw.items():
-            if not isinstance(name, str) or not isinstance(value, str):
-                raise CapeError(
-                    f'keys file {path}: each entry must be NAME: "<hex or base64:...>" '
-                    f"(entry {str(name)!r} is not)"
-                )
-            keys[name] = decode_key_text(value, f"key {name!r} in {path}")
-    for arg in key_args:
-        name, sep, value = arg.partition("=")
-        if not sep or not name:
-            raise CapeError("--key takes NAME=VALUE (VALUE in hex or base64:...)")
-        keys[name] = decode_key_text(value, f"--key {name}")
-    return keys
-
-
-def _csv_types(pairs: Sequence[str]) -> dict[str, Any]:
-    out = {}
-    for pair in pairs:
-        name, sep, type_name = pair.partition("=")
-        if not sep or not name:
-            raise CapeError("--csv-type takes COLUMN=TYPE, e.g. zip=string")
-        try:
-            out[name] = parse_arrow_type(type_name)
-        except ValueError as exc:
-            raise CapeError(f"--csv-type {name}: {exc}") from None
-    return out
-
-
-def _csv_options(args: argparse.Namespace) -> CsvOptions:
-    delimiter = {"\\t": "\t", "tab": "\t"}.get(args.delimiter, args.delimiter)
-    if len(delimiter) != 1:
-        raise CapeError("--delimiter takes one character (or '\\t' or 'tab' for a tab)")
-    encoding = getattr(args, "encoding", None) or "utf-8"
-    try:
-        codecs.lookup(encoding)
-    except LookupError:
-        raise CapeError(f"--encoding {encoding}: unknown encoding") from None
-    return CsvOptions(
-        delimiter=delimiter, column_types=_csv_types(args.csv_type), encoding=encoding
-    )
-
-
-def _audit_target(args: argparse.Namespace) -> Any:
-    if args.audit_file == "-":
-        return _StderrSink()
-    return args.audit_file or None
-
-
 # -- cape policy ... ------------------------------------------------------------------------
-
-
-def _cmd_validate(args: argparse.Namespace) -> int:
-    from .policy import load_policy
-
-    pol = load_policy(Path(args.file))
-    print(f"ok: {pol.label} v{pol.version} sha256:{pol.sha256}")
-    return EXIT_OK
-
-
-def _cmd_schema(args: argparse.Namespace) -> int:
-    from .policy import policy_json_schema
-
-    json.dump(policy_json_schema(), sys.stdout, indent=2, sort_keys=True)
-    sys.stdout.write("\n")
-    return EXIT_OK
-
-
-class _PlanResolver(KeyResolver):
-    """Resolves what it can; stands in a placeholder for missing keys (a plan reads no data)."""
-
-    def __init__(self, keys: Mapping[str, bytes]):
-        super().__init__(keys)
-        self.missing: list[str] = []
-
-    def resolve(self, ref: KeyRef) -> bytes:
-        try:
-            return super().resolve(ref)
-        except KeyMissingError as exc:
-            if exc.key_name not in self.missing:
-                self.missing.append(exc.key_name)
-            return bytes(32)
-
-
-def _cmd_plan(args: argparse.Namespace) -> int:
-    from .io import open_inputs
-    from .plan import build_plan
-    from .policy import load_policy
-
-    pol = load_policy(Path(args.file))
-    inputs = open_inputs(args.data, csv_options=_csv_options(args))
-    resolver = _PlanResolver(load_keys(args.keys_file, args.key))
-    # {tag: ...} rules resolve through the catalog's tags of --dataset, as column_tags= does.
-    tags = _catalog_tags(args) if args.dataset else {}
-    plan = build_plan(pol, inputs.schema, resolver=resolver, column_tags=tags)
-    rows = plan.describe()
-    coverage = None
-    if args.dataset:
-        from .coverage import coverage_report
-
-        coverage = coverage_report(pol, inputs.schema.names, tags)
-    if args.json:
-        doc: dict[str, Any] = {
-            "policy": {"label": pol.label, "version": pol.version, "sha256": pol.sha256},
-            "columns": rows,
-            "missing_keys": resolver.missing,
-        }
-        if coverage is not None:
-            doc["coverage"] = {"dataset": args.dataset, **coverage.to_dict()}
-        json.dump(doc, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-        return EXIT_OK
-    print(f"policy {pol.label} v{pol.version} on {args.data} ({inputs.format})")
-    table = [("COLUMN", "INPUT TYPE", "STATUS", "OUTPUT TYPE", "ACTIONS")]
-    for r in rows:
-        table.append(
-            (
-                r["column"] or "(rows)",
-                r["input_type"] or "",
-                r["status"],
-                r["output_type"] or "",
-                "; ".join(r["actions"]) or "-",
-            )
-        )
-    widths = [max(len(row[i]) for row in table) for i in range(4)]
-    for row in table:
-        cells = [row[i].ljust(widths[i]) for i in range(4)]
-        print("  ".join([*cells, row[4]]).rstrip())
-    if resolver.missing:
-        print(f"keys not available here (needed to apply): {', '.join(resolver.missing)}")
-    if coverage is not None:
-        print(f"coverage against the catalog's tags of dataset {args.dataset}:")
-        for line in coverage.lines():
-            print(f"  {line}")
-    return EXIT_OK
-
-
-def _catalog_tags(args: argparse.Namespace) -> dict[str, list[str]]:
-    """{column: [tag, ...]} of ``--dataset`` in the coordinator's catalog."""
-    try:
-        from coordinator_client import Client
-    except ImportError:
-        raise CapeError(
-            "--dataset needs the coordinator client: install the 'coordinator' extra"
-        ) from None
-    url = args.coordinator or os.environ.get("CAPE_COORDINATOR_URL")
-    token = args.token or os.environ.get("CAPE_TOKEN")
-    if not url or not token:
-        raise CapeError(
-            "--dataset reads the coordinator's catalog: pass --coordinator URL and --token"
-            " (or set CAPE_COORDINATOR_URL and CAPE_TOKEN)"
-        )
-    with Client(url, token) as client:
-        resp = client.request("GET", f"/v1/catalog/datasets/{args.dataset}/column-tags")
-        return {str(k): [str(t) for t in v] for k, v in resp.json().items()}
 
 
 # -- cape apply / reveal --------------------------------------------------------------------
@@ -392,250 +176,10 @@ def _apply_files_from(
     )
 
 
-def reveal_policy(columns: Sequence[str], key_name: str, on_error: str = "error") -> dict[str, Any]:
-    """The in-memory policy ``cape reveal`` runs: token-reverser over ``columns``."""
-    return {
-        "label": "cape-reveal",
-        "description": "token-reverser over chosen columns (cape reveal)",
-        "rules": [
-            {
-                "match": {"names": list(columns)},
-                "actions": [
-                    {
-                        "transform": {
-                            "type": "token-reverser",
-                            "key": {"secret": key_name},
-                            "on_error": on_error,
-                        }
-                    }
-                ],
-            }
-        ],
-    }
-
-
-def _cmd_reveal(args: argparse.Namespace) -> int:
-    columns = [c.strip() for c in args.columns.split(",") if c.strip()]
-    if not columns:
-        raise CapeError("--columns needs at least one column name")
-    keys = load_keys(args.keys_file, [])
-    name, sep, value = args.key.partition("=")
-    if not name:
-        raise CapeError("--key takes NAME or NAME=VALUE")
-    if sep:
-        keys[name] = decode_key_text(value, f"--key {name}")
-    present = open_inputs(args.input, csv_options=_csv_options(args)).schema.names
-    absent = [c for c in columns if c not in present]
-    if absent:
-        raise CapeError(
-            f"--columns: no column {', '.join(map(repr, absent))} in {args.input} "
-            f"(columns: {', '.join(present)})"
-        )
-    result = apply_files(
-        reveal_policy(columns, name, args.on_error),
-        args.input,
-        args.output,
-        keys=keys,
-        audit=_audit_target(args),
-        format=args.format,
-        csv_options=_csv_options(args),
-        batch_size=args.batch_size,
-        overwrite=args.overwrite,
-        progress=False if args.no_progress else None,
-        policy_source="cape reveal",
-    )
-    print(
-        f"wrote {result.output}: {result.counters.rows_out:,} rows, revealed {', '.join(columns)}",
-        file=sys.stderr,
-    )
-    return EXIT_OK
-
-
 # -- cape demo -------------------------------------------------------------------------------
-
-DEMO_KEY_NAMES = ("demo-email-key", "demo-name-key", "demo-phone-key", "demo-noise-key")
-
-
-def demo_keys() -> dict[str, bytes]:
-    """PUBLIC demo keys, derived from their names: for ``cape demo`` only, never for real data."""
-    return {
-        name: hashlib.sha256(
-            b"cape-pipelines PUBLIC DEMO KEY, never use for real data: " + name.encode()
-        ).digest()
-        for name in DEMO_KEY_NAMES
-    }
-
-
-def demo_paths() -> tuple[Path, Path]:
-    """The bundled sample dataset and demo policy."""
-    data = Path(str(resources.files("cape_pipelines") / "data"))
-    return data / "customers.csv", data / "demo_policy.yaml"
-
-
-def _show(title: str, table: Any, rows: int) -> None:
-    try:
-        import pandas as pd
-    except ImportError:  # pandas is an optional extra; Arrow prints a table too
-        print(f"\n{title}")
-        print(table.slice(0, rows).to_string(preview_cols=20))
-        return
-
-    frame = table.slice(0, rows).to_pandas(integer_object_nulls=True)
-    with pd.option_context("display.width", 250, "display.max_columns", None):
-        print(f"\n{title}")
-        print(frame.to_string(index=False, max_colwidth=22))
-
-
-def run_demo(output: str | None = None, audit_file: str | None = None, rows: int = 5) -> int:
-    """The main job on embedded defaults: sample data + demo policy + demo keys."""
-    import tempfile
-
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
-
-    from .api import apply_policy
-    from .audit import JsonlSink, MemorySink, MultiSink, Sink
-
-    data, policy = demo_paths()
-    keys = demo_keys()
-    memory = MemorySink()
-    sinks: list[Sink] = [memory]
-    if audit_file:
-        sinks.append(JsonlSink(audit_file))
-    print(
-        "Cape Pipelines demo (synthetic data; keys are PUBLIC demo keys, never use them for real)"
-    )
-    print(f"  data:   {data}")
-    print(f"  policy: {policy}")
-    _show("Before (first rows of the sample data):", pacsv.read_csv(data), rows)
-    with tempfile.TemporaryDirectory(prefix="cape-demo-") as tmp:
-        out = Path(output) if output else Path(tmp) / "customers_protected.parquet"
-        result = apply_files(policy, data, out, keys=keys, audit=MultiSink(sinks), overwrite=True)
-        protected = pq.read_table(out)
-        stamped = {
-            k.decode(): v.decode()
-            for k, v in (protected.schema.metadata or {}).items()
-            if k.startswith(b"cape.")
-        }
-    _show("After (first rows written by the policy):", protected, rows)
-    reveal = apply_policy(
-        reveal_policy(["phone"], "demo-phone-key"),
-        protected.select(["customer_id", "phone"]).slice(0, rows),
-        keys=keys,
-        audit=MemorySink(),
-    )
-    _show("A key holder reveals the phone tokens (cape reveal):", reveal, rows)
-    c = result.counters
-    print(
-        f"\n{c.rows_in:,} rows in, {c.rows_out:,} written, "
-        f"{c.rows_redacted:,} removed by row-redact"
-    )
-    print("Parquet metadata: " + json.dumps(stamped, indent=None))
-    if output:
-        print(f"output kept at {out}")
-    print("\nAudit records of this run:")
-    for rec in memory.records:
-        print(json.dumps(rec, indent=2, sort_keys=True))
-    return EXIT_OK
-
-
-def write_samples(directory: str | os.PathLike[str]) -> list[Path]:
-    """Copy the sample data and demo policy into ``directory``, with a keys file of the
-    PUBLIC demo keys, so the README's "Using it" commands run as written there."""
-    target = Path(directory)
-    target.mkdir(parents=True, exist_ok=True)
-    data, policy = demo_paths()
-    keys = "".join(f"{name}: {value.hex()}\n" for name, value in sorted(demo_keys().items()))
-    files = {
-        target / "customers.csv": data.read_bytes(),
-        target / "policy.yaml": policy.read_bytes(),
-        target / "keys.yaml": (
-            "# PUBLIC demo keys (cape demo): anyone can derive them; never use for real data.\n"
-            + keys
-        ).encode(),
-    }
-    existing = [str(p) for p in files if p.exists()]
-    if existing:
-        raise CapeError(f"--write-samples: {', '.join(existing)} already exist(s); not replaced")
-    for path, content in files.items():
-        path.write_bytes(content)
-    return list(files)
-
-
-def _cmd_demo(args: argparse.Namespace) -> int:
-    if args.write_samples:
-        for path in write_samples(args.write_samples):
-            print(f"wrote {path}", file=sys.stderr)
-        return EXIT_OK
-    return run_demo(output=args.output, audit_file=args.audit_file, rows=args.rows)
 
 
 # -- the parser -----------------------------------------------------------------------------
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
-
-
-def _add_io_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--input", required=True, metavar="PATH", help="CSV/Parquet file or directory")
-    p.add_argument("--output", required=True, metavar="PATH", help="output file (.csv/.parquet)")
-    p.add_argument(
-        "--format", choices=["csv", "parquet"], help="output format (default: from --output)"
-    )
-    p.add_argument("--keys-file", metavar="FILE", help="YAML/JSON mapping: key name -> hex")
-    p.add_argument(
-        "--audit-file", metavar="FILE", help="append audit records (JSONL) here; '-': stderr"
-    )
-    p.add_argument(
-        "--batch-size",
-        type=_positive_int,
-        default=DEFAULT_BATCH_SIZE,
-        metavar="N",
-        help=f"rows per batch (default {DEFAULT_BATCH_SIZE:,}); bounds memory",
-    )
-    p.add_argument(
-        "--csv-type",
-        action="append",
-        default=[],
-        metavar="COLUMN=TYPE",
-        help="pin a CSV column's type (string, int64, float64, bool, date, timestamp[us], ...)",
-    )
-    p.add_argument(
-        "--delimiter", default=",", help="CSV field delimiter (default ','; '\\t' or tab: a tab)"
-    )
-    p.add_argument(
-        "--encoding",
-        default="utf-8",
-        metavar="NAME",
-        help="text encoding of CSV inputs (default utf-8; e.g. latin-1, utf-16, cp1252)",
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    p.add_argument("--no-progress", action="store_true", help="never show a progress bar")
-
-
-def _debug_parent() -> argparse.ArgumentParser:
-    parent = argparse.ArgumentParser(add_help=False)
-    parent.add_argument(
-        "--debug",
-        action="store_true",
-        default=argparse.SUPPRESS,
-        help="show tracebacks and debug logs",
-    )
-    parent.add_argument(
-        "--verbose",
-        "-v",
-        action="store_true",
-        default=argparse.SUPPRESS,
-        help="also print the run's audit records on stderr",
-    )
-    return parent
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -818,38 +362,6 @@ def _reason(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM or SIGHUP arrived: stop exactly as for Ctrl-C, then exit 128 + the signal.
-
-    A subclass of KeyboardInterrupt, so every cleanup that already handles
-    Ctrl-C (temporary output removed, destination untouched, ``run.failed``
-    recorded) handles what Kubernetes, Airflow and systemd send as well.
-    """
-
-    def __init__(self, signum: int):
-        self.signum = signum
-        super().__init__(f"terminated by {signal.Signals(signum).name}")
-
-
-def _raise_terminated(signum: int, frame: Any) -> None:
-    raise Terminated(signum)
-
-
-@contextlib.contextmanager
-def _stop_signals_as_interrupts() -> Iterator[None]:
-    """While a command runs, SIGTERM and SIGHUP raise :class:`Terminated` in the main thread."""
-    wanted = [getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n)]
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers can only be installed from the main thread
-        return
-    previous = {s: signal.signal(s, _raise_terminated) for s in wanted}
-    try:
-        yield
-    finally:
-        for s, old in previous.items():
-            signal.signal(s, old)
-
-
 def _hint(exc: BaseException, args: argparse.Namespace) -> str:
     """What a command-line user can do about ``exc``, in their terms (not the Python API's)."""
     if isinstance(exc, KeyMissingError):
@@ -926,6 +438,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return EXIT_INTERNAL
 
+
+# Re-exported: examples, tests and scripts import these from here, where they always were.
+__all__ = [
+    "DEMO_KEY_NAMES",
+    "EXIT_INTERNAL",
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "EXIT_REFUSED",
+    "EXIT_USAGE",
+    "Terminated",
+    "build_parser",
+    "demo_keys",
+    "demo_paths",
+    "load_keys",
+    "main",
+    "reveal_policy",
+    "run_demo",
+    "write_samples",
+]
 
 if __name__ == "__main__":
     sys.exit(main())
