@@ -31,7 +31,7 @@ import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import requests
 from cryptography.exceptions import InvalidSignature
@@ -220,11 +220,11 @@ class Client:
 
     def whoami(self) -> dict[str, Any]:
         """The calling token's name, role and labels."""
-        return self._json("GET", "/v1/whoami")
+        return cast("dict[str, Any]", self._json("GET", "/v1/whoami"))
 
     def signing_key(self) -> str:
         """The coordinator's signing public key as it reports it (pin it out of band)."""
-        return self._json("GET", "/v1/signing-key")["public_key"]
+        return cast("str", self._json("GET", "/v1/signing-key")["public_key"])
 
     # ---- tokens -------------------------------------------------------------------------
 
@@ -238,62 +238,76 @@ class Client:
     ) -> dict[str, Any]:
         """Make a token (admin); the result's ``token`` is shown this once."""
         body = {"name": name, "role": role, "labels": list(labels), "expires_in": expires_in}
-        return self._json("POST", "/v1/tokens", json_body=body)
+        return cast("dict[str, Any]", self._json("POST", "/v1/tokens", json_body=body))
 
     def revoke_token(self, token_id: str) -> dict[str, Any]:
         """Revoke a token by id (admin)."""
-        return self._json("POST", f"/v1/tokens/{token_id}/revoke")
+        return cast("dict[str, Any]", self._json("POST", f"/v1/tokens/{token_id}/revoke"))
 
     def list_tokens(self) -> list[dict[str, Any]]:
         """Every token's description (admin)."""
-        return self._json("GET", "/v1/tokens")
+        return cast("list[dict[str, Any]]", self._json("GET", "/v1/tokens"))
 
     # ---- policies -----------------------------------------------------------------------
 
     def push_policy(self, document: Mapping[str, Any]) -> dict[str, Any]:
         """Push a new draft version (author); the coordinator assigns its version."""
-        return self._json("POST", "/v1/policies", data=_push_body(document))
+        return cast("dict[str, Any]", self._json("POST", "/v1/policies", data=_push_body(document)))
 
     def submit_policy(self, label: str, version: int) -> dict[str, Any]:
         """draft -> in_review (author)."""
-        return self._json("POST", f"/v1/policies/{label}/versions/{int(version)}/submit")
+        return cast(
+            "dict[str, Any]",
+            self._json("POST", f"/v1/policies/{label}/versions/{int(version)}/submit"),
+        )
 
     def approve_policy(self, label: str, version: int) -> dict[str, Any]:
         """in_review -> active (a reviewer who is not the author)."""
-        return self._json("POST", f"/v1/policies/{label}/versions/{int(version)}/approve")
+        return cast(
+            "dict[str, Any]",
+            self._json("POST", f"/v1/policies/{label}/versions/{int(version)}/approve"),
+        )
 
     def reject_policy(self, label: str, version: int, reason: str) -> dict[str, Any]:
         """in_review -> rejected, with a reason (reviewer)."""
-        return self._json(
-            "POST",
-            f"/v1/policies/{label}/versions/{int(version)}/reject",
-            json_body={"reason": reason},
+        return cast(
+            "dict[str, Any]",
+            self._json(
+                "POST",
+                f"/v1/policies/{label}/versions/{int(version)}/reject",
+                json_body={"reason": reason},
+            ),
         )
 
     def rollback_policy(self, label: str, version: int, reason: str) -> dict[str, Any]:
         """superseded -> active again, with a reason (reviewer): a new, higher activation."""
-        return self._json(
-            "POST",
-            f"/v1/policies/{label}/versions/{int(version)}/rollback",
-            json_body={"reason": reason},
+        return cast(
+            "dict[str, Any]",
+            self._json(
+                "POST",
+                f"/v1/policies/{label}/versions/{int(version)}/rollback",
+                json_body={"reason": reason},
+            ),
         )
 
     def policy_history(self, label: str) -> list[dict[str, Any]]:
         """Every version of a label with its state."""
-        return self._json("GET", f"/v1/policies/{label}/versions")
+        return cast("list[dict[str, Any]]", self._json("GET", f"/v1/policies/{label}/versions"))
 
     def show_policy(self, label: str, version: int) -> dict[str, Any]:
         """One version's metadata and document."""
-        return self._json("GET", f"/v1/policies/{label}/versions/{int(version)}")
+        return cast(
+            "dict[str, Any]", self._json("GET", f"/v1/policies/{label}/versions/{int(version)}")
+        )
 
     def diff_policy(self, label: str, old: int, new: int) -> str:
         """Unified diff of two versions' canonical YAML."""
         body = self._json("GET", f"/v1/policies/{label}/diff", params={"from": old, "to": new})
-        return body["diff"]
+        return cast("str", body["diff"])
 
     def list_policies(self) -> list[dict[str, Any]]:
         """Every label with its latest and active versions."""
-        return self._json("GET", "/v1/policies")
+        return cast("list[dict[str, Any]]", self._json("GET", "/v1/policies"))
 
     def get_policy(self, label: str) -> Policy:
         """The label's active policy, once its signed envelope checked out (see
@@ -533,15 +547,18 @@ class Client:
 
     def create_key(self, name: str, labels: Sequence[str]) -> dict[str, Any]:
         """Make a random 32-byte key on the coordinator for pipelines of ``labels`` (admin)."""
-        return self._json("POST", "/v1/keys", json_body={"name": name, "labels": list(labels)})
+        return cast(
+            "dict[str, Any]",
+            self._json("POST", "/v1/keys", json_body={"name": name, "labels": list(labels)}),
+        )
 
     def rotate_key(self, name: str) -> dict[str, Any]:
         """Add a new current version of a key (admin); old versions stay readable."""
-        return self._json("POST", f"/v1/keys/{name}/rotate")
+        return cast("dict[str, Any]", self._json("POST", f"/v1/keys/{name}/rotate"))
 
     def list_keys(self) -> list[dict[str, Any]]:
         """Every key's name, labels and versions, never material (admin, auditor)."""
-        return self._json("GET", "/v1/keys")
+        return cast("list[dict[str, Any]]", self._json("GET", "/v1/keys"))
 
     def get_key_versions(self, label: str) -> dict[str, dict[int, bytes]]:
         """Every version of every key of ``label`` (pipeline tokens of that label).
@@ -654,19 +671,22 @@ class Client:
 
     def list_audit(self, **filters: Any) -> list[dict[str, Any]]:
         """Chain entries filtered by run_id, label, event, since, until, after_seq, limit."""
-        return self._json("GET", "/v1/audit", params=filters)
+        return cast("list[dict[str, Any]]", self._json("GET", "/v1/audit", params=filters))
 
     def verify_audit(self, expect: tuple[int, str] | None = None) -> dict[str, Any]:
         """The coordinator's check of the whole chain: ``{intact, count, last_hash, problems}``."""
         params = {"expect_seq": expect[0], "expect_hash": expect[1]} if expect else None
-        return self._json("GET", "/v1/audit/verify", params=params)
+        return cast("dict[str, Any]", self._json("GET", "/v1/audit/verify", params=params))
 
     def list_runs(
         self, *, status: str | None = None, label: str | None = None, limit: int = 100
     ) -> list[dict[str, Any]]:
         """Pipeline runs with status (running, succeeded, failed, lost)."""
-        return self._json(
-            "GET", "/v1/runs", params={"status": status, "label": label, "limit": limit}
+        return cast(
+            "list[dict[str, Any]]",
+            self._json(
+                "GET", "/v1/runs", params={"status": status, "label": label, "limit": limit}
+            ),
         )
 
 

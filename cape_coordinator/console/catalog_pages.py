@@ -13,8 +13,11 @@ from ..errors import ApiError
 from ..routers.catalog import CATALOG_ROLES
 from .sessions import Session
 
+# A route decorator: takes a path, returns the decorator that registers a page handler.
+Route = Callable[[str], Callable[[Callable[..., Any]], Callable[..., Any]]]
 
-def install(con: Any, get: Callable[..., Any], post: Callable[..., Any], call: Any) -> None:
+
+def install(con: Any, get: Route, post: Route, call: Any) -> None:
     """Add ``/ui/catalog`` and its two forms to the console ``con``."""
     from .views import _int, _Refused, _text, _words
 

@@ -15,6 +15,7 @@ asks for it.
 
 from __future__ import annotations
 
+import builtins
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -319,7 +320,7 @@ class CatalogService:
             "columns": [{"name": c, "type": t, "tags": tags.get(c, [])} for c, t in schema.items()],
         }
 
-    def column_tags(self, name: str) -> dict[str, list[str]]:
+    def column_tags(self, name: str) -> dict[str, builtins.list[str]]:
         """{column: [tag, ...]} of a dataset: what ``column_tags=`` takes at plan time."""
         info = self.get(name)
         return {c["name"]: [t["tag"] for t in c["tags"]] for c in info["columns"] if c["tags"]}
@@ -337,7 +338,7 @@ class CatalogService:
     def _tag(
         self,
         conn: Connection,
-        appended: list[dict[str, Any]],
+        appended: builtins.list[dict[str, Any]],
         actor: Principal,
         name: str,
         column: str,
@@ -402,7 +403,7 @@ class CatalogService:
 
     def propose(
         self, actor: Principal, name: str, items: Sequence[Mapping[str, Any]]
-    ) -> list[dict[str, Any]]:
+    ) -> builtins.list[dict[str, Any]]:
         """Store a scan's proposals as pending (no tag changes); a pending proposal for the
         same column and tag is replaced by the newer evidence."""
         stamp = db.now()
@@ -447,7 +448,9 @@ class CatalogService:
                         "proposed_at": stamp,
                     },
                 )
-                ids.append(int(res.inserted_primary_key[0]))
+                key = res.inserted_primary_key
+                assert key is not None  # an insert into a table with a primary key has one
+                ids.append(int(key[0]))
             self.chain.record(
                 conn, appended, actor, "catalog.proposals_made", dataset=name, count=len(ids)
             )
@@ -464,7 +467,9 @@ class CatalogService:
             raise not_found(f"proposal {pid}")
         return dict(row)
 
-    def proposals(self, name: str | None = None, state: str | None = None) -> list[dict[str, Any]]:
+    def proposals(
+        self, name: str | None = None, state: str | None = None
+    ) -> builtins.list[dict[str, Any]]:
         """Proposals, oldest first, of one dataset and/or one state."""
         stmt = select(proposals).order_by(proposals.c.id)
         if name is not None:
