@@ -9,6 +9,11 @@ the caller is ``--token`` or ``CAPE_TOKEN``; ``coordinator init`` and ``token
 create`` print the token alone on the last line of standard output, ``policy
 push`` the new version number; ``audit verify`` exits 0 only when the chain is
 intact.
+
+Why one module of about 500 lines: it holds the shared connection options and
+output helpers plus the short handlers of the core command groups; the
+workflow and catalog commands are already in :mod:`.workflow_cli` and
+:mod:`.catalog_cli`.
 """
 
 from __future__ import annotations

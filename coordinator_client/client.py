@@ -16,6 +16,11 @@ memory only, unless the operator opts in to the encrypted
 
 >>> client = Client("http://127.0.0.1:8686", token, public_key=PINNED)   # doctest: +SKIP
 >>> policy, resolver = client.policy_and_keys("customers")              # doctest: +SKIP
+
+Why one module over 500 lines: :class:`Client` mirrors the coordinator's API,
+one short method per endpoint, next to the policy verification every fetch
+goes through; the transport, the audit spool and the key cache already live in
+their own modules.
 """
 
 from __future__ import annotations

@@ -11,6 +11,11 @@ matching ``{tag: ...}`` resolve through :meth:`CatalogService.column_tags` at
 plan time, and :meth:`CatalogService.coverage_gate` refuses the approval of a
 version that leaves a tagged column uncovered when the label's catalog setting
 asks for it.
+
+Why one module over 500 lines: :class:`CatalogService` is one service whose
+every method is one transaction that changes the catalog and writes its chain
+record; datasets, tags, proposals and the coverage gate share its tables and
+its checks.
 """
 
 from __future__ import annotations

@@ -13,6 +13,13 @@ instead: the version goes back (state ``returned``) to its author, whose next ve
 comment thread (and the reviewers) of the one sent back. Every action is a
 record on the audit chain, written in the transaction that makes the change, so
 a refused action stores nothing.
+
+Why one module over 500 lines: :class:`WorkflowService` is one state machine,
+and a request's state is derived from its label's review state, so the rules
+for requests, assignments, approvals and comments read each other's tables in
+the same transactions; the schema-plan helpers at the top serve the same
+review page. Splitting it by action would spread one set of state rules over
+several modules.
 """
 
 from __future__ import annotations

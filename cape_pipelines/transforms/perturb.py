@@ -25,6 +25,11 @@ Edge cases, decided once for every engine:
   (cape-python added the shift to midnight and took the date), so sub-day
   frequencies move a date by whole days only, never by a fraction of one.
 * A null ``context`` value is a value of its own: all such rows share a shift.
+
+Why one module of about 500 lines: the two transformations share the keyed
+noise, the saturating arithmetic and the edge-case rules above, which are
+decided once here for both; splitting them would separate a rule from the
+code that keeps it.
 """
 
 from __future__ import annotations
