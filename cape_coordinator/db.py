@@ -96,7 +96,7 @@ audit = Table(
     "audit",
     metadata,
     Column("seq", Integer, primary_key=True, autoincrement=False),
-    Column("record_id", String(128), nullable=False, unique=True),
+    Column("record_id", String(128), nullable=False),
     Column("kind", String(16), nullable=False),
     Column("run_id", String(128)),
     Column("event", String(64), nullable=False),
@@ -108,6 +108,8 @@ audit = Table(
     Column("hash", String(64), nullable=False),
     # The token id that posted a run record (None for the coordinator's own records).
     Column("sender", String(32)),
+    # Record ids are unique per sender (issue 9.2): another token's id cannot collide.
+    Index("uq_audit_sender_record", "sender", "record_id", unique=True),
     Index("ix_audit_run", "run_id"),
     Index("ix_audit_label_time", "label", "time"),
     Index("ix_audit_event_time", "event", "time"),

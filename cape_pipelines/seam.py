@@ -158,7 +158,8 @@ def bind(
     ``source`` names where a policy given directly came from, for jobs that
     record ``policy.fetched`` for every policy (``cape apply``). With
     ``record_failure``, a policy that does not resolve is itself a failed run
-    (``run.started``, ``run.failed`` naming no policy, under ``run_id``).
+    (``run.started``, ``run.failed``, under ``run_id``); with ``client=`` its records
+    name the label that was asked for (a coordinator takes no record without one).
 
     A :class:`Binding` given as ``policy`` is used as it is (an engine run
     inside a job that bound the policy already); it takes no other options.
@@ -180,6 +181,9 @@ def bind(
     except BaseException as exc:
         if record_failure:
             ctx = RunContext(engine=engine, sink=audit, run_id=run_id)
+            if options.get("client") is not None and isinstance(policy, str):
+                # The label asked for is known even though no version of it resolved.
+                ctx.policy = {"label": policy}
             ctx.started()
             ctx.failed(exc)
         raise

@@ -45,9 +45,10 @@ async def post_audit(
     request: Request, coord: Coord, p: Annotated[Principal, Depends(require("pipeline"))]
 ) -> AuditAccepted:
     """Append run records, all or none of the batch. An identical resend of a stored record
-    by its sender is acknowledged as a duplicate; a record that cannot be stored is a 422
-    naming its index, one for another label or another sender's run a 403, an id stored
-    from another sender or with other content a 409. Answered only after the transaction
+    by its sender is acknowledged as a duplicate; a record that cannot be stored or names
+    no label is a 422 naming its index, one for another label or another sender's run a
+    403, an id its sender stored with other content a 409 (ids are per sender: another
+    token's record with the same id is its own). Answered only after the transaction
     holding the batch has committed. The body is read only after the token is checked."""
     raw = await request.body()
     try:

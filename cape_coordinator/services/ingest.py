@@ -2,11 +2,13 @@
 writer, and reading the chain back (filtered listing).
 
 A record is stored only if it can be (bounded depth, no NUL or control characters,
-the API's fields: else 422 ``record_invalid``), names only labels its token holds
-(403 ``label_not_allowed``), belongs to a run bound to the same token and label by
-the run's first record (403 ``run_not_yours``), and does not reuse a stored id
-with other content or from another token (409 ``record_conflict``). A refused
-batch stores nothing; every refusal names the record's position and id.
+the API's fields, a policy label: else 422 ``record_invalid``), names a label its
+token holds (403 ``label_not_allowed``), belongs to a run bound to the same token
+and label by the run's first record (403 ``run_not_yours``), and does not reuse an
+id its own sender stored with other content (409 ``record_conflict``). Record ids
+are namespaced by sender: the same id from another token is that token's own
+record, so a pipeline that predicts another's ids cannot silence its records. A
+refused batch stores nothing; every refusal names the record's position and id.
 
 Callers hand a batch to :meth:`AuditIngest.submit` and wait on its future; one
 writer thread commits every batch waiting at that moment in one transaction
@@ -42,8 +44,9 @@ log = logging.getLogger("cape_coordinator")
 
 # The most run records one group commit carries (several callers' batches).
 GROUP_MAX_RECORDS = 5000
-_KNOWN_IDS = select(db.audit.c.record_id, db.audit.c.sender, db.audit.c.body).where(
-    db.audit.c.record_id.in_(bindparam("ids", expanding=True))
+_KNOWN_IDS = select(db.audit.c.record_id, db.audit.c.body).where(
+    db.audit.c.sender == bindparam("sender"),
+    db.audit.c.record_id.in_(bindparam("ids", expanding=True)),
 )
 _CANON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
 
@@ -158,9 +161,12 @@ def _shape_error(message: str) -> ApiError:
 
 @functools.lru_cache(maxsize=16)
 def _sqlite_known_ids(n_ids: int) -> str:
-    """``SELECT record_id, sender, body FROM audit WHERE record_id IN (?, ...)``."""
+    """``SELECT record_id, body FROM audit WHERE sender = ? AND record_id IN (?, ...)``."""
     marks = ", ".join("?" for _ in range(n_ids))
-    return f"SELECT record_id, sender, body FROM audit WHERE record_id IN ({marks})"  # noqa: S608
+    return (
+        "SELECT record_id, body FROM audit"  # noqa: S608
+        f" WHERE sender = ? AND record_id IN ({marks})"
+    )
 
 
 @dataclass
@@ -299,9 +305,20 @@ class AuditIngest:
         positions: dict[str, int] = {}
         for index, rec in enumerate(records):
             label = run_label(rec)
-            # A record naming no label is taken only into a run of this same token (see
-            # _admit): it cannot reach a run another token started.
-            if label is not None and label not in actor.labels:
+            if label is None:
+                # A record must say whose run it is: one naming no label could otherwise
+                # be slipped into a run whose label its token does not hold.
+                raise ApiError(
+                    422,
+                    "record_invalid",
+                    f"record {index} cannot be stored: it names no policy label",
+                    index=index,
+                    record_id=rec.get("record_id"),
+                    problems=[
+                        {"loc": f"records.{index}.policy.label", "msg": "a label is required"}
+                    ],
+                )
+            if label not in actor.labels:
                 raise _refusal(
                     403,
                     "label_not_allowed",
@@ -354,7 +371,7 @@ class AuditIngest:
                 # Take the chain's row lock before the duplicate check, so two servers
                 # given the same record cannot both decide it is new.
                 self.chain.anchor(conn)
-            ids = [row["record_id"] for batch in group for row in batch.rows]
+            ids = [(row["sender"], row["record_id"]) for batch in group for row in batch.rows]
             known = self._known_ids(conn, ids)
             run_ids = {rec["run_id"] for batch in group for rec in batch.records}
             bound = self.runs.bindings(conn, run_ids)
@@ -369,7 +386,7 @@ class AuditIngest:
                     results.append(refused)
                     continue
                 for row, rec in zip(rows, records, strict=True):
-                    known[row["record_id"]] = (row["sender"], row["body"])
+                    known[(row["sender"], row["record_id"])] = row["body"]
                     label = bound.get(rec["run_id"], (None, None))[1] or row["label"]
                     bound[rec["run_id"]] = (row["sender"], label)
                     fresh_rows.append(row)
@@ -384,12 +401,13 @@ class AuditIngest:
     @staticmethod
     def _admit(
         batch: PendingBatch,
-        known: dict[str, tuple[str | None, str]],
+        known: dict[tuple[str | None, str], str],
         bound: dict[str, tuple[str | None, str | None]],
     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """The batch's rows to store, or the refusal of the whole batch: a record id stored
-        from another sender or with other content (409), a run bound to another sender or
-        label (403). An identical resend by its sender is a duplicate, not stored again."""
+        """The batch's rows to store, or the refusal of the whole batch: a record id its
+        sender stored with other content (409), a run bound to another sender or label
+        (403). An identical resend by its sender is a duplicate, not stored again; the
+        same id from another sender is another record (``known`` is keyed by sender)."""
         rows, records = [], []
         actor = batch.actor
         # Runs this batch starts are bound by its first record for them, like stored ones.
@@ -414,18 +432,14 @@ class AuditIngest:
                             index,
                             rec,
                         )
-            stored = known.get(row["record_id"])
-            if stored is not None:
-                sender, body = stored
-                same = actor is None or (
-                    sender == actor.token_id and json.loads(body)["record"] == rec
-                )
-                if not same:
+            body = known.get((row["sender"], row["record_id"]))
+            if body is not None:
+                if actor is not None and json.loads(body)["record"] != rec:
                     raise _refusal(
                         409,
                         "record_conflict",
-                        f"record {index}: its id is already stored from another sender or"
-                        " with other content",
+                        f"record {index}: its id is already stored from this sender with"
+                        " other content",
                         index,
                         rec,
                     )
@@ -434,17 +448,26 @@ class AuditIngest:
             records.append(rec)
         return rows, records
 
-    def _known_ids(self, conn: Connection, ids: Sequence[str]) -> dict[str, tuple[str | None, str]]:
-        """Which of ``ids`` the chain already holds: id -> (sender, body)."""
-        seen: dict[str, tuple[str | None, str]] = {}
-        for i in range(0, len(ids), 500):
-            chunk = ids[i : i + 500]
-            if self.chain.sqlite:
-                # Plain SQL: compiling SQLAlchemy's expanding IN costs more than the lookups.
-                rows = conn.exec_driver_sql(_sqlite_known_ids(len(chunk)), tuple(chunk))
-            else:
-                rows = conn.execute(_KNOWN_IDS, {"ids": chunk})
-            seen.update((r[0], (r[1], r[2])) for r in rows)
+    def _known_ids(
+        self, conn: Connection, ids: Sequence[tuple[str | None, str]]
+    ) -> dict[tuple[str | None, str], str]:
+        """Which of ``ids`` (sender, record id) the chain already holds, with their bodies."""
+        by_sender: dict[str | None, list[str]] = {}
+        for sender, rid in ids:
+            by_sender.setdefault(sender, []).append(rid)
+        seen: dict[tuple[str | None, str], str] = {}
+        for sender, rids in by_sender.items():
+            if sender is None:
+                # Only the coordinator's own records have no sender; none is posted.
+                continue
+            for i in range(0, len(rids), 500):
+                chunk = rids[i : i + 500]
+                if self.chain.sqlite:
+                    # Plain SQL: compiling SQLAlchemy's expanding IN costs more than the lookups.
+                    rows = conn.exec_driver_sql(_sqlite_known_ids(len(chunk)), (sender, *chunk))
+                else:
+                    rows = conn.execute(_KNOWN_IDS, {"sender": sender, "ids": chunk})
+                seen.update(((sender, r[0]), r[1]) for r in rows)
         return seen
 
     def list(

@@ -171,7 +171,9 @@ def test_refused_record_moved_aside(fresh_server, tmp_path):
     token = admin.create_token("job", "pipeline", labels=["customers"])["token"]
     client = srv.client(token, spool_dir=tmp_path)
     sink = client.audit_sink()
-    good = RunContext(engine="pandas", sink=sink).record("run.started")
+    # Every record names its label (issue 9.1), so the good one does too.
+    policy = {"label": "customers", "version": 1, "sha256": "ab"}
+    good = RunContext(engine="pandas", sink=sink, policy=policy).record("run.started")
     sink.emit({**good, "record_id": "bad", "event": "not.an.event"})
     sink.emit(good)
     assert sink.flush(30)

@@ -344,6 +344,14 @@ def test_upgrade_keeps_data_and_behaviour(first_wave):
             "policy": {"label": LABEL, "version": 3},
         }
         assert coord.post_audit(pipe, [new])["accepted"] == 1
+        # Record ids are now unique per sender (0005): another token's record may reuse
+        # an id, here one the first wave stored and one just posted.
+        other = Principal("other-token", "job-2", "pipeline", (LABEL,))
+        reused = [
+            dict(new, run_id="run-3"),
+            dict(new, record_id="run-rec-0", run_id="run-3", event="run.completed"),
+        ]
+        assert coord.post_audit(other, reused) == {"accepted": 2, "duplicates": 0}
         after = coord.verify_audit()
         assert after.intact, after.problems
         assert after.count > before.count

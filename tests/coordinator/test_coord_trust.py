@@ -104,11 +104,12 @@ def test_a_token_cannot_fail_another_labels_run(api):
         ).status_code
         == 200
     )
-    # The first-wave hole: no `policy` in the record, so no label was checked.
+    # The first-wave hole: no `policy` in the record, so no label was checked. A record
+    # must now name a label at all (issue 9.1), so it is refused before any run lookup.
     forged = record(run, "run.failed", label=None, error={"type": "Sabotage"})
     resp = api.call("orders-job", "POST", "/v1/audit", json={"records": [forged]})
-    assert resp.status_code == 403
-    assert resp.json()["error"]["code"] == "run_not_yours"
+    assert resp.status_code == 422
+    assert resp.json()["error"]["code"] == "record_invalid"
     assert resp.json()["error"]["index"] == 0
     assert resp.json()["error"]["record_id"] == forged["record_id"]
     # A label the token does not hold is refused before anything else.
@@ -126,6 +127,29 @@ def test_a_token_cannot_fail_another_labels_run(api):
     assert status[run] == "running"
 
 
+def test_a_record_naming_no_label_is_refused_even_in_its_own_run(api):
+    # The hole left open before: a label-less record was still taken into a run of the
+    # same token. Every record must name a label; the batch is refused whole.
+    run = "own-run"
+    started = record(run)
+    assert (
+        api.call("orders-job", "POST", "/v1/audit", json={"records": [started]}).status_code == 200
+    )
+    good = record(run, "policy.fetched")
+    bare = record(run, "run.failed", label=None, error={"type": "Boom"})
+    resp = api.call("orders-job", "POST", "/v1/audit", json={"records": [good, bare]})
+    assert resp.status_code == 422
+    err = resp.json()["error"]
+    assert (err["code"], err["index"], err["record_id"]) == ("record_invalid", 1, bare["record_id"])
+    assert "label" in err["message"]
+    # A policy without its label is the same as none.
+    bare = dict(record(run, "run.failed"), policy={"version": 1})
+    resp = api.call("orders-job", "POST", "/v1/audit", json={"records": [bare]})
+    assert (resp.status_code, resp.json()["error"]["code"]) == (422, "record_invalid")
+    assert [e["record"]["event"] for e in api.stored(run)] == ["run.started"]
+    assert {r["run_id"]: r["status"] for r in api.coord.runs.list()}[run] == "running"
+
+
 def test_a_run_is_bound_to_its_first_token(api):
     run = "orders-run"
     first = record(run)
@@ -139,23 +163,37 @@ def test_a_run_is_bound_to_its_first_token(api):
 # ---- 2. record ids: conflicts are 409, never a silent drop ------------------------------
 
 
-def test_a_predicted_record_id_is_a_conflict_not_a_silent_drop(api):
-    victim = record("victim-run")
-    squatter = dict(record("squat-run"), record_id=victim["record_id"])
-    assert (
-        api.call("orders-job-2", "POST", "/v1/audit", json={"records": [squatter]}).status_code
-        == 200
-    )
-    good = record("victim-run", "policy.fetched")
-    resp = api.call("orders-job", "POST", "/v1/audit", json={"records": [good, victim]})
-    assert resp.status_code == 409
-    body = resp.json()["error"]
-    assert (body["code"], body["index"], body["record_id"]) == (
-        "record_conflict",
-        1,
-        victim["record_id"],
-    )
-    assert api.stored("victim-run") == []  # the batch is atomic: `good` was not stored
+def test_a_predicted_record_id_cannot_silence_another_senders_record(api):
+    # Beam derives record ids from the run id, so they can be predicted. Ids are
+    # namespaced by sender (issue 9.2): a squatter posting B's ids first, from another
+    # token and label, stores only its own records; B's real records are stored and
+    # B's run completes. (Before, B's records were a 409 and ended in the spool's
+    # rejected/ folder: still silenced.)
+    from cape_pipelines.seam import record_id
+
+    victim_run = "victim-run"
+    ids = {e: record_id(victim_run, e) for e in ("run.started", "run.completed")}
+    squat = [record("squat-run", e, label="customers", record_id=rid) for e, rid in ids.items()]
+    resp = api.call("customers-job", "POST", "/v1/audit", json={"records": squat})
+    assert resp.json() == {"accepted": 2, "duplicates": 0}
+    real = [record(victim_run, e, record_id=rid, rows_in=3) for e, rid in ids.items()]
+    resp = api.call("orders-job", "POST", "/v1/audit", json={"records": real})
+    assert resp.status_code == 200 and resp.json() == {"accepted": 2, "duplicates": 0}
+    assert [e["record"] for e in api.stored(victim_run)] == real
+    assert [e["record"] for e in api.stored("squat-run")] == squat
+    status = {r["run_id"]: r["status"] for r in api.coord.runs.list()}
+    assert status[victim_run] == "succeeded"
+    # Its sender's identical resend is still a duplicate, and the squatter's is too.
+    resp = api.call("orders-job", "POST", "/v1/audit", json={"records": real})
+    assert resp.json() == {"accepted": 0, "duplicates": 2}
+    resp = api.call("customers-job", "POST", "/v1/audit", json={"records": squat})
+    assert resp.json() == {"accepted": 0, "duplicates": 2}
+    # The same id with other content from the id's own sender is still a conflict.
+    changed = dict(real[1], rows_in=4)
+    resp = api.call("orders-job", "POST", "/v1/audit", json={"records": [changed]})
+    assert (resp.status_code, resp.json()["error"]["code"]) == (409, "record_conflict")
+    assert len(api.stored(victim_run)) == 2
+    assert api.coord.verify_audit().intact
 
 
 def test_same_sender_resend_is_a_duplicate_other_content_a_conflict(api):
@@ -486,7 +524,7 @@ def test_refusals_name_the_position_as_sent_and_runs_bind_within_a_batch(api):
     # names the record's position as sent (the repeat of `a` before it counts).
     new = "new-run"
     a = record(new, label="orders")
-    b = record(new, "run.completed", label=None)
+    b = record(new, "run.completed", label="orders")
     stranger = api.coord.tokens.create(
         ADMIN, name="multi", role="pipeline", labels=["orders", "customers"]
     )[1]

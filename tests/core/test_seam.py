@@ -63,6 +63,39 @@ def test_a_plan_that_cannot_be_built_is_a_failed_run() -> None:
     assert _events(sink) == ["run.started", "run.failed"]
 
 
+class _DownCoordinator:
+    """A coordinator client whose policy fetch fails (the coordinator refused or is down)."""
+
+    url = "https://coordinator.invalid"
+
+    def get_policy(self, label: str) -> Any:
+        raise ConnectionError("coordinator unreachable")
+
+    def key_provider(self, label: str) -> Any:
+        raise AssertionError("no keys without a policy")
+
+    def default_audit_sink(self) -> Any:
+        raise AssertionError("the caller's sink is used")
+
+
+def test_a_policy_that_does_not_resolve_names_the_label_asked_for() -> None:
+    # A coordinator takes no record without a label (issue 9.1): the failed run of a
+    # label that could not be fetched names that label.
+    sink = MemorySink()
+    with pytest.raises(ConnectionError):
+        bind(
+            "orders",
+            engine="test",
+            client=_DownCoordinator(),
+            audit=sink,
+            record_failure=True,
+            run_id="r-1",
+        )
+    assert _events(sink) == ["run.started", "run.failed"]
+    assert [r["policy"] for r in sink.records] == [{"label": "orders"}] * 2
+    assert {r["run_id"] for r in sink.records} == {"r-1"}
+
+
 def test_a_policy_source_names_where_the_policy_came_from() -> None:
     sink = MemorySink()
     binding = bind(POLICY, engine="test", audit=sink, source="policy.yaml")
