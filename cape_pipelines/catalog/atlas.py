@@ -26,11 +26,13 @@ against a local server.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
-
-import requests
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 from ..errors import CapeError
+
+if TYPE_CHECKING:
+    import requests
 
 __all__ = ["AtlasClient", "AtlasError", "classifications_from", "export_catalog", "typedefs"]
 
@@ -208,6 +210,18 @@ def classifications_from(
     return out
 
 
+def _requests() -> ModuleType:
+    """``requests``, imported only for push/pull: export and import of files need no HTTP
+    client, so the module imports where only the core is installed."""
+    try:
+        import requests
+    except ImportError:  # pragma: no cover - the client extra brings it
+        raise AtlasError(
+            "pushing to or pulling from Atlas needs requests: pip install 'cape-pipelines[client]'"
+        ) from None
+    return requests
+
+
 class AtlasClient:
     """Push an export to, and pull a dataset from, an Atlas server's REST API (v2)."""
 
@@ -224,7 +238,7 @@ class AtlasClient:
             raise AtlasError(f"Atlas URL must start with http:// or https://: {url}")
         self.url = url.rstrip("/")
         self.timeout = timeout
-        self.session = session or requests.Session()
+        self.session = session or _requests().Session()
         if user is not None:
             self.session.auth = (user, password or "")
 
@@ -234,7 +248,7 @@ class AtlasClient:
     def _call(self, method: str, path: str, ok: tuple[int, ...] = (200,), **kw: Any) -> Any:
         try:
             resp = self.session.request(method, self.url + path, timeout=self.timeout, **kw)
-        except requests.RequestException as exc:
+        except _requests().RequestException as exc:
             raise AtlasError(f"cannot reach Atlas at {self.url} ({type(exc).__name__})") from None
         if resp.status_code not in ok:
             raise AtlasError(f"Atlas answered {resp.status_code} to {method} {path}")
