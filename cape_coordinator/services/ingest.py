@@ -14,6 +14,11 @@ Callers hand a batch to :meth:`AuditIngest.submit` and wait on its future; one
 writer thread commits every batch waiting at that moment in one transaction
 (one fsync, one anchor signature), so throughput grows with load while a lone
 batch is never held back.
+
+Why one module of about 500 lines: the checks, the group-commit writer and the
+read-back share one notion of what a stored record is (its per-sender id, its
+run binding), which the writer re-checks inside its transaction; keeping them
+together keeps the check and the commit from drifting apart.
 """
 
 from __future__ import annotations
