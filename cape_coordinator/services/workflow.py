@@ -55,7 +55,7 @@ from .base import NAME_RE, PRINCIPAL_RE, Principal
 from .chain import AuditChain
 from .policies import PolicyService, canonical_yaml
 
-# ---- tables (created by migration 0002) ----------------------------------------------------
+# ---- tables (created by migration 0003) ----------------------------------------------------
 
 requests_table = Table(
     "policy_requests",
