@@ -466,24 +466,6 @@ class CoordinatorKeys(WorkerKeyProvider):
             return provide(name)
 
 
-class DerivedKeys(WorkerKeyProvider):
-    """A perturbation's key derived from its ``seed`` (the seed is in the policy anyway)."""
-
-    def __repr__(self) -> str:
-        return "DerivedKeys()"
-
-    def identity(self) -> str:
-        return "seed"
-
-    def describe(self) -> str:
-        return "derived from the policy's seed"
-
-    def fetch(self, name: str) -> bytes | None:
-        from .transforms.base import seed_key
-
-        return seed_key(int(name))
-
-
 _WORKER_KEYS: dict[tuple[str, str], bytes] = {}
 # Long-lived workers (Spark's reused Python workers) see many runs' per-run directories.
 _MAX_WORKER_KEYS = 4096

@@ -46,7 +46,6 @@ from .audit import AuditTarget, NullSink, RunContext, Sink, error_info
 from .core import Counters
 from .keys import (
     INLINE,
-    DerivedKeys,
     KeyRef,
     KeyResolver,
     KeyShippingError,
@@ -60,8 +59,25 @@ from .plan import ColumnStep, Plan, build_plan
 from .policy.load import PolicySource
 from .policy.models import Policy
 from .source import CoordinatorClient, resolve_policy
+from .transforms.base import seed_key
 
 log = logging.getLogger(__name__)
+
+
+class DerivedKeys(WorkerKeyProvider):
+    """A perturbation's key derived again from its ``seed`` (public: the seed is in the policy)."""
+
+    def __repr__(self) -> str:
+        return "DerivedKeys()"
+
+    def identity(self) -> str:
+        return "seed"
+
+    def describe(self) -> str:
+        return "derived from the policy's seed"
+
+    def fetch(self, name: str) -> bytes | None:
+        return seed_key(int(name))
 
 WorkerKeysSetting = WorkerKeyProvider | Literal["inline"] | None
 """``worker_keys=``: None (the default: references chosen per key), ``"inline"`` (ship the

@@ -10,6 +10,7 @@ from a worker token, and every other endpoint (policies, audit, tokens).
 
 from __future__ import annotations
 
+import base64
 import pickle
 import subprocess
 import sys
@@ -249,3 +250,50 @@ def test_worker_key_reads_are_audited_under_the_worker(
     assert len(by_workers) == 1 and by_workers[0]["principal"].startswith("worker-of:"), reads
     minted = auditor.list_audit(label=lab.name, event="token.created")
     assert minted, "minting a worker token is on the audit trail"
+
+
+def test_an_engine_run_by_label_ships_a_worker_token_not_keys(
+    server: Server, tokens: dict[str, str], make_label: Callable[..., Label], tmp_path: Any
+) -> None:
+    """Dask with worker processes (the ``processes`` scheduler pickles every task): the graph
+    holds a CoordinatorKeys with a worker token; each worker process fetches the key."""
+    pytest.importorskip("dask.dataframe")
+    import cloudpickle
+    import dask.dataframe as dd
+    import pandas as pd
+
+    import cape_pipelines as cape
+    import cape_pipelines.dask as cdask
+    from cape_pipelines.audit import MemorySink
+
+    lab = make_label()
+    policy = {
+        "label": lab.name,
+        "rules": [
+            {
+                "match": {"name": "email"},
+                "actions": [{"transform": {"type": "tokenizer", "key": {"secret": lab.key_name}}}],
+            }
+        ],
+    }
+    author = server.client(tokens["author"])
+    reviewer = server.client(tokens["reviewer"])
+    version = author.push_policy(policy)["version"]
+    author.submit_policy(lab.name, version)
+    reviewer.approve_policy(lab.name, version)
+    frame = pd.DataFrame({"id": [1, 2, 3], "email": ["a@x.org", None, "c@x.org"]})
+    client = server.client(lab.token, spool_dir=tmp_path / "spool")
+    out = cdask.apply_policy(dd.from_pandas(frame, npartitions=2), lab.name, client=client)
+    blob = cloudpickle.dumps(dict(out.__dask_graph__()))
+    key = lab.key()
+    for form in (key, key.hex().encode(), base64.b64encode(key), base64.urlsafe_b64encode(key)):
+        assert form not in blob
+    assert lab.token.encode() not in blob, "the pipeline token must not ship either"
+    assert b"CoordinatorKeys" in blob
+    got = cdask.compute(out, scheduler="processes", num_workers=2)
+    client.close()
+    want = cape.apply_policy(policy, frame, keys={lab.key_name: key}, audit=MemorySink())
+    def values(df: Any) -> list[Any]:
+        return [None if pd.isna(v) else v for v in df.sort_values("id")["email"].tolist()]
+
+    assert values(got) == values(want)

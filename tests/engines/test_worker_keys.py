@@ -26,7 +26,6 @@ from cape_pipelines import apply_policy as apply_arrow
 from cape_pipelines.audit import MemorySink
 from cape_pipelines.errors import KeyMissingError
 from cape_pipelines.keys import (
-    DerivedKeys,
     EnvKeys,
     KeyShippingError,
     KeyStore,
@@ -35,6 +34,7 @@ from cape_pipelines.keys import (
     Workers,
     worker_key,
 )
+from cape_pipelines.seam import DerivedKeys
 
 # Random-looking, so no accidental match in unrelated bytes.
 TOKEN_KEY = bytes.fromhex("8f3a1c9e5b7d20461ea9c3f07b5d8e2a94c61f0d3b7e5a2c8d4f6a1b3c5e7d90")
