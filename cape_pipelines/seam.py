@@ -79,6 +79,7 @@ class DerivedKeys(WorkerKeyProvider):
     def fetch(self, name: str) -> bytes | None:
         return seed_key(int(name))
 
+
 WorkerKeysSetting = WorkerKeyProvider | Literal["inline"] | None
 """``worker_keys=``: None (the default: references chosen per key), ``"inline"`` (ship the
 bytes: the opt-in for quick local runs), or one provider for every named key."""

@@ -293,6 +293,7 @@ def test_an_engine_run_by_label_ships_a_worker_token_not_keys(
     got = cdask.compute(out, scheduler="processes", num_workers=2)
     client.close()
     want = cape.apply_policy(policy, frame, keys={lab.key_name: key}, audit=MemorySink())
+
     def values(df: Any) -> list[Any]:
         return [None if pd.isna(v) else v for v in df.sort_values("id")["email"].tolist()]
 
