@@ -474,3 +474,40 @@ def test_each_engine_says_where_its_workers_are() -> None:
 def test_worker_keys_takes_only_its_three_forms() -> None:
     with pytest.raises(TypeError, match="worker_keys"):
         _binding(POLICY, keys=KEYS, worker_keys="inlined")
+
+
+# -- cape apply --engine ------------------------------------------------------------------------
+
+
+@pytest.mark.dask
+@pytest.mark.parametrize("inline", [False, True])
+def test_cape_apply_engine_uses_the_default_and_removes_the_run_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, inline: bool
+) -> None:
+    import pyarrow.parquet as pq
+    import yaml
+
+    import cape_pipelines.seam as seam
+    from cape_pipelines.cli import main
+
+    made: list[RunSecrets] = []
+
+    class Recorded(RunSecrets):
+        def __init__(self) -> None:
+            super().__init__()
+            made.append(self)
+
+    monkeypatch.setattr(seam, "RunSecrets", Recorded)
+    src, out = tmp_path / "in.parquet", tmp_path / "out.parquet"
+    pq.write_table(TABLE, src)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(yaml.safe_dump(POLICY))
+    args = ["apply", "--policy", str(policy), "--input", str(src), "--output", str(out)]
+    args += ["--engine", "dask", "--no-progress", "--audit-file", str(tmp_path / "a.jsonl")]
+    args += ["--key", f"tok={TOKEN_KEY.hex()}", "--key", f"siv={SIV_KEY.hex()}"]
+    assert main(args + (["--inline-keys"] if inline else [])) == 0
+    if inline:
+        assert made == []
+    else:
+        assert made and all(not Path(m.directory).exists() for m in made)
+    assert pq.read_table(out).to_pylist() == expected().to_pylist()
