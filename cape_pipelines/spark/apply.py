@@ -4,23 +4,9 @@ The plan is built once, on the driver, from the DataFrame's schema (converted
 to Arrow), with every key resolved there: a missing column, a type a
 transformation cannot take, a missing key or a policy that drops every column
 fail when :func:`apply_policy` is called, before any job runs. The returned
-DataFrame is lazy; its rows go through the one core a whole Arrow batch at a
-time (the core splits a batch into its distinct values where that pays). The
-plan, keys included, is pickled into that function and shipped to the
-executors.
-
-When the plan only transforms columns (no row filter), only the columns the
-policy reads travel to Python: one Arrow UDF (``arrow_udf``) takes them and
-returns the transformed ones as a struct, and every untouched column stays in
-the JVM, selected as it is. Serialising a column to Arrow and back costs about
-as much as the cheaper transformations, so this is the faster form; the
-values are the same bytes, from the same core, in both forms. A plan that
-filters rows (whose every column must be filtered with it), or an untouched
-column whose Spark nullability or metadata a pass-through would change, goes
-through ``mapInArrow`` with the whole row, as before. No Spark expression
-stands in for a transformation: a keyed one would put the key into the query
-plan (``explain``, the UI, event logs), and the unkeyed ones (rounding,
-truncation) differ from the core in edge cases Spark decides its own way.
+DataFrame is lazy; its rows go through the one core in ``mapInArrow``, a whole
+Arrow batch at a time. The plan, keys included, is pickled into that function
+and shipped to the executors.
 
 A run on Spark is one action. :func:`write` and :func:`collect` are the
 audited actions: each emits ``run.started``, runs the action, then
@@ -40,7 +26,6 @@ counted instead. See docs/engines/spark.md for the evidence.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -48,14 +33,13 @@ from typing import Any
 import pyarrow as pa
 from pyspark.sql import DataFrame, Observation
 from pyspark.sql import functions as F
-from pyspark.sql import types as T
 from typing_extensions import Unpack
 
 from ..core import Counters, apply_batch
-from ..plan import ColumnStep, FilterStep, Plan, Step
+from ..plan import ColumnStep, FilterStep, Plan
 from ..policy.load import PolicySource
 from ..seam import Binding, BindOptions, Tracked, bind
-from .convert import cast_batch, schema_to_arrow, schema_to_spark, to_spark, wire_schema
+from .convert import cast_batch, schema_to_arrow, schema_to_spark, wire_schema
 
 ENGINE = "spark"
 
@@ -83,60 +67,6 @@ class PolicyFunction:
             out, _, _ = apply_batch(self.plan, batch)
             if out.num_rows:
                 yield cast_batch(out, self.wire_out)
-
-
-class ColumnsFunction:
-    """The Arrow UDF of the narrow form: the columns a plan reads in, its transformed ones out.
-
-    It holds the plan cut down to its column steps, over the columns the plan
-    reads (``used_columns``) and producing the transformed columns that reach
-    the output, and runs it through the same :func:`apply_batch` as
-    :class:`PolicyFunction`: a transformation sees the same values of its
-    column and of its context columns in both forms. The result is one
-    struct array, a field per transformed column, in Spark's wire types.
-    """
-
-    def __init__(self, plan: Plan):
-        steps: list[Step] = [s for s in plan.steps if isinstance(s, ColumnStep)]
-        changed = {s.column for s in plan.steps if isinstance(s, ColumnStep)}
-        self.inputs = list(plan.used_columns)
-        self.outputs = [c for c in plan.output_schema.names if c in changed]
-        self.plan = dataclasses.replace(
-            plan,
-            input_schema=pa.schema([plan.input_schema.field(c) for c in self.inputs]),
-            output_schema=pa.schema([plan.output_schema.field(c) for c in self.outputs]),
-            steps=steps,
-            untouched=[],
-            dropped=[],
-            _state={},
-        )
-        self.wire_out = wire_schema(self.plan.output_schema)
-        self.out_type = pa.struct(list(self.wire_out))
-
-    def __repr__(self) -> str:
-        return f"ColumnsFunction({self.plan!r})"
-
-    def __call__(self, *columns: pa.Array) -> pa.Array:
-        if len(columns[0]) == 0:
-            return pa.array([], self.out_type)
-        batch = pa.RecordBatch.from_arrays(list(columns), names=self.inputs)
-        batch = cast_batch(batch, self.plan.input_schema)
-        out, _, _ = apply_batch(self.plan, batch)
-        out = cast_batch(out, self.wire_out)
-        return pa.StructArray.from_arrays(out.columns, fields=list(self.wire_out))
-
-
-def _as_arrow_udf(call: ColumnsFunction) -> Any:
-    """``call`` as a scalar Arrow UDF (Spark reads the UDF's kind from the type hints)."""
-    from pyspark.sql.functions import arrow_udf
-
-    def cape_policy(*columns: pa.Array) -> pa.Array:
-        return call(*columns)
-
-    returns = T.StructType(
-        [T.StructField(f.name, to_spark(f.type, f.name), True) for f in call.plan.output_schema]
-    )
-    return arrow_udf(cape_policy, returnType=returns)
 
 
 @dataclass(frozen=True)
@@ -188,54 +118,12 @@ def _quoted(name: str) -> str:
     return "`" + name.replace("`", "``") + "`"
 
 
-_STRUCT = "__cape_policy__"
-
-
 def _policy_frame(plan: Plan, sdf: DataFrame) -> DataFrame:
     """``sdf`` with ``plan`` applied: the lazy DataFrame :func:`apply_policy` returns."""
     if all(not isinstance(s, ColumnStep | FilterStep) for s in plan.steps):
         # Only columns removed: Spark's own projection is exactly that, and costs nothing.
         return sdf.select(*[F.col(_quoted(c)) for c in plan.output_schema.names])
-    if _narrow_fits(plan, sdf):
-        return _narrow_frame(plan, sdf)
     return sdf.mapInArrow(PolicyFunction(plan), schema_to_spark(plan.output_schema))
-
-
-def _narrow_fits(plan: Plan, sdf: DataFrame) -> bool:
-    """Whether the narrow form gives exactly the DataFrame ``mapInArrow`` would.
-
-    It needs a plan without row filters, and untouched columns that Spark's
-    pass-through keeps as ``mapInArrow`` would rebuild them: nullable (its
-    output is all nullable) and without column metadata (which it drops).
-    """
-    if plan.filters_rows or not plan.used_columns or _STRUCT in sdf.columns:
-        return False
-    changed = {s.column for s in plan.steps if isinstance(s, ColumnStep)}
-    fields = {f.name: f for f in sdf.schema}
-    for name in plan.output_schema.names:
-        if name in changed:
-            continue
-        field = fields.get(name)
-        if field is None or not field.nullable or field.metadata:
-            return False
-        if field.dataType != to_spark(plan.output_schema.field(name).type, name):
-            return False
-    return True
-
-
-def _narrow_frame(plan: Plan, sdf: DataFrame) -> DataFrame:
-    """The plan as one Arrow UDF over the columns it reads; untouched columns stay in the JVM."""
-    call = ColumnsFunction(plan)
-    udf = _as_arrow_udf(call)
-    struct = udf(*[F.col(_quoted(c)) for c in call.inputs]).alias(_STRUCT)
-    # The UDF is evaluated once, in its own projection; the next one only picks fields.
-    with_struct = sdf.select(*[F.col(_quoted(c)) for c in sdf.columns], struct)
-    changed = set(call.outputs)
-    cols = [
-        F.col(_STRUCT).getField(c).alias(c) if c in changed else F.col(_quoted(c))
-        for c in plan.output_schema.names
-    ]
-    return with_struct.select(*cols)
 
 
 def plan_of(out: DataFrame) -> Plan:
