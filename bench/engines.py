@@ -11,8 +11,9 @@ same engine (read Parquet, write Parquet, the same partitions); on Spark also
 against the tokenize/round/truncate part written in native Spark SQL (``hmac``,
 ``bround``, ``date_trunc``; runs interleaved with ours, and the whole outputs
 compared byte for byte), against a pass-through of the policy's own output
-(its 64-character tokens cost more to write than the input's strings), and
-against cape-dataframes' Spark ``apply_policy``.
+(tokens and rounded values do not write at the input's cost), against
+``mapInArrow`` handing batches back untouched (Spark's Arrow exchange with
+Python alone), and against cape-dataframes' Spark ``apply_policy``.
 ``CPU s`` is the median CPU time of the bench's whole process tree (the
 engines' JVM and worker processes included) and ``cpu/base`` its ratio to the
 baseline's: on a shared machine it moves far less than wall time.
@@ -686,9 +687,9 @@ def bench_spark(
         shutil.rmtree(warm, ignore_errors=True)
 
         bench.measure(group, "pass-through -> parquet", parquet(lambda: df), rows=rows, note=note)
-        # The policy's output is not its input: 64-character hex tokens write (encode,
-        # compress) at a different cost than the e-mail addresses they replace. A
-        # pass-through of the output itself separates that cost from the adapter's.
+        # The policy's output is not its input: 64-character hex tokens and rounded values
+        # encode and compress at another cost than the values they replace. A pass-through
+        # of the output itself shows that cost apart from the adapter's.
         produced = cspark.read_parquet(spark, str(policy_output(path)))
         bench.measure(
             group,
