@@ -1,0 +1,140 @@
+"""A policy's ``risk:`` section in a run: measure the output, suppress small classes, count it.
+
+Every engine does the same three things with :class:`~cape_pipelines.transforms.risk.RiskCheck`:
+count the equivalence classes of its output globally (however the rows are
+split), remove the rows whose *global* class is smaller than ``k`` when the
+action is ``suppress``, and put :func:`~cape_pipelines.transforms.risk.risk_record`
+of those counts in ``run.completed``. This module holds the pieces that work
+on Arrow tables and pandas frames (pandas, ``cape apply``, Dask partitions,
+Beam bundles); Spark's are Spark expressions in its adapter.
+
+Suppressed rows are counted like rows removed by ``row-redact``: ``rows_out``
+drops, so ``rows_redacted`` (``rows_in - rows_out``) includes them, and the
+per-column value and null counts are those of the rows kept. Transformation
+counts (``counts``) are what the transformations did, before suppression.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .core import Counters
+from .plan import Plan
+from .transforms.risk import ClassCounts, RiskCheck, below_k, risk_record
+
+
+def _check(plan: Plan) -> RiskCheck:
+    if plan.risk is None:
+        raise ValueError("the plan has no risk section")
+    return plan.risk
+
+
+def frame_table(plan: Plan, df: pd.DataFrame) -> pa.Table:
+    """The risk columns of a pandas frame as Arrow, in the plan's output types where they fit.
+
+    Every partition must give the same types (an all-null partition too), so
+    that class counts merge; the plan's output schema fixes them.
+    """
+    cols = _check(plan).columns
+    schema = pa.schema([plan.output_schema.field(c).remove_metadata() for c in cols])
+    try:
+        return pa.Table.from_pandas(df[cols], schema=schema, preserve_index=False)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        return pa.Table.from_pandas(df[cols], preserve_index=False).cast(schema)
+
+
+def frame_counts(plan: Plan, df: pd.DataFrame) -> ClassCounts:
+    """The class counts of one pandas frame (a whole output, or a Dask partition)."""
+    return _check(plan).counts_of(frame_table(plan, df))
+
+
+def merge_counts(plan: Plan, parts: list[ClassCounts]) -> ClassCounts:
+    """Partial class counts (one per partition or batch) merged into the global ones."""
+    total = _check(plan).empty_counts()
+    return total.merge(*parts) if parts else total
+
+
+def _kept_counters(plan: Plan, counters: Counters, kept: pa.Table) -> Counters:
+    """``counters`` after a suppression: rows out and per-column values of the rows kept."""
+    out = Counters.of_batch(plan, kept, rows_in=counters.rows_in, counts=counters.counts)
+    out.risk = counters.risk
+    return out
+
+
+def finish_table(
+    plan: Plan, table: pa.Table, counters: Counters, counts: ClassCounts | None = None
+) -> tuple[pa.Table, Counters]:
+    """A whole output table through the risk section: measured, suppressed if asked, counted.
+
+    ``counts``: the global class counts when ``table`` is only part of the
+    output (default: those of ``table``). Returns the table written and the
+    run's counters with ``risk`` set.
+    """
+    check = _check(plan)
+    if counts is None:
+        counts = check.counts_of(table)
+    if check.suppress:
+        small = below_k(table, counts, check.k)
+        if pc.any(small).as_py():
+            table = table.filter(pc.invert(small))
+            counters = _kept_counters(plan, counters, table)
+    counters.risk = risk_record(check, counts)
+    return table, counters
+
+
+def suppress_frame(
+    plan: Plan, df: pd.DataFrame, counts: ClassCounts
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``df`` split into (rows kept, rows suppressed) by the global ``counts``; order kept."""
+    check = _check(plan)
+    small = below_k(frame_table(plan, df), counts, check.k).to_numpy(zero_copy_only=False)
+    return df[~small], df[small]
+
+
+def values_in(plan: Plan, df: pd.DataFrame) -> dict[str, int]:
+    """Non-null values per transformed column of a pandas frame (as Arrow counts them)."""
+    out: dict[str, int] = {}
+    for c in plan.transformed_columns:
+        if c in df.columns:
+            out[c] = len(df) - pa.array(df[c], from_pandas=True).null_count
+    return out
+
+
+def finish_frame(
+    plan: Plan, df: pd.DataFrame, counters: Counters, counts: ClassCounts | None = None
+) -> tuple[pd.DataFrame, Counters]:
+    """:func:`finish_table` for a pandas frame (the index follows the rows kept)."""
+    check = _check(plan)
+    if counts is None:
+        counts = frame_counts(plan, df)
+    if check.suppress:
+        kept, removed = suppress_frame(plan, df, counts)
+        if len(removed):
+            counters = subtract_rows(plan, counters, removed)
+            df = kept
+    counters.risk = risk_record(check, counts)
+    return df, counters
+
+
+def subtract_rows(plan: Plan, counters: Counters, removed: pd.DataFrame) -> Counters:
+    """``counters`` less the suppressed rows ``removed`` (rows out, values, nulls)."""
+    gone = values_in(plan, removed)
+    values = {c: col.values - gone.get(c, 0) for c, col in counters.columns.items()}
+    out = Counters.of_counts(
+        plan,
+        rows_in=counters.rows_in,
+        rows_out=counters.rows_out - len(removed),
+        values=values,
+        counts=counters.counts,
+    )
+    out.risk = counters.risk
+    return out
+
+
+def risk_of(plan: Plan, counts: ClassCounts) -> dict[str, Any]:
+    """The ``run.completed`` ``risk`` field for the global ``counts`` of ``plan``'s output."""
+    return risk_record(_check(plan), counts)
