@@ -92,7 +92,7 @@ class Counters:
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        """The audit record's counting fields (``counts`` and ``risk`` only when the plan has them)."""
+        """The audit record's counting fields (``counts`` and ``risk`` only where set)."""
         out: dict[str, Any] = {
             "rows_in": self.rows_in,
             "rows_out": self.rows_out,

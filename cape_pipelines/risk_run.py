@@ -16,6 +16,9 @@ counts (``counts``) are what the transformations did, before suppression.
 
 from __future__ import annotations
 
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -138,3 +141,69 @@ def subtract_rows(plan: Plan, counters: Counters, removed: pd.DataFrame) -> Coun
 def risk_of(plan: Plan, counts: ClassCounts) -> dict[str, Any]:
     """The ``run.completed`` ``risk`` field for the global ``counts`` of ``plan``'s output."""
     return risk_record(_check(plan), counts)
+
+
+# Partial class counts are merged every this many batches, so memory follows the classes.
+_MERGE_EVERY = 64
+
+
+def _counted(
+    check: RiskCheck, batches: Iterable[pa.RecordBatch]
+) -> Iterator[tuple[pa.RecordBatch, ClassCounts]]:
+    for batch in batches:
+        yield batch, check.counts_of(batch.select(check.columns))
+
+
+def stream_with_risk(
+    plan: Plan,
+    batches: Iterable[pa.RecordBatch],
+    write: Callable[[pa.RecordBatch], Any],
+    counters: Counters,
+    spool_dir: Path,
+) -> Counters:
+    """Write a stream of output batches (``cape apply``) through the risk section.
+
+    ``report``: each batch is written as it comes and counted. ``suppress``
+    needs the global counts before the first row can be written, so the
+    batches are spooled to an Arrow IPC stream in ``spool_dir`` (next to the
+    output, and no more readable than it: it holds the same transformed
+    data), counted, then read back in order with the small classes'
+    rows removed: a second pass over the output, never over the input, so
+    what is counted is exactly what is written. Returns the run's counters.
+    """
+    check = _check(plan)
+    total = check.empty_counts()
+    parts: list[ClassCounts] = []
+
+    def add(part: ClassCounts) -> None:
+        parts.append(part)
+        if len(parts) >= _MERGE_EVERY:
+            total.merge(*parts)
+            parts.clear()
+
+    if not check.suppress:
+        for batch, part in _counted(check, batches):
+            write(batch)
+            add(part)
+        total.merge(*parts)
+        counters.risk = risk_record(check, total)
+        return counters
+    with tempfile.TemporaryDirectory(dir=spool_dir, prefix=".cape-risk-") as tmp:
+        spool = Path(tmp) / "output.arrows"
+        with pa.OSFile(str(spool), "wb") as sink, pa.ipc.new_stream(sink, plan.output_schema) as w:
+            for batch, part in _counted(check, batches):
+                w.write_batch(batch)
+                add(part)
+        total.merge(*parts)
+        kept_counters = Counters.of_counts(
+            plan, rows_in=counters.rows_in, rows_out=0, values={}, counts=counters.counts
+        )
+        with pa.OSFile(str(spool), "rb") as source:
+            for batch in pa.ipc.open_stream(source):
+                small = below_k(pa.Table.from_batches([batch]), total, check.k)
+                kept = batch.filter(pc.invert(small))
+                if kept.num_rows:
+                    write(kept)
+                    kept_counters.merge(Counters.of_batch(plan, kept, rows_in=0))
+    kept_counters.risk = risk_record(check, total)
+    return kept_counters
