@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .core import Counters
+from .errors import PlanError
 from .plan import Plan
 from .transforms.risk import ClassCounts, RiskCheck, below_k, risk_record
 
@@ -207,3 +208,44 @@ def stream_with_risk(
                     kept_counters.merge(Counters.of_batch(plan, kept, rows_in=0))
     kept_counters.risk = risk_record(check, total)
     return kept_counters
+
+
+class StreamRisk:
+    """The risk report of an output that is streamed out batch by batch (Arrow Flight).
+
+    Only ``action: report`` can stream: a suppression needs every class counted
+    before the first row leaves, so :meth:`refuse_suppress` stops such a run
+    before it starts.
+    """
+
+    def __init__(self, plan: Plan):
+        self.check = plan.risk
+        self.total = self.check.empty_counts() if self.check is not None else None
+        self.parts: list[ClassCounts] = []
+
+    @staticmethod
+    def refuse_suppress(plan: Plan, where: str) -> None:
+        """Raise :class:`~cape_pipelines.errors.PlanError` for a suppressing policy on a stream."""
+        if plan.risk is not None and plan.risk.suppress:
+            raise PlanError(
+                f"risk.action: suppress cannot run on {where}: it needs every row counted "
+                "before the first one is sent; use action: report there, or cape apply / an "
+                "engine adapter"
+            )
+
+    def add(self, batch: pa.RecordBatch) -> None:
+        """Count one output batch."""
+        if self.check is None or self.total is None:
+            return
+        self.parts.append(self.check.counts_of(batch.select(self.check.columns)))
+        if len(self.parts) >= _MERGE_EVERY:
+            self.total.merge(*self.parts)
+            self.parts.clear()
+
+    def finish(self, counters: Counters | None) -> None:
+        """Put the figure into the run's ``counters``."""
+        if self.check is None or self.total is None or counters is None:
+            return
+        self.total.merge(*self.parts)
+        self.parts.clear()
+        counters.risk = risk_record(self.check, self.total)
