@@ -234,8 +234,8 @@ def apply_batch(
                 if step.transform.count_names():
                     out, found = step.transform.apply_counted(arrays[step.column], ctx)
                     into = provided.setdefault(step.column, {})
-                    for n, v in found.items():
-                        full = f"{step.transform.type_name}.{n}"
+                    for name, v in found.items():
+                        full = f"{step.transform.type_name}.{name}"
                         into[full] = into.get(full, 0) + int(v)
                 else:
                     out = step.transform.apply(arrays[step.column], ctx)

@@ -230,7 +230,7 @@ def merged_classes(plan: Plan, counts: Iterable[dict[str, Any]]) -> ClassCounts:
     return total.merge(*parts) if parts else total
 
 
-class MergeClassesFn(beam.CombineFn):  # type: ignore[misc]
+class MergeClassesFn(beam.CombineFn):
     """Every bundle's counts combined into the global class counts (for the suppression)."""
 
     def __init__(self, plan: Plan):
