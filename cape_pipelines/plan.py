@@ -318,6 +318,12 @@ def _bind_risk(
 
     def present(column: str, where: str) -> bool:
         if column in output:
+            typ = output[column]
+            if pa.types.is_nested(typ) or pa.types.is_null(typ):
+                raise PlanError(
+                    f"{where}: column {column!r} is {typ} in the output, whose values cannot "
+                    "form equivalence classes; name a scalar column"
+                )
             return True
         if column in schema.names:
             raise PlanError(

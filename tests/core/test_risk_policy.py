@@ -100,6 +100,12 @@ def test_columns_are_bound_to_the_output() -> None:
         build_plan(pol({"quasi_identifiers": ["zip"], "sensitive": "diag", "k": 3}), SCHEMA)
 
 
+def test_a_nested_column_cannot_be_a_quasi_identifier() -> None:
+    schema = SCHEMA.append(pa.field("tags", pa.list_(pa.string())))
+    with pytest.raises(PlanError, match=r"risk\.quasi_identifiers\[1\]: column 'tags' is list"):
+        build_plan(pol({"quasi_identifiers": ["zip", "tags"], "k": 3}), schema)
+
+
 def test_on_missing_column_skip_leaves_absent_columns_out() -> None:
     risk = {"quasi_identifiers": ["zip", "city"], "sensitive": "diag", "l": 2, "k": 3}
     plan = build_plan(pol({**risk, "on_missing_column": "skip"}), SCHEMA)
