@@ -81,7 +81,7 @@ def finish_table(
     check = _check(plan)
     if counts is None:
         counts = check.counts_of(table)
-    if check.suppress:
+    if check.suppress and counts.any_below(check.k):
         small = below_k(table, counts, check.k)
         if pc.any(small).as_py():
             table = table.filter(pc.invert(small))
@@ -95,6 +95,8 @@ def suppress_frame(
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``df`` split into (rows kept, rows suppressed) by the global ``counts``; order kept."""
     check = _check(plan)
+    if not counts.any_below(check.k):
+        return df, df.iloc[:0]
     small = below_k(frame_table(plan, df), counts, check.k).to_numpy(zero_copy_only=False)
     return df[~small], df[small]
 
@@ -199,10 +201,13 @@ def stream_with_risk(
         kept_counters = Counters.of_counts(
             plan, rows_in=counters.rows_in, rows_out=0, values={}, counts=counters.counts
         )
+        removes = total.any_below(check.k)
         with pa.OSFile(str(spool), "rb") as source:
             for batch in pa.ipc.open_stream(source):
-                small = below_k(pa.Table.from_batches([batch]), total, check.k)
-                kept = batch.filter(pc.invert(small))
+                kept = batch
+                if removes:
+                    small = below_k(pa.Table.from_batches([batch]), total, check.k)
+                    kept = batch.filter(pc.invert(small))
                 if kept.num_rows:
                     write(kept)
                     kept_counters.merge(Counters.of_batch(plan, kept, rows_in=0))

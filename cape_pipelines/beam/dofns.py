@@ -278,6 +278,9 @@ class SuppressFn(beam.DoFn):
         self, element: Any, classes: ClassCounts, window: BoundedWindow = beam.DoFn.WindowParam
     ) -> Iterator[Any]:
         removed = self._removed.setdefault(window, Counters.empty_for(self.plan))
+        if not classes.any_below(self.check.k):
+            yield element
+            return
         if isinstance(element, pa.Table | pa.RecordBatch):
             table = element if isinstance(element, pa.Table) else pa.Table.from_batches([element])
             small = below_k(table, classes, self.check.k)

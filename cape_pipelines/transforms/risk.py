@@ -200,6 +200,8 @@ class ClassCounts:
         if self.sizes is None:
             return self
         kept = self.sizes.filter(pc.greater_equal(self.sizes.column("class_size"), k))
+        if kept.num_rows == self.sizes.num_rows:
+            return self
         pairs = self.pairs
         if pairs is not None:
             qis = list(self.quasi_identifiers)
@@ -211,6 +213,13 @@ class ClassCounts:
             hit = left.join(right, keys=list(right.column_names), join_type="left semi")
             pairs = pairs.take(hit.column(index))
         return ClassCounts(self.quasi_identifiers, self.sensitive, kept, pairs)
+
+    def any_below(self, k: int) -> bool:
+        """Whether some class has fewer than ``k`` rows (nothing to suppress otherwise)."""
+        if self.sizes is None or self.sizes.num_rows == 0:
+            return False
+        smallest = pc.min(self.sizes.column("class_size")).as_py()
+        return smallest is not None and smallest < k
 
     def class_sizes(self) -> dict[ClassKey, int]:
         """Each class (a tuple of quasi-identifier values) and its number of rows."""
