@@ -231,24 +231,35 @@ def merged_classes(plan: Plan, counts: Iterable[dict[str, Any]]) -> ClassCounts:
 
 
 class MergeClassesFn(beam.CombineFn):
-    """Every bundle's counts combined into the global class counts (for the suppression)."""
+    """Every bundle's counts combined into the global class sizes (for the suppression).
+
+    Only the sizes: the sensitive values (l-diversity) are not needed to decide
+    what to remove, and leaving them out keeps the side input as small as the
+    number of classes.
+    """
 
     def __init__(self, plan: Plan):
-        self.plan = plan
+        assert plan.risk is not None
+        self.qis = plan.risk.quasi_identifiers
 
-    def create_accumulator(self) -> list[dict[str, Any]]:
-        return []
+    def _sizes(self, parts: list[ClassCounts]) -> ClassCounts:
+        total = ClassCounts(self.qis)
+        return total.merge(*parts) if parts else total
 
-    def add_input(self, acc: list[dict[str, Any]], counts: dict[str, Any]) -> list[dict[str, Any]]:
-        if counts.get(CLASSES_FIELD) is not None:
-            acc.append({CLASSES_FIELD: counts[CLASSES_FIELD]})
+    def create_accumulator(self) -> ClassCounts:
+        return ClassCounts(self.qis)
+
+    def add_input(self, acc: ClassCounts, counts: dict[str, Any]) -> ClassCounts:
+        found = counts.get(CLASSES_FIELD)
+        if found is None:
+            return acc
+        return self._sizes([acc, ClassCounts(self.qis, None, found.sizes)])
+
+    def merge_accumulators(self, accs: Iterable[ClassCounts]) -> ClassCounts:
+        return self._sizes(list(accs))
+
+    def extract_output(self, acc: ClassCounts) -> ClassCounts:
         return acc
-
-    def merge_accumulators(self, accs: Iterable[list[dict[str, Any]]]) -> list[dict[str, Any]]:
-        return [{CLASSES_FIELD: merged_classes(self.plan, [c for a in accs for c in a])}]
-
-    def extract_output(self, acc: list[dict[str, Any]]) -> ClassCounts:
-        return merged_classes(self.plan, acc)
 
 
 class SuppressFn(beam.DoFn):
