@@ -344,3 +344,38 @@ def test_the_separate_listener_serves_metrics_alone(env: Env) -> None:
         server.server_close()
         thread.join(timeout=10)
     assert not thread.is_alive()
+
+
+@pytest.mark.coordinator
+def test_serve_with_a_metrics_bind_address(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``cape coordinator serve --metrics-bind``: /metrics on its own port (with the token
+    from the environment), not on the API's; the listener ends with the server."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "coordinator"))
+    from _coord_support import Server
+
+    metrics_port = _free_port()
+    monkeypatch.setenv(METRICS_TOKEN_ENV, METRICS_TOKEN)
+    srv = Server(tmp_path / "c", "--metrics-bind", f"127.0.0.1:{metrics_port}")
+    srv.start()
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", metrics_port, timeout=10)
+        conn.request("GET", "/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
+        resp = conn.getresponse()
+        body = resp.read().decode()
+        conn.close()
+        assert resp.status == 200
+        assert parse(body)["cape_audit_chain_head_ok"][()] == 1
+        conn = http.client.HTTPConnection("127.0.0.1", metrics_port, timeout=10)
+        conn.request("GET", "/metrics")
+        assert conn.getresponse().status == 401
+        conn.close()
+        api = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10)
+        api.request("GET", "/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
+        assert api.getresponse().status == 404
+        api.close()
+    finally:
+        srv.stop()
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", metrics_port), timeout=2).close()
