@@ -515,3 +515,12 @@ def test_a_dask_run_sends_its_events_from_the_driver(tmp_path: Path) -> None:
     check_event(complete)
     assert complete["run"]["facets"]["cape"]["engine"] == "dask"
     assert complete["outputs"][0]["outputFacets"]["outputStatistics"]["rowCount"] == 2
+
+
+@pytest.mark.beam
+def test_beam_refuses_lineage_rather_than_dropping_it() -> None:
+    pytest.importorskip("apache_beam")
+    from cape_pipelines.beam import ApplyPolicy
+
+    with pytest.raises(ValueError, match="not supported on Beam"):
+        ApplyPolicy(POLICY, keys={"k": KEY_HEX}, audit=MemorySink(), lineage=True)
