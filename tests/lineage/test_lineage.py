@@ -524,3 +524,24 @@ def test_beam_refuses_lineage_rather_than_dropping_it() -> None:
 
     with pytest.raises(ValueError, match="not supported on Beam"):
         ApplyPolicy(POLICY, keys={"k": KEY_HEX}, audit=MemorySink(), lineage=True)
+
+
+@pytest.mark.dask
+def test_a_file_job_on_another_engine_sends_one_pair_of_events(tmp_path: Path) -> None:
+    pytest.importorskip("dask.dataframe")
+    src = tmp_path / "in.parquet"
+    pq.write_table(pa.Table.from_pandas(frame(), preserve_index=False), src)
+    events_file = tmp_path / "e.jsonl"
+    result = apply_files(
+        POLICY,
+        src,
+        tmp_path / "out.parquet",
+        keys={"k": KEY_HEX},
+        audit=MemorySink(),
+        engine="dask",
+        lineage=file_config(events_file),
+    )
+    events = read_events(events_file)
+    # The outer file job's run only: the engine's inner run is silent.
+    assert [e["eventType"] for e in events] == ["START", "COMPLETE"]
+    assert events[1]["run"]["facets"]["cape"]["runId"] == result.run_id
