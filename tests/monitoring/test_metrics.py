@@ -39,8 +39,12 @@ TOKEN_SHA = hashlib.sha256(METRICS_TOKEN.encode()).hexdigest()
 
 
 class Env:
-    def __init__(self, tmp_path: Path, **settings: Any):
-        self.paths = Paths.resolve(str(tmp_path / "c.db"))
+    def __init__(self, tmp_path: Path, url: str | None = None, **settings: Any):
+        self.paths = (
+            Paths.resolve(str(tmp_path / "c.db"))
+            if url is None
+            else Paths.resolve(url, str(tmp_path / "c.key"), str(tmp_path / "c.json"))
+        )
         self.coord, self.admin = Coordinator.initialize(self.paths, Settings(**settings))
         self.http = TestClient(create_app(self.coord))
         self.pipeline = self.coord.tokens.create(
@@ -100,6 +104,19 @@ def env(tmp_path: Path) -> Iterator[Env]:
         e.close()
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Env]:
+    """``env`` on SQLite and on PostgreSQL (the database figures are queries)."""
+    url = None
+    if request.param == "postgresql":
+        url = request.getfixturevalue("pg_cluster").new_database("metrics")
+    e = Env(tmp_path, url, metrics_token_sha256=TOKEN_SHA)
+    try:
+        yield e
+    finally:
+        e.close()
+
+
 def _ingest_story(env: Env) -> int:
     """Four runs of label orders (succeeded, failed, running, lost) and one of customers on
     spark; returns the number of records posted."""
@@ -137,7 +154,8 @@ def _ingest_story(env: Env) -> int:
     return sum(len(b) for b in batches)
 
 
-def test_scrape_after_real_ingests(env: Env) -> None:
+def test_scrape_after_real_ingests(any_env: Env) -> None:
+    env = any_env
     posted = _ingest_story(env)
     # A refused batch (label the token does not hold) is counted, not ingested.
     assert env.post(rec("r-x", "run.started", label="payroll")).status_code == 403
@@ -173,7 +191,8 @@ def test_a_late_record_takes_a_run_out_of_lost(env: Env) -> None:
     assert runs[key(engine="pandas", label="orders", status="succeeded")] == 2
 
 
-def test_the_chain_head_check_sees_a_truncated_chain(env: Env) -> None:
+def test_the_chain_head_check_sees_a_truncated_chain(any_env: Env) -> None:
+    env = any_env
     _ingest_story(env)
     last = env.coord.audit_count()
     with env.coord.engine.begin() as conn:
@@ -258,7 +277,8 @@ def test_bad_metric_settings_are_refused() -> None:
         Settings.from_dict({"metrics_bind": "0.0.0.0"})
 
 
-def test_two_coordinators_on_one_database_report_the_same_figures(env: Env) -> None:
+def test_two_coordinators_on_one_database_report_the_same_figures(any_env: Env) -> None:
+    env = any_env
     _ingest_story(env)
     other = Coordinator.open(env.paths, Settings(metrics_token_sha256=TOKEN_SHA))
     try:
