@@ -399,3 +399,32 @@ def test_serve_with_a_metrics_bind_address(tmp_path: Path, monkeypatch: pytest.M
         srv.stop()
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", metrics_port), timeout=2).close()
+
+
+@pytest.mark.coordinator
+def test_serve_refuses_a_metrics_address_it_cannot_bind(tmp_path: Path) -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "coordinator"))
+    from _coord_support import run_cli
+
+    db = str(tmp_path / "c.db")
+    run_cli("coordinator", "init", "--db", db)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = run_cli(
+            "coordinator",
+            "serve",
+            "--db",
+            db,
+            "--port",
+            str(_free_port()),
+            "--metrics-bind",
+            f"127.0.0.1:{port}",
+            check=False,
+        )
+    assert done.returncode != 0
+    assert f"cannot serve metrics on 127.0.0.1:{port}" in done.stderr
+    assert "Traceback" not in done.stderr
