@@ -115,6 +115,9 @@ class Lineage:
     # (run id, event type, error type) of every event that could not be sent.
     failures: list[tuple[str, str, str]] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    # The client made from the configuration, shared with the copies with_datasets makes
+    # (so closing this one closes theirs).
+    _made: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # Checked now, so a bad dataset name is an error at bind time, not a lost event.
@@ -131,6 +134,7 @@ class Lineage:
         state = dict(self.__dict__)
         state["client"] = None
         state["_lock"] = None
+        state["_made"] = {}
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -149,17 +153,28 @@ class Lineage:
             outputs=[*self.outputs, *outputs],
             failures=self.failures,
             _lock=self._lock,
+            _made=self._made,
         )
 
     # ---- events (called by seam.Run) ------------------------------------------------
 
     def started(self, run: Run) -> None:
         """Send ``START`` for ``run`` (never raises)."""
+        with self._lock:
+            self._made["runs"] = self._made.get("runs", 0) + 1
         self._send(run, "START", None)
 
     def finished(self, run: Run, exc: BaseException | None) -> None:
-        """Send ``COMPLETE``, or ``FAIL`` naming ``exc``'s type (never raises)."""
+        """Send ``COMPLETE``, or ``FAIL`` naming ``exc``'s type (never raises). When no other
+        run of this lineage is under way, the client made from the configuration is closed,
+        so an asynchronous transport has delivered (or given up on) the run's events before
+        the job goes on; the next run makes a new one."""
         self._send(run, "FAIL" if exc is not None else "COMPLETE", exc)
+        with self._lock:
+            self._made["runs"] = max(0, self._made.get("runs", 0) - 1)
+            last = self._made["runs"] == 0
+        if last:
+            self.close()
 
     def _send(self, run: Run, state: str, exc: BaseException | None) -> None:
         try:
@@ -177,19 +192,24 @@ class Lineage:
             self.failures.append((run.run_id, state, type(err).__name__))
 
     def _client(self) -> Any:
+        if self.client is not None:
+            return self.client
         with self._lock:
-            if self.client is None:
+            if "client" not in self._made:
                 from openlineage.client import OpenLineageClient
 
                 config = dict(self.config) if self.config is not None else None
-                self.client = OpenLineageClient(config=config)
-            return self.client
+                self._made["client"] = OpenLineageClient(config=config)
+            return self._made["client"]
 
     def close(self, timeout: float = 10.0) -> None:
-        """Flush and close the client's transport (asynchronous transports)."""
-        if self.client is not None:
+        """Flush and close the transport of the client made from the configuration (a
+        client given as ``client=`` is its owner's to close); never raises."""
+        with self._lock:
+            made = self._made.pop("client", None)
+        if made is not None:
             try:
-                self.client.close(timeout)
+                made.close(timeout)
             except Exception as err:
                 log.warning("OpenLineage client did not close: %s", type(err).__name__)
 

@@ -545,3 +545,31 @@ def test_a_file_job_on_another_engine_sends_one_pair_of_events(tmp_path: Path) -
     # The outer file job's run only: the engine's inner run is silent.
     assert [e["eventType"] for e in events] == ["START", "COMPLETE"]
     assert events[1]["run"]["facets"]["cape"]["runId"] == result.run_id
+
+
+def test_the_client_made_from_config_is_closed_after_each_run_a_given_one_is_not(
+    tmp_path: Path,
+) -> None:
+    class Given:
+        def __init__(self) -> None:
+            self.events: list[Any] = []
+            self.closed = False
+
+        def emit(self, event: Any) -> None:
+            self.events.append(event)
+
+        def close(self, timeout: float = -1) -> bool:
+            self.closed = True
+            return True
+
+    given = Given()
+    lin = Lineage(client=given)
+    apply_policy(POLICY, frame(), keys={"k": KEY_HEX}, audit=MemorySink(), lineage=lin)
+    assert [e.eventType.value for e in given.events] == ["START", "COMPLETE"]
+    assert not given.closed
+
+    made = Lineage(config=file_config(tmp_path / "e.jsonl"))
+    for _ in range(2):
+        apply_policy(POLICY, frame(), keys={"k": KEY_HEX}, audit=MemorySink(), lineage=made)
+        assert "client" not in made._made  # closed once the run ended
+    assert len(read_events(tmp_path / "e.jsonl")) == 4
