@@ -8,10 +8,11 @@ is the frame-level step Dask reuses on every partition.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from copy import copy
 from typing import Any, TypeVar
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 from typing_extensions import Unpack
@@ -26,22 +27,36 @@ Data = TypeVar("Data")
 
 
 def apply_frame(
-    plan: Plan, df: pd.DataFrame, new_strings: Any = object
+    plan: Plan,
+    df: pd.DataFrame,
+    new_strings: Any = object,
+    *,
+    converted: Mapping[str, pa.Array] | None = None,
+    string_dtype: Any = None,
 ) -> tuple[pd.DataFrame, Counters]:
     """Apply ``plan`` to one pandas frame; the frame's index follows its rows.
 
     Only the columns the plan reads go through Arrow; untouched columns keep
-    their dtypes exactly. Dask calls this on every partition.
+    their dtypes exactly. Dask calls this on every partition. ``converted``
+    holds columns already converted to Arrow (by :func:`pandas_schema`), used
+    where their type is the plan's. ``string_dtype``, when set, is the dtype
+    of every transformed column that holds strings (see :func:`apply_policy`).
     """
     needed = plan.used_columns
     if not needed:
         result = df.drop(columns=plan.dropped)
         return result, Counters.of_counts(plan, rows_in=len(df), rows_out=len(df), values={})
-    table = pa.Table.from_pandas(
-        df[needed],
-        preserve_index=False,
-        schema=pa.schema([plan.input_schema.field(c) for c in needed]),
-    )
+    fields = [plan.input_schema.field(c) for c in needed]
+    have = converted or {}
+    reuse = {f.name for f in fields if f.name in have and have[f.name].type == f.type}
+    rest = [f for f in fields if f.name not in reuse]
+    arrays: dict[str, Any] = {c: have[c] for c in reuse}
+    if rest:
+        table = pa.Table.from_pandas(
+            df[[f.name for f in rest]], preserve_index=False, schema=pa.schema(rest)
+        )
+        arrays.update(zip(table.column_names, table.columns, strict=True))
+    table = pa.Table.from_arrays([arrays[c] for c in needed], schema=pa.schema(fields))
     batch = table.combine_chunks().to_batches()
     if batch:
         rb = batch[0]
@@ -51,18 +66,26 @@ def apply_frame(
     narrow = _narrow_plan(plan, needed)
     out, counters, indices = apply_batch(narrow, rb, with_indices=True)
     assert indices is not None  # asked for with_indices
-    result = df.iloc[indices.to_numpy()] if plan.filters_rows else df.copy(deep=False)
-    result = result.drop(columns=[c for c in plan.dropped if c in result.columns])
-    result = result.copy(deep=False)
+    result = df.iloc[indices.to_numpy()] if plan.filters_rows else df
+    dropped = [c for c in plan.dropped if c in result.columns]
+    # A shallow copy either way: the caller's frame is never modified.
+    result = result.drop(columns=dropped) if dropped else result.copy(deep=False)
     for c in plan.transformed_columns:
-        col = arrow_to_pandas(
-            out.column(c), pandas_dtype_for(out.schema.field(c).type, df[c].dtype, new_strings)
-        )
+        out_type = out.schema.field(c).type
+        dtype = pandas_dtype_for(out_type, df[c].dtype, new_strings)
+        if string_dtype is not None and (
+            pa.types.is_string(out_type) or pa.types.is_large_string(out_type)
+        ):
+            dtype = string_dtype
+        col = arrow_to_pandas(out.column(c), dtype)
         col.index = result.index
         result[c] = col
     counters.rows_in = len(df)
     counters.rows_out = len(result)
-    return pd.DataFrame(result)[plan.output_schema.names], counters
+    names = plan.output_schema.names
+    if list(result.columns) != names:
+        result = result[names]
+    return pd.DataFrame(result), counters
 
 
 def _narrow_plan(plan: Plan, needed: Sequence[str]) -> Plan:
@@ -85,7 +108,11 @@ def _narrow_plan(plan: Plan, needed: Sequence[str]) -> Plan:
 
 
 def apply_policy(
-    policy: PolicySource | Binding, data: Data, **options: Unpack[BindOptions]
+    policy: PolicySource | Binding,
+    data: Data,
+    *,
+    string_dtype: str | None = None,
+    **options: Unpack[BindOptions],
 ) -> Data:
     """Apply ``policy`` to a pandas DataFrame or a pyarrow Table/RecordBatch; same type back.
 
@@ -98,6 +125,14 @@ def apply_policy(
     from the coordinator, records go to it, and the run also records
     ``policy.fetched`` (see :mod:`cape_pipelines.source`).
 
+    ``string_dtype`` (pandas frames only) is the dtype of the transformed
+    columns that hold strings. None (the default) keeps each column's own
+    string dtype (``object`` stays ``object``, ``string[pyarrow]`` stays
+    ``string[pyarrow]``; a column that becomes text, a tokenized integer say,
+    is ``object``). ``"string[pyarrow]"`` hands them back Arrow-backed, with
+    no Python object made per value (the fastest way for large frames);
+    ``"object"`` makes them all ``object``.
+
     >>> import pandas as pd
     >>> from cape_pipelines.audit import MemorySink
     >>> df = pd.DataFrame({"name": ["a", "b"], "ssn": ["1", "2"]})
@@ -105,6 +140,7 @@ def apply_policy(
     >>> list(apply_policy(pol, df, audit=MemorySink()).columns)
     ['name']
     """
+    strings = _string_dtype(string_dtype)
     engine = "pandas" if type(data).__module__.startswith("pandas") else "pyarrow"
     binding = bind(policy, engine=engine, **options)
     with binding.run() as run:
@@ -116,8 +152,11 @@ def apply_policy(
             run.plan = binding.build(data.schema)
             result, counters, _ = apply_batch(run.plan, data)
         elif isinstance(data, pd.DataFrame):
-            run.plan = binding.build(pandas_schema(data))
-            result, counters = apply_frame(run.plan, data)
+            converted: dict[str, pa.Array] = {}
+            run.plan = binding.build(pandas_schema(data, converted))
+            result, counters = apply_frame(
+                run.plan, data, converted=converted, string_dtype=strings
+            )
         else:
             raise TypeError(
                 f"apply_policy takes a pandas DataFrame or a pyarrow Table/RecordBatch, "
@@ -126,6 +165,17 @@ def apply_policy(
             )
         run.counters = counters
     return result
+
+
+def _string_dtype(name: str | None) -> Any:
+    """The pandas dtype ``apply_policy(string_dtype=name)`` asks for (None: each column's own)."""
+    if name is None:
+        return None
+    if name == "object":
+        return np.dtype(object)
+    if name == "string[pyarrow]":
+        return pd.StringDtype("pyarrow")
+    raise ValueError(f"string_dtype must be None, 'object' or 'string[pyarrow]', not {name!r}")
 
 
 __all__ = ["apply_frame", "apply_policy"]
