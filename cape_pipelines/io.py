@@ -72,7 +72,9 @@ class FileJob:
     :meth:`~cape_pipelines.seam.Binding.silent` copy holds the very key
     resolver ``plan`` was built with (so every key, a per-run random one
     too, resolves to the same bytes) and records nothing (the job records
-    the run).
+    the run). ``workers`` is how many processes the engine may use for the
+    core's work (the built-in ``pandas`` engine forks that many; engines with
+    their own parallelism ignore it).
     """
 
     plan: Plan
@@ -81,6 +83,7 @@ class FileJob:
     counters: Counters
     progress: ProgressFn
     binding: Binding
+    workers: int = 1
 
 
 EngineFn = Callable[[FileJob], Iterator[pa.RecordBatch]]
@@ -162,6 +165,7 @@ def apply_files(
     run_id: str | None = None,
     policy_source: str | None = None,
     column_tags: Mapping[str, Sequence[str]] | None = None,
+    workers: int = 1,
 ) -> ApplyResult:
     """Apply ``policy`` to a CSV/Parquet file or directory and write one output file.
 
@@ -170,6 +174,9 @@ def apply_files(
     is recorded: ``run.started``, ``policy.fetched``, then ``run.completed`` or
     ``run.failed`` with the counts of the rows written.
     ``progress``: True/False, or None for "only if stderr is a terminal".
+    ``workers``: processes for the core's work (``--engine pandas``: a pool of
+    forked workers, output written in input order, byte for byte the same as
+    with one; see :mod:`cape_pipelines.pool`).
     """
     src = Path(input)
     dst = Path(output)
@@ -189,6 +196,8 @@ def apply_files(
     with binding.run(run_id=run_id) as run:
         if batch_size < 1:
             raise CapeError("batch size must be at least 1")
+        if workers < 1:
+            raise CapeError("workers must be at least 1")
         fmt = output_format(dst, format)
         if dst.exists() and not overwrite:
             raise FileExistsError(f"output {dst} already exists; pass --overwrite to replace it")
@@ -209,7 +218,8 @@ def apply_files(
             atomic_path(dst, overwrite=overwrite) as tmp,
             open_writer(fmt, tmp, plan.output_schema, metadata, timestamp_unit, delimiter) as out,
         ):
-            for batch in run_engine(FileJob(plan, inputs, batch_size, counters, bar, binding)):
+            job = FileJob(plan, inputs, batch_size, counters, bar, binding, workers)
+            for batch in run_engine(job):
                 out.write(batch)
     return ApplyResult(output=dst, run_id=run.run_id, counters=counters, plan=plan)
 

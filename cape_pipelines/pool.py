@@ -1,0 +1,194 @@
+"""Ordered work over forked processes: ``cape apply --workers N``, ``apply_policy(df, workers=N)``.
+
+The core's per-value work (keyed hashes, encryptions) holds the GIL, so using
+every core takes processes. :func:`ordered_map` forks ``workers`` processes
+that inherit the function to run (and so the plan and its keys) once, at
+start: nothing key-related is pickled, put on a command line or logged, and
+the parent never ships the plan again. Items go to the workers round robin
+and their results come back in item order, so the output is exactly what one
+process gives, in the same order. At most ``window`` items are out at once
+(twice the workers by default), which bounds memory by the workers times the
+item size, whatever the input's length.
+
+Stopping is clean: the workers ignore Ctrl-C (the terminal sends it to the
+whole process group) and only the parent handles it or SIGTERM, then stops
+them; an error in a worker is raised again in the parent, and a worker that
+dies (killed, out of memory) is an error naming it rather than a hang. Where
+``fork`` is not available (Windows, where a spawned worker would need the
+plan, keys included, pickled to it) the work runs in this process.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import pickle
+import queue
+import signal
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
+
+from .errors import CapeError
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+# How long the parent waits for one result before checking that its worker still runs.
+_POLL_SECONDS = 0.5
+# How long a worker asked to stop may take before it is terminated.
+_STOP_SECONDS = 5.0
+
+
+def default_workers() -> int:
+    """The processes ``--workers`` defaults to: the CPUs this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def can_fork() -> bool:
+    """Whether worker processes can be forked here (POSIX; not Windows)."""
+    return "fork" in mp.get_all_start_methods()
+
+
+def ordered_map(
+    fn: Callable[[T], R], items: Iterable[T], workers: int, *, window: int | None = None
+) -> Iterator[R]:
+    """``fn(item)`` for each of ``items``, in order, computed by ``workers`` forked processes.
+
+    ``fn`` is inherited by the workers when they are forked (never pickled);
+    items and results are pickled. With ``workers`` 1, or when only one item
+    comes, or where fork is unavailable, everything runs in this process.
+    Closing the iterator early (an error, Ctrl-C) stops the workers.
+    """
+    if workers < 1:
+        raise CapeError(f"workers must be at least 1, not {workers}")
+    it = iter(items)
+    if workers == 1 or not can_fork():
+        yield from map(fn, it)
+        return
+    first = next(it, _END)
+    if first is _END:
+        return
+    second = next(it, _END)
+    if second is _END:
+        # One item: a pool would only add its start-up.
+        yield fn(first)
+        return
+    pool = _Pool(fn, workers)
+    limit = window or 2 * workers
+    out: deque[int] = deque()
+    try:
+        sent = 0
+        for item in _chain(first, second, it):
+            w = sent % workers
+            pool.send(w, item)
+            out.append(w)
+            sent += 1
+            if len(out) >= limit:
+                yield pool.receive(out.popleft())
+        while out:
+            yield pool.receive(out.popleft())
+        pool.stop()
+    finally:
+        pool.kill()
+
+
+_END: Any = object()
+
+
+def _chain(first: Any, second: Any, rest: Iterator[Any]) -> Iterator[Any]:
+    yield first
+    yield second
+    yield from rest
+
+
+class _Pool:
+    """``workers`` forked processes, each with its own task and result queue (so order is free)."""
+
+    def __init__(self, fn: Callable[[Any], Any], workers: int):
+        ctx = mp.get_context("fork")
+        self.tasks = [ctx.Queue() for _ in range(workers)]
+        self.results = [ctx.Queue() for _ in range(workers)]
+        self.procs = [
+            ctx.Process(
+                target=_work,
+                args=(fn, self.tasks[i], self.results[i]),
+                name=f"cape-worker-{i + 1}",
+                daemon=True,
+            )
+            for i in range(workers)
+        ]
+        for p in self.procs:
+            p.start()
+
+    def send(self, w: int, item: Any) -> None:
+        self.tasks[w].put(item)
+
+    def receive(self, w: int) -> Any:
+        while True:
+            try:
+                status, value = self.results[w].get(timeout=_POLL_SECONDS)
+            except queue.Empty:
+                proc = self.procs[w]
+                if not proc.is_alive():
+                    raise CapeError(
+                        f"worker process {w + 1} of {len(self.procs)} stopped unexpectedly "
+                        f"(exit code {proc.exitcode}); rerun with --workers 1 to see why"
+                    ) from None
+                continue
+            if status == "error":
+                raise value
+            return value
+
+    def stop(self) -> None:
+        """Ask every worker to finish (all results were received) and wait for them."""
+        for q in self.tasks:
+            q.put(None)
+        for p in self.procs:
+            p.join(_STOP_SECONDS)
+
+    def kill(self) -> None:
+        """Stop every worker now (after :meth:`stop`, a no-op for those that ended)."""
+        for p in self.procs:
+            if p.is_alive():
+                p.terminate()
+        for p in self.procs:
+            p.join(_STOP_SECONDS)
+        for q in (*self.tasks, *self.results):
+            # Items still buffered for a stopped worker are dropped, not waited for.
+            q.cancel_join_thread()
+            q.close()
+
+
+def _work(fn: Callable[[Any], Any], tasks: Any, results: Any) -> None:
+    """A worker's loop: items in, results (or the error) out, until told to stop."""
+    # Ctrl-C reaches the whole process group; only the parent acts on it. SIGTERM
+    # (from the parent's kill) ends the worker at once.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_DFL)
+    while True:
+        item = tasks.get()
+        if item is None:
+            return
+        try:
+            results.put(("ok", fn(item)))
+        except Exception as exc:
+            results.put(("error", _picklable(exc)))
+
+
+def _picklable(exc: Exception) -> Exception:
+    """``exc`` if it survives pickling, else a :class:`CapeError` with its message."""
+    try:
+        # Our own exception, just made in this process: nothing untrusted is unpickled.
+        pickle.loads(pickle.dumps(exc))  # noqa: S301
+    except Exception:
+        return CapeError(f"{type(exc).__name__}: {exc}")
+    return exc
+
+
+__all__ = ["can_fork", "default_workers", "ordered_map"]
