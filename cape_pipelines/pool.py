@@ -20,6 +20,7 @@ plan, keys included, pickled to it) the work runs in this process.
 
 from __future__ import annotations
 
+import gc
 import multiprocessing as mp
 import os
 import pickle
@@ -121,8 +122,14 @@ class _Pool:
             )
             for i in range(workers)
         ]
-        for p in self.procs:
-            p.start()
+        # The workers' garbage collections must not walk (and so copy, page by page)
+        # every object they share with this process: freeze those for the forks only.
+        gc.freeze()
+        try:
+            for p in self.procs:
+                p.start()
+        finally:
+            gc.unfreeze()
 
     def send(self, w: int, item: Any) -> None:
         self.tasks[w].put(item)
