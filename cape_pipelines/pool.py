@@ -73,7 +73,11 @@ def ordered_map(
     first = next(it, _END)
     if first is _END:
         return
-    second = next(it, _END)
+    try:
+        second = next(it, _END)
+    except Exception:
+        yield fn(first)
+        raise
     if second is _END:
         # One item: a pool would only add its start-up.
         yield fn(first)
@@ -82,8 +86,19 @@ def ordered_map(
     limit = window or 2 * workers
     out: deque[int] = deque()
     try:
+        items = _chain(first, second, it)
         sent = 0
-        for item in _chain(first, second, it):
+        while True:
+            try:
+                item = next(items)
+            except StopIteration:
+                break
+            except Exception:
+                # One process would have handed back (written, counted) the items read
+                # before the one that could not be read; so does the pool, then the error.
+                while out:
+                    yield pool.receive(out.popleft())
+                raise
             w = sent % workers
             pool.send(w, item)
             out.append(w)

@@ -70,6 +70,19 @@ def test_a_worker_error_is_raised_in_the_parent_after_the_results_before_it() ->
     assert seen == list(range(7))
 
 
+@pytest.mark.parametrize("good", [1, 2, 5, 9])
+def test_items_read_before_a_read_error_come_back_first(good: int) -> None:
+    def items():
+        yield from range(good)
+        raise OSError("input file truncated")
+
+    seen = []
+    with pytest.raises(OSError, match="truncated"):
+        for v, _ in ordered_map(_square_with_pid, items(), 2):
+            seen.append(v)
+    assert seen == [x * x for x in range(good)]
+
+
 class _Unpicklable(Exception):
     def __init__(self, a: int, b: int):
         super().__init__(f"{a}/{b}")
