@@ -35,6 +35,10 @@ from .errors import CapeError
 T = TypeVar("T")
 R = TypeVar("R")
 
+# Ctrl-C, and what orchestrators send to stop a job.
+_STOP_SIGNALS = {
+    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)
+}
 # How long the parent waits for one result before checking that its worker still runs.
 _POLL_SECONDS = 0.5
 # How long a worker asked to stop may take before it is terminated.
@@ -139,12 +143,25 @@ class _Pool:
         ]
         # The workers' garbage collections must not walk (and so copy, page by page)
         # every object they share with this process: freeze those for the forks only.
+        # Stop signals are held while forking: Python ignores an exception raised in
+        # its at-fork handlers, so a Ctrl-C landing there would be lost. They are
+        # delivered (and stop the run) right after.
         gc.freeze()
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         try:
             for p in self.procs:
                 p.start()
+        except BaseException:
+            self.kill()
+            raise
         finally:
             gc.unfreeze()
+            try:
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)
+            except BaseException:
+                # A held Ctrl-C or SIGTERM arrives here: stop the workers, then stop.
+                self.kill()
+                raise
 
     def send(self, w: int, item: Any) -> None:
         self.tasks[w].put(item)
@@ -178,7 +195,8 @@ class _Pool:
             if p.is_alive():
                 p.terminate()
         for p in self.procs:
-            p.join(_STOP_SECONDS)
+            if p.pid is not None:  # started
+                p.join(_STOP_SECONDS)
         for q in (*self.tasks, *self.results):
             # Items still buffered for a stopped worker are dropped, not waited for.
             q.cancel_join_thread()
@@ -193,6 +211,8 @@ def _work(fn: Callable[[Any], Any], tasks: Any, results: Any) -> None:
     for name in ("SIGTERM", "SIGHUP"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), signal.SIG_DFL)
+    # Forked while the parent held the stop signals: take them again.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     while True:
         item = tasks.get()
         if item is None:

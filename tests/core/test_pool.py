@@ -8,8 +8,12 @@ index and audit counts.
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
+import signal
 import sys
+import threading
+import time
 
 import numpy as np
 import pandas as pd
@@ -86,6 +90,9 @@ def test_items_read_before_a_read_error_come_back_first(good: int) -> None:
 class _Unpicklable(Exception):
     def __init__(self, a: int, b: int):
         super().__init__(f"{a}/{b}")
+        # A lock cannot be pickled, whatever pickling support for exceptions is installed
+        # (dask's tblib makes plain exceptions picklable).
+        self.lock = threading.Lock()
 
 
 def _raise_unpicklable(x: int) -> int:
@@ -95,6 +102,40 @@ def _raise_unpicklable(x: int) -> int:
 def test_an_error_that_cannot_be_pickled_still_arrives() -> None:
     with pytest.raises(Exception, match="_Unpicklable: 0/2"):
         list(ordered_map(_raise_unpicklable, range(4), 2))
+
+
+_CTRL_C_AT_FORK = {"on": False}
+
+
+def _ctrl_c_in_the_parent_after_fork() -> None:
+    if _CTRL_C_AT_FORK["on"]:
+        _CTRL_C_AT_FORK["on"] = False
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+# Registered once for the whole test process; it acts only when a test switches it on.
+os.register_at_fork(after_in_parent=_ctrl_c_in_the_parent_after_fork)
+
+
+def _slow(x: int) -> int:
+    time.sleep(0.05)
+    return x
+
+
+def test_ctrl_c_landing_while_a_worker_is_forked_is_not_lost() -> None:
+    # Python ignores exceptions raised in its at-fork handlers (logging has one): a
+    # Ctrl-C delivered there used to vanish and the run went on to the end.
+    before = set(mp.active_children())
+    _CTRL_C_AT_FORK["on"] = True
+    got = []
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            for v in ordered_map(_slow, range(200), 2):
+                got.append(v)
+    finally:
+        _CTRL_C_AT_FORK["on"] = False
+    assert len(got) < 200
+    assert set(mp.active_children()) <= before  # the workers were stopped
 
 
 KEY = bytes(range(1, 33))
