@@ -43,6 +43,7 @@ from .inputs import (
 )
 from .inputs import first_line as _first_line
 from .keys import KeyResolver
+from .lineage import LineageOption, file_lineage
 from .plan import Plan
 from .policy.load import PolicySource
 from .progress import Progress, ProgressFn
@@ -166,6 +167,7 @@ def apply_files(
     policy_source: str | None = None,
     column_tags: Mapping[str, Sequence[str]] | None = None,
     workers: int = 1,
+    lineage: LineageOption = None,
 ) -> ApplyResult:
     """Apply ``policy`` to a CSV/Parquet file or directory and write one output file.
 
@@ -177,6 +179,8 @@ def apply_files(
     ``workers``: processes for the core's work (``--engine pandas``: a pool of
     forked workers, output written in input order, byte for byte the same as
     with one; see :mod:`cape_pipelines.pool`).
+    ``lineage``: also send OpenLineage run events naming ``input`` and ``output`` (see
+    :mod:`cape_pipelines.lineage`).
     """
     src = Path(input)
     dst = Path(output)
@@ -192,6 +196,7 @@ def apply_files(
         source=policy_source,
         record_failure=True,
         run_id=run_id,
+        lineage=file_lineage(lineage, src, dst),
     )
     with binding.run(run_id=run_id) as run:
         if batch_size < 1:
