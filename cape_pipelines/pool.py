@@ -20,12 +20,14 @@ plan, keys included, pickled to it) the work runs in this process.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import multiprocessing as mp
 import os
 import pickle
 import queue
 import signal
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
@@ -36,13 +38,13 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 # Ctrl-C, and what orchestrators send to stop a job.
-_STOP_SIGNALS = {
+_STOP_SIGNALS = [
     getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)
-}
+]
 # How long the parent waits for one result before checking that its worker still runs.
 _POLL_SECONDS = 0.5
 # How long a worker asked to stop may take before it is terminated.
-_STOP_SECONDS = 5.0
+_STOP_SECONDS = 2.0
 
 
 def default_workers() -> int:
@@ -143,25 +145,16 @@ class _Pool:
         ]
         # The workers' garbage collections must not walk (and so copy, page by page)
         # every object they share with this process: freeze those for the forks only.
-        # Stop signals are held while forking: Python ignores an exception raised in
-        # its at-fork handlers, so a Ctrl-C landing there would be lost. They are
-        # delivered (and stop the run) right after.
         gc.freeze()
-        held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         try:
-            for p in self.procs:
-                p.start()
+            with _stop_signals_deferred():
+                for p in self.procs:
+                    p.start()
         except BaseException:
             self.kill()
             raise
         finally:
             gc.unfreeze()
-            try:
-                signal.pthread_sigmask(signal.SIG_SETMASK, held)
-            except BaseException:
-                # A held Ctrl-C or SIGTERM arrives here: stop the workers, then stop.
-                self.kill()
-                raise
 
     def send(self, w: int, item: Any) -> None:
         self.tasks[w].put(item)
@@ -197,10 +190,43 @@ class _Pool:
         for p in self.procs:
             if p.pid is not None:  # started
                 p.join(_STOP_SECONDS)
+                if p.is_alive():
+                    # SIGTERM can land before a just-forked worker has put its own
+                    # handlers in place (it then still has the parent's): SIGKILL.
+                    p.kill()
+                    p.join(_STOP_SECONDS)
         for q in (*self.tasks, *self.results):
             # Items still buffered for a stopped worker are dropped, not waited for.
             q.cancel_join_thread()
             q.close()
+
+
+@contextlib.contextmanager
+def _stop_signals_deferred() -> Iterator[None]:
+    """Ctrl-C, SIGTERM and SIGHUP only noted while forking, then acted on as usual.
+
+    Python ignores an exception raised in its at-fork handlers (logging has
+    one), so a Ctrl-C landing there would be lost and the run would go on. The
+    signals' handlers are swapped for ones that only note them; afterwards the
+    first one noted is raised again, with the usual handlers back. (Signals
+    can only be handled in the main thread; elsewhere nothing changes.)
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    noted: list[int] = []
+    previous: dict[int, Any] = {}
+    for sig in _STOP_SIGNALS:
+        handler = signal.getsignal(sig)
+        if handler is not None:  # None: installed outside Python, cannot be put back
+            previous[sig] = signal.signal(sig, lambda signum, frame: noted.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if noted:
+            signal.raise_signal(noted[0])
 
 
 def _work(fn: Callable[[Any], Any], tasks: Any, results: Any) -> None:
@@ -211,10 +237,16 @@ def _work(fn: Callable[[Any], Any], tasks: Any, results: Any) -> None:
     for name in ("SIGTERM", "SIGHUP"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), signal.SIG_DFL)
-    # Forked while the parent held the stop signals: take them again.
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    parent = os.getppid()
     while True:
-        item = tasks.get()
+        try:
+            item = tasks.get(timeout=_POLL_SECONDS)
+        except queue.Empty:
+            # The parent died without stopping us (SIGKILL): its queues will never
+            # close for us (we hold their other ends too), so look.
+            if os.getppid() != parent:
+                return
+            continue
         if item is None:
             return
         try:

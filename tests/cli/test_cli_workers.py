@@ -228,3 +228,16 @@ def test_workers_refused_for_engines_with_their_own_parallelism(capsys, tmp_path
     res = _apply(capsys, tmp_path, src, tmp_path / "o.csv", 2, "--engine", "dask")
     assert res.code != 0
     assert "--workers is for --engine pandas" in res.err
+
+
+def test_workers_end_when_the_parent_is_killed(tmp_path):
+    # SIGKILL (the out-of-memory killer, kill -9) gives the parent no chance to stop
+    # them: the workers notice their parent is gone and exit instead of waiting forever.
+    proc = _start(tmp_path, 400_000, 2)
+    children = _workers_once_running(proc, tmp_path / "out", 2)
+    proc.kill()
+    proc.communicate(timeout=60)
+    _, alive = psutil.wait_procs(children, timeout=15)
+    for p in alive:
+        p.kill()
+    assert alive == []

@@ -126,6 +126,8 @@ def test_ctrl_c_landing_while_a_worker_is_forked_is_not_lost() -> None:
     # Python ignores exceptions raised in its at-fork handlers (logging has one): a
     # Ctrl-C delivered there used to vanish and the run went on to the end.
     before = set(mp.active_children())
+    # Ctrl-C raising KeyboardInterrupt, as in a cape command (another test may have changed it).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     _CTRL_C_AT_FORK["on"] = True
     got = []
     try:
@@ -134,6 +136,7 @@ def test_ctrl_c_landing_while_a_worker_is_forked_is_not_lost() -> None:
                 got.append(v)
     finally:
         _CTRL_C_AT_FORK["on"] = False
+        signal.signal(signal.SIGINT, previous)
     assert len(got) < 200
     assert set(mp.active_children()) <= before  # the workers were stopped
 
