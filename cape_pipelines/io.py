@@ -224,8 +224,16 @@ def apply_files(
             open_writer(fmt, tmp, plan.output_schema, metadata, timestamp_unit, delimiter) as out,
         ):
             job = FileJob(plan, inputs, batch_size, counters, bar, binding, workers)
-            for batch in run_engine(job):
-                out.write(batch)
+            produced = run_engine(job)
+            if plan.risk is None:
+                for batch in produced:
+                    out.write(batch)
+            else:
+                from .risk_run import stream_with_risk
+
+                counters = run.counters = stream_with_risk(
+                    plan, produced, out.write, counters, tmp.parent
+                )
     return ApplyResult(output=dst, run_id=run.run_id, counters=counters, plan=plan)
 
 
