@@ -55,8 +55,9 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 
 from .. import db
+from ..crypto import CoordinatorSetupError
 from ..sinks.base import DeliveryError, Sink, open_sink, record_document
-from ..sinks.config import SinkBase
+from ..sinks.config import SinkBase, WebhookSink
 
 log = logging.getLogger("cape_coordinator.delivery")
 
@@ -138,7 +139,10 @@ class _Dispatcher:
         except Exception as exc:
             self.attempts += 1
             self.counters["failed"] += 1
-            reason = str(exc) if isinstance(exc, DeliveryError) else type(exc).__name__
+            # Our own errors' messages are written to be shown (no secret, no record);
+            # anything else is named by its type only, as its text may quote either.
+            safe = isinstance(exc, DeliveryError | CoordinatorSetupError)
+            reason = str(exc) if safe else type(exc).__name__
             if self.sink is not None and not isinstance(exc, DeliveryError):
                 # An unexpected error may leave the sink in any state: open it afresh.
                 self._close_sink()
@@ -207,6 +211,9 @@ class DeliveryService:
         with self._lock:
             if self._started or not self.configs:
                 return
+            for config in self.configs:
+                if isinstance(config, WebhookSink):
+                    config.secret_bytes()  # fail at start-up, naming the sink, not later
             self.ensure_cursors()
             self._stop.clear()
             for config in self.configs:

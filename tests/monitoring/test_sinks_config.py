@@ -207,3 +207,14 @@ def test_the_loopback_receiver_refuses_a_forged_post_and_a_replay():
         assert "tolerance (stale or replayed)" in receiver.rejected[1]
     finally:
         receiver.stop()
+
+
+def test_a_webhook_secret_missing_from_the_environment_stops_start_up(tmp_path, monkeypatch):
+    monkeypatch.delenv("CAPE_TEST_ABSENT_SECRET", raising=False)
+    settings = Settings.from_dict({"audit_sinks": [_hook(secret_env="CAPE_TEST_ABSENT_SECRET")]})
+    coord, _ = Coordinator.initialize(Paths.resolve(str(tmp_path / "cape.db")), settings)
+    try:
+        with pytest.raises(CoordinatorSetupError, match="CAPE_TEST_ABSENT_SECRET is empty"):
+            coord.delivery.start()
+    finally:
+        coord.close()
