@@ -51,6 +51,11 @@ class Settings(BaseModel):
     # Where the audit trail is copied to besides the database (docs/monitoring/sinks.md).
     audit_sinks: list[SinkConfig] = Field(default_factory=list)
     audit_sinks_file: str | None = None
+    # GET /metrics: the SHA-256 (hex) of the metrics bearer token (the token itself is
+    # never stored; CAPE_COORDINATOR_METRICS_TOKEN may give it instead), and/or HOST:PORT of
+    # a separate listener serving /metrics alone. Neither set: /metrics answers 404.
+    metrics_token_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    metrics_bind: str | None = Field(default=None, pattern=r"^[A-Za-z0-9.-]+:[0-9]{1,5}$")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Settings:

@@ -37,8 +37,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from sqlalchemy import (
     Column,
     Connection,
@@ -56,8 +57,12 @@ from sqlalchemy.exc import IntegrityError
 
 from .. import db
 from ..crypto import CoordinatorSetupError
+from ..metrics import register_collector
 from ..sinks.base import DeliveryError, Sink, open_sink, record_document
 from ..sinks.config import SinkBase, WebhookSink
+
+if TYPE_CHECKING:
+    from ..coordinator import Coordinator
 
 log = logging.getLogger("cape_coordinator.delivery")
 
@@ -467,3 +472,39 @@ class DeliveryService:
 def _rows(conn: Connection, seqs: list[int]) -> list[Mapping[str, Any]]:
     stmt = select(db.audit).where(db.audit.c.seq.in_(seqs)).order_by(db.audit.c.seq)
     return [dict(row) for row in conn.execute(stmt).mappings()]
+
+
+def delivery_metrics(coordinator: Coordinator) -> Iterator[Metric]:
+    """The sinks' figures for ``GET /metrics``, from the database (the same on every
+    replica): records pending per sink, and the cursor rows' running totals of delivered
+    and dead-lettered records and of failed attempts."""
+    pending = GaugeMetricFamily(
+        "cape_audit_delivery_pending",
+        "Audit records the sink's filter matches that it has not yet acknowledged.",
+        labels=["sink"],
+    )
+    delivered = CounterMetricFamily(
+        "cape_audit_delivered",
+        "Audit records delivered to the sink and acknowledged (all replicas).",
+        labels=["sink"],
+    )
+    failures = CounterMetricFamily(
+        "cape_audit_delivery_failures",
+        "Failed delivery attempts of a batch to the sink (each retry counts).",
+        labels=["sink"],
+    )
+    dead = CounterMetricFamily(
+        "cape_audit_dead_lettered",
+        "Audit records written to the sink's dead-letter file after max_attempts.",
+        labels=["sink"],
+    )
+    for row in coordinator.delivery.status():
+        name = [row["sink"]]
+        pending.add_metric(name, row["backlog"])
+        delivered.add_metric(name, row["delivered"] or 0)
+        failures.add_metric(name, row["failures"] or 0)
+        dead.add_metric(name, row["dead_lettered"] or 0)
+    yield from (pending, delivered, failures, dead)
+
+
+register_collector(delivery_metrics, "cape_coordinator.services.delivery")
