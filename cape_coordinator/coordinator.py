@@ -78,7 +78,9 @@ class Coordinator:
         self.workflow.coverage = self.catalog.label_coverage
         # Audit sinks: their dispatchers start with the app (create_app's lifespan), and
         # every chain commit wakes them.
-        self.delivery = DeliveryService(engine, resolve_sinks(settings))
+        self.delivery = DeliveryService(
+            engine, resolve_sinks(settings), write_lock=self.chain.write_lock
+        )
         self.chain.listeners.append(self.delivery.notify)
 
     def _with_coverage(self, gate: Any) -> Any:

@@ -206,6 +206,11 @@ class AuditChain:
                 self._checkpointed = time.monotonic()
                 self.checkpoint()
 
+    @property
+    def write_lock(self) -> threading.Lock:
+        """The process lock every chain write holds (other short writers may queue on it)."""
+        return self._lock
+
     def anchor(self, conn: Connection) -> tuple[int, str]:
         """(count, last hash) of the chain; on PostgreSQL this takes the chain's row lock."""
         stmt = select(db.settings.c.value).where(db.settings.c.name == "audit_anchor")

@@ -32,6 +32,7 @@ import os
 import random
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -82,6 +83,8 @@ audit_delivery = Table(
 )
 
 LEASE_SECONDS = 30.0
+# How often (at most) a sink's failed attempts during an outage are added to its row.
+FAILURE_RECORD_SECONDS = 5.0
 # How many chain entries one look at the chain scans for records a filter matches.
 _SCAN_ROWS = 2000
 
@@ -104,6 +107,9 @@ class _Dispatcher:
         self.sink: Sink | None = None
         self.attempts = 0
         self.lease_renewed = 0.0
+        # Failed attempts not yet added to the cursor row, and when the row last got some.
+        self.unrecorded_failures = 0
+        self.failures_recorded_at = 0.0
         self.counters = {"delivered": 0, "failed": 0, "dead_lettered": 0}
 
     # ---- the loop ------------------------------------------------------------------------
@@ -194,11 +200,17 @@ class DeliveryService:
         sinks: Sequence[Any],
         *,
         lease_seconds: float = LEASE_SECONDS,
+        write_lock: threading.Lock | None = None,
     ):
         self.engine = engine
+        # The chain's process lock: in one process the dispatchers' short cursor updates
+        # queue behind ingest's commits on it, instead of meeting SQLite's write lock and
+        # its busy handler, which sleeps in steps of up to 100 ms, in ingest's way.
+        self._write_lock = write_lock if write_lock is not None else threading.Lock()
         self.sqlite = engine.dialect.name == "sqlite"
         self.configs: list[SinkBase] = list(sinks)
         self.lease_seconds = lease_seconds
+        self.failure_record_seconds = FAILURE_RECORD_SECONDS
         # Unique per process and start: a replica restarted on the same host is another owner.
         self.owner = f"{socket.gethostname()[:32]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._stop = threading.Event()
@@ -336,7 +348,7 @@ class DeliveryService:
     @contextmanager
     def _write(self) -> Iterator[Connection]:
         """One short write transaction (SQLite: BEGIN IMMEDIATE, like every other writer)."""
-        with self.engine.connect() as conn:
+        with self._write_lock, self.engine.connect() as conn:
             conn.execution_options(cape_write=True)
             with conn.begin():
                 yield conn
@@ -393,6 +405,7 @@ class DeliveryService:
         values: dict[str, Any] = {
             "position": to,
             "delivered": audit_delivery.c.delivered + delivered,
+            "failures": audit_delivery.c.failures + d.unrecorded_failures,
         }
         if delivered:
             values["last_delivered_at"] = db.now()
@@ -409,15 +422,30 @@ class DeliveryService:
             ).rowcount
         if not moved:
             d.lease_renewed = 0.0  # lost the lease (or another replica moved on): recheck
+        else:
+            d.unrecorded_failures = 0
+            d.failures_recorded_at = 0.0
         d.counters["delivered"] += delivered
 
     def _failed(self, d: _Dispatcher, reason: str) -> None:
+        """Count a failed attempt; the first of an outage is recorded at once, later ones
+        at most every ``failure_record_seconds`` (fast retries would otherwise commit, and
+        on SQLite fsync, once per attempt beside ingest's commits)."""
+        d.unrecorded_failures += 1
+        now = time.monotonic()
+        if d.failures_recorded_at and now - d.failures_recorded_at < self.failure_record_seconds:
+            return
         with self._write() as conn:
             conn.execute(
                 update(audit_delivery)
                 .where(audit_delivery.c.sink == d.name)
-                .values(failures=audit_delivery.c.failures + 1, last_error=reason[:500])
+                .values(
+                    failures=audit_delivery.c.failures + d.unrecorded_failures,
+                    last_error=reason[:500],
+                )
             )
+        d.unrecorded_failures = 0
+        d.failures_recorded_at = now
 
     def _dead_letter(
         self, d: _Dispatcher, path: Path, docs: Sequence[Mapping[str, Any]], reason: str, to: int
@@ -462,10 +490,12 @@ class DeliveryService:
                 .values(
                     position=to,
                     dead_lettered=audit_delivery.c.dead_lettered + len(docs),
-                    failures=audit_delivery.c.failures + 1,
+                    failures=audit_delivery.c.failures + d.unrecorded_failures + 1,
                     last_error=reason[:500],
                 )
             )
+        d.unrecorded_failures = 0
+        d.failures_recorded_at = 0.0
         d.counters["dead_lettered"] += len(docs)
 
 

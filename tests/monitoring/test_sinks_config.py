@@ -105,7 +105,7 @@ def test_the_secret_stays_out_of_reprs_dumps_status_and_logs(tmp_path, caplog, m
     coord, _ = Coordinator.initialize(Paths.resolve(str(tmp_path / "cape.db")), settings)
     try:
         coord.delivery.start()
-        wait_for(lambda: coord.delivery.status()[0]["failures"] >= 2, what="failed attempts")
+        wait_for(lambda: coord.delivery.counters()["hook"]["failed"] >= 2, what="failures")
         assert SECRET not in repr(coord.delivery)
         assert SECRET not in json.dumps(coord.delivery.status())
     finally:

@@ -68,6 +68,7 @@ def test_pending_delivered_failed_and_dead_lettered_per_sink(tmp_path):
         for n in range(3):
             coord.create_token(ADMIN, name=f"t{n}", role="auditor")
         total = coord.chain.count()
+        coord.delivery.failure_record_seconds = 0  # every failed attempt in the row at once
         # The lifespan starts the dispatchers.
         with TestClient(create_app(coord)) as http:
             wait_for(lambda: coord.delivery.backlog()["file"] == 0, what="file delivery")
