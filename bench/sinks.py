@@ -9,7 +9,8 @@ coordinator, the path ``POST /v1/audit`` takes after parsing) is run with
   stores every batch;
 * ``hanging``: a webhook whose receiver takes each request and never answers
   (the dispatcher waits out its timeout, then retries);
-* ``refused``: a webhook to a closed port (every attempt fails at once, backoff).
+* ``refused``: a webhook to a closed port (every attempt fails at once; the default
+  backoff), and ``refused-fast``: the same retried every 10-100 ms.
 
 For each case the bench reports the median over the repeats of ingest records/s, the
 p50 and p99 latency of one batch, the ratio of throughput to ``none``, and for
@@ -43,7 +44,7 @@ from cape_coordinator.services.base import Principal  # noqa: E402
 
 SECRET = "bench-webhook-secret-0123456789"
 PIPE = Principal("-", "bench", "pipeline", ("bench",))
-CASES = ("none", "live", "hanging", "refused")
+CASES = ("none", "live", "hanging", "refused", "refused-fast")
 
 
 def _records(n: int) -> list[dict[str, Any]]:
@@ -79,6 +80,10 @@ def _once(case: str, batches: int, size: int, work: Path) -> dict[str, float]:
         receiver.start()
         sinks = [_hook(receiver.url, timeout_seconds=30)]
     elif case == "refused":
+        # The default backoff (0.5 s doubling to 60 s).
+        sinks = [_hook("http://127.0.0.1:9/x")]
+    elif case == "refused-fast":
+        # A retry every 10-100 ms: the worst a misconfigured sink can do.
         sinks = [_hook("http://127.0.0.1:9/x", retry_base_seconds=0.01, retry_max_seconds=0.1)]
     coord, _ = Coordinator.initialize(
         Paths.resolve(str(work / "cape.db")), Settings.from_dict({"audit_sinks": sinks})
@@ -136,7 +141,7 @@ def main() -> None:
         f"{args.batches} batches x {args.records} records, SQLite (synchronous=FULL), "
         f"median of {args.repeat}"
     )
-    print(f"{'case':<10}{'records/s':>12}{'x none':>9}{'p50 ms':>9}{'p99 ms':>9}  delivery")
+    print(f"{'case':<13}{'records/s':>12}{'x none':>9}{'p50 ms':>9}{'p99 ms':>9}  delivery")
     for case in CASES:
         rows = results[case]
         rate = statistics.median(r["rate"] for r in rows)
@@ -147,7 +152,7 @@ def main() -> None:
             drain = statistics.median(r["drain"] for r in rows)
             delivered = statistics.median(r["delivered_rate"] for r in rows)
             extra = f"drained {drain:.2f} s after the last commit, {delivered:,.0f} records/s"
-        print(f"{case:<10}{rate:>12,.0f}{rate / base:>9.2f}{p50:>9.2f}{p99:>9.2f}  {extra}")
+        print(f"{case:<13}{rate:>12,.0f}{rate / base:>9.2f}{p50:>9.2f}{p99:>9.2f}  {extra}")
 
 
 if __name__ == "__main__":

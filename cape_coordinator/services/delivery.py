@@ -122,7 +122,11 @@ class _Dispatcher:
             except Exception as exc:  # the database or the sink failed unexpectedly
                 log.error("audit sink %s: %s", self.name, type(exc).__name__)
                 wait = self._backoff(max(self.attempts, 1))
-            if wait > 0:
+            if wait > 0 and self.attempts:
+                # Backing off: new commits must not cut the wait short (under load they
+                # would turn the backoff into a retry per commit); only stop() does.
+                stop.wait(wait)
+            elif wait > 0:
                 self.wake.wait(wait)
                 self.wake.clear()
         if self.sink is not None:

@@ -619,3 +619,28 @@ def test_parse_sinks_rejects_a_bad_entry_naming_it():
             "test",
             yaml_ok=False,
         )
+
+
+def test_commits_do_not_cut_a_backoff_short(sqlite_coord, monkeypatch):
+    from cape_coordinator.services import delivery
+
+    # The longest wait the jitter allows, so the test does not depend on the draw.
+    monkeypatch.setattr(delivery.random, "uniform", lambda _low, high: high)
+    coord = sqlite_coord(
+        [
+            {
+                "name": "down",
+                "kind": "webhook",
+                "url": "http://127.0.0.1:9/x",
+                "secret": SECRET,
+                "retry_base_seconds": 30,
+            }
+        ]
+    )
+    coord.delivery.start()
+    wait_for(lambda: coord.delivery.counters()["down"]["failed"] == 1, what="first failure")
+    for _ in range(20):
+        coord.post_audit(PIPE, run_records())
+    time.sleep(0.5)
+    # Under load, a commit per retry would hammer a receiver that is down.
+    assert coord.delivery.counters()["down"]["failed"] == 1
