@@ -359,7 +359,7 @@ class DeliveryService:
 
     def _hold_lease(self, d: _Dispatcher) -> bool:
         """Take or renew this replica's lease on the sink; False when another holds it."""
-        now = datetime.now(UTC).timestamp()
+        now = time.monotonic()
         if d.lease_renewed and now - d.lease_renewed < self.lease_seconds / 3:
             return True
         stamp = db.now()

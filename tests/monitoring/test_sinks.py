@@ -644,3 +644,31 @@ def test_commits_do_not_cut_a_backoff_short(sqlite_coord, monkeypatch):
     time.sleep(0.5)
     # Under load, a commit per retry would hammer a receiver that is down.
     assert coord.delivery.counters()["down"]["failed"] == 1
+
+
+def test_an_unwritable_dead_letter_file_keeps_the_batch(sqlite_coord, tmp_path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x", encoding="utf-8")
+    dead = blocker / "dead.jsonl"
+    coord = sqlite_coord(
+        [
+            {
+                "name": "down",
+                "kind": "webhook",
+                "url": "http://127.0.0.1:9/x",
+                "secret": SECRET,
+                "max_attempts": 1,
+                "dead_letter": str(dead),
+                **FAST,
+            }
+        ]
+    )
+    coord.delivery.start()
+    wait_for(lambda: coord.delivery.counters()["down"]["failed"] >= 3, what="attempts")
+    assert coord.delivery.status()[0]["position"] == 0
+    assert coord.delivery.counters()["down"]["dead_lettered"] == 0
+    blocker.unlink()
+    wait_for(lambda: coord.delivery.backlog()["down"] == 0, what="dead-lettering")
+    assert [d["seq"] for line in jsonl_lines(dead) for d in line["records"]] == [
+        r["seq"] for r in chain(coord)
+    ]
