@@ -197,7 +197,10 @@ class AuditChain:
             self._copies.write(appended)
             if appended:
                 for listener in self.listeners:
-                    listener()
+                    try:
+                        listener()
+                    except Exception as exc:  # the write has committed: never fail it now
+                        log.error("audit chain listener failed: %s", type(exc).__name__)
             if (
                 self.sqlite
                 and appended

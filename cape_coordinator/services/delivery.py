@@ -237,9 +237,9 @@ class DeliveryService:
                     config.secret_bytes()  # fail at start-up, naming the sink, not later
             self.ensure_cursors()
             self._stop.clear()
-            for config in self.configs:
-                dispatcher = _Dispatcher(self, config)
-                self._dispatchers[config.name] = dispatcher
+            # Assigned whole: notify() runs on ingest's thread and reads it without the lock.
+            self._dispatchers = {c.name: _Dispatcher(self, c) for c in self.configs}
+            for dispatcher in self._dispatchers.values():
                 dispatcher.thread.start()
             self._started = True
 
@@ -263,12 +263,12 @@ class DeliveryService:
                     )
             except Exception as exc:
                 log.warning("audit delivery: cannot release leases: %s", type(exc).__name__)
-            self._dispatchers.clear()
+            self._dispatchers = {}
             self._started = False
 
     def notify(self) -> None:
         """Wake every dispatcher (called after each chain commit; never blocks)."""
-        for dispatcher in self._dispatchers.values():
+        for dispatcher in tuple(self._dispatchers.values()):
             dispatcher.wake.set()
 
     def ensure_cursors(self) -> None:

@@ -672,3 +672,19 @@ def test_an_unwritable_dead_letter_file_keeps_the_batch(sqlite_coord, tmp_path):
     assert [d["seq"] for line in jsonl_lines(dead) for d in line["records"]] == [
         r["seq"] for r in chain(coord)
     ]
+
+
+def test_a_failing_commit_listener_never_fails_the_committed_write(sqlite_coord):
+    coord = sqlite_coord([])
+
+    def broken() -> None:
+        raise RuntimeError("listener bug")
+
+    coord.chain.listeners.append(broken)
+    assert coord.post_audit(PIPE, run_records()) == {"accepted": 2, "duplicates": 0}
+    coord.create_token(ADMIN, name="still-works", role="auditor")
+    assert [r["event"] for r in chain(coord)][-3:] == [
+        "run.started",
+        "run.completed",
+        "token.created",
+    ]
