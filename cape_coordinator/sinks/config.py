@@ -129,6 +129,8 @@ class WebhookSink(SinkBase):
     # May carry credentials (Authorization): kept out of reprs.
     headers: dict[str, str] = Field(default_factory=dict, repr=False)
     timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+    # A CA bundle for an https URL signed by a private CA (else the system's CAs).
+    ca_file: str | None = None
 
     @model_validator(mode="after")
     def _one_secret(self) -> WebhookSink:
@@ -180,6 +182,8 @@ class OtlpSink(SinkBase):
     # Resource attributes besides service.name.
     resource: dict[str, str] = Field(default_factory=dict)
     service_name: str = "cape-coordinator"
+    # A CA bundle for an https endpoint signed by a private CA (else the system's CAs).
+    ca_file: str | None = None
 
 
 SinkConfig = Annotated[JsonlSink | SyslogSink | WebhookSink | OtlpSink, Field(discriminator="kind")]

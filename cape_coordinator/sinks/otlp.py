@@ -43,6 +43,7 @@ class OtlpSender:
         self.config = config
         self._exporter = OTLPLogExporter(
             endpoint=config.endpoint,
+            certificate_file=config.ca_file,
             headers=dict(config.headers),
             timeout=config.timeout_seconds,
         )

@@ -124,6 +124,8 @@ class WebhookSender:
         self._session = requests.Session()
         # Proxies and credentials from the environment are not wanted for an audit feed.
         self._session.trust_env = False
+        if config.ca_file:
+            self._session.verify = config.ca_file
 
     def __repr__(self) -> str:
         return f"WebhookSender({self.config.name!r})"

@@ -26,6 +26,7 @@ from _sink_receivers import (
     WebhookReceiver,
     any_value,
     jsonl_lines,
+    tls_context,
     wait_for,
 )
 
@@ -688,3 +689,21 @@ def test_a_failing_commit_listener_never_fails_the_committed_write(sqlite_coord)
         "run.completed",
         "token.created",
     ]
+
+
+def test_https_webhook_trusts_only_the_configured_ca(sqlite_coord, tmp_path):
+    context, ca_file = tls_context(tmp_path)
+    receiver = WebhookReceiver(SECRET, tls=context).start()
+    try:
+        # Without the private CA the receiver's certificate is refused (as a
+        # man in the middle's would be): nothing is sent, the batch waits.
+        untrusting = sqlite_coord([webhook(receiver, name="plain")])
+        untrusting.delivery.start()
+        wait_for(lambda: untrusting.delivery.counters()["plain"]["failed"] >= 1, what="refusal")
+        wait_for(lambda: untrusting.delivery.status()[0]["last_error"] == "webhook: SSLError")
+        assert receiver.by_seq == {}
+        trusting = sqlite_coord([webhook(receiver, ca_file=str(ca_file))])
+        trusting.delivery.start()
+        wait_for(lambda: len(receiver.by_seq) == len(chain(trusting)), what="TLS delivery")
+    finally:
+        receiver.stop()
