@@ -75,6 +75,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from .app import create_app
     from .coordinator import Coordinator
+    from .crypto import CoordinatorSetupError
     from .logs import uvicorn_log_config
 
     paths, settings = _paths_and_settings(args)
@@ -85,7 +86,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from .metrics import metrics_token_hash, serve_metrics
 
         token_hash = metrics_token_hash(settings.metrics_token_sha256)
-        metrics_server, _ = serve_metrics(app.state.metrics, settings.metrics_bind, token_hash)
+        try:
+            metrics_server, _ = serve_metrics(app.state.metrics, settings.metrics_bind, token_hash)
+        except (ValueError, OSError) as exc:
+            coord.close()
+            raise CoordinatorSetupError(
+                f"cannot serve metrics on {settings.metrics_bind}: {exc}"
+            ) from None
         print(f"metrics on http://{settings.metrics_bind}/metrics", file=sys.stderr, flush=True)
     print(
         f"cape coordinator on http://{args.host}:{args.port} (signing key {coord.public_key_text})",

@@ -39,8 +39,12 @@ TOKEN_SHA = hashlib.sha256(METRICS_TOKEN.encode()).hexdigest()
 
 
 class Env:
-    def __init__(self, tmp_path: Path, **settings: Any):
-        self.paths = Paths.resolve(str(tmp_path / "c.db"))
+    def __init__(self, tmp_path: Path, url: str | None = None, **settings: Any):
+        self.paths = (
+            Paths.resolve(str(tmp_path / "c.db"))
+            if url is None
+            else Paths.resolve(url, str(tmp_path / "c.key"), str(tmp_path / "c.json"))
+        )
         self.coord, self.admin = Coordinator.initialize(self.paths, Settings(**settings))
         self.http = TestClient(create_app(self.coord))
         self.pipeline = self.coord.tokens.create(
@@ -100,6 +104,19 @@ def env(tmp_path: Path) -> Iterator[Env]:
         e.close()
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Env]:
+    """``env`` on SQLite and on PostgreSQL (the database figures are queries)."""
+    url = None
+    if request.param == "postgresql":
+        url = request.getfixturevalue("pg_cluster").new_database("metrics")
+    e = Env(tmp_path, url, metrics_token_sha256=TOKEN_SHA)
+    try:
+        yield e
+    finally:
+        e.close()
+
+
 def _ingest_story(env: Env) -> int:
     """Four runs of label orders (succeeded, failed, running, lost) and one of customers on
     spark; returns the number of records posted."""
@@ -137,7 +154,8 @@ def _ingest_story(env: Env) -> int:
     return sum(len(b) for b in batches)
 
 
-def test_scrape_after_real_ingests(env: Env) -> None:
+def test_scrape_after_real_ingests(any_env: Env) -> None:
+    env = any_env
     posted = _ingest_story(env)
     # A refused batch (label the token does not hold) is counted, not ingested.
     assert env.post(rec("r-x", "run.started", label="payroll")).status_code == 403
@@ -173,7 +191,8 @@ def test_a_late_record_takes_a_run_out_of_lost(env: Env) -> None:
     assert runs[key(engine="pandas", label="orders", status="succeeded")] == 2
 
 
-def test_the_chain_head_check_sees_a_truncated_chain(env: Env) -> None:
+def test_the_chain_head_check_sees_a_truncated_chain(any_env: Env) -> None:
+    env = any_env
     _ingest_story(env)
     last = env.coord.audit_count()
     with env.coord.engine.begin() as conn:
@@ -258,7 +277,8 @@ def test_bad_metric_settings_are_refused() -> None:
         Settings.from_dict({"metrics_bind": "0.0.0.0"})
 
 
-def test_two_coordinators_on_one_database_report_the_same_figures(env: Env) -> None:
+def test_two_coordinators_on_one_database_report_the_same_figures(any_env: Env) -> None:
+    env = any_env
     _ingest_story(env)
     other = Coordinator.open(env.paths, Settings(metrics_token_sha256=TOKEN_SHA))
     try:
@@ -344,3 +364,67 @@ def test_the_separate_listener_serves_metrics_alone(env: Env) -> None:
         server.server_close()
         thread.join(timeout=10)
     assert not thread.is_alive()
+
+
+@pytest.mark.coordinator
+def test_serve_with_a_metrics_bind_address(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``cape coordinator serve --metrics-bind``: /metrics on its own port (with the token
+    from the environment), not on the API's; the listener ends with the server."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "coordinator"))
+    from _coord_support import Server
+
+    metrics_port = _free_port()
+    monkeypatch.setenv(METRICS_TOKEN_ENV, METRICS_TOKEN)
+    srv = Server(tmp_path / "c", "--metrics-bind", f"127.0.0.1:{metrics_port}")
+    srv.start()
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", metrics_port, timeout=10)
+        conn.request("GET", "/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
+        resp = conn.getresponse()
+        body = resp.read().decode()
+        conn.close()
+        assert resp.status == 200
+        assert parse(body)["cape_audit_chain_head_ok"][()] == 1
+        conn = http.client.HTTPConnection("127.0.0.1", metrics_port, timeout=10)
+        conn.request("GET", "/metrics")
+        assert conn.getresponse().status == 401
+        conn.close()
+        api = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10)
+        api.request("GET", "/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
+        assert api.getresponse().status == 404
+        api.close()
+    finally:
+        srv.stop()
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", metrics_port), timeout=2).close()
+
+
+@pytest.mark.coordinator
+def test_serve_refuses_a_metrics_address_it_cannot_bind(tmp_path: Path) -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "coordinator"))
+    from _coord_support import run_cli
+
+    db = str(tmp_path / "c.db")
+    run_cli("coordinator", "init", "--db", db)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = run_cli(
+            "coordinator",
+            "serve",
+            "--db",
+            db,
+            "--port",
+            str(_free_port()),
+            "--metrics-bind",
+            f"127.0.0.1:{port}",
+            check=False,
+        )
+    assert done.returncode != 0
+    assert f"cannot serve metrics on 127.0.0.1:{port}" in done.stderr
+    assert "Traceback" not in done.stderr
