@@ -107,6 +107,8 @@ class _Dispatcher:
         self.sink: Sink | None = None
         self.attempts = 0
         self.lease_renewed = 0.0
+        # The batch that failed last, kept for its retry: (cursor, documents, reach).
+        self.retry: tuple[int, list[dict[str, Any]], int] | None = None
         # Failed attempts not yet added to the cursor row, and when the row last got some.
         self.unrecorded_failures = 0
         self.failures_recorded_at = 0.0
@@ -140,13 +142,18 @@ class _Dispatcher:
         svc = self.service
         if not svc._hold_lease(self):
             return min(svc.lease_seconds / 3, 5.0)
-        position, rows, scanned_to = svc._pending(self.config)
-        if scanned_to == position:
-            return float(self.config.poll_seconds)
-        if not rows:
-            svc._advance(self, scanned_to, delivered=0)
-            return 0.0
-        docs = [record_document(r) for r in rows]
+        retry, self.retry = self.retry, None
+        if retry is not None and svc._position(self.name) == retry[0]:
+            # Retrying: the batch that failed, not read and parsed again for every attempt.
+            position, docs, scanned_to = retry
+        else:
+            position, rows, scanned_to = svc._pending(self.config)
+            if scanned_to == position:
+                return float(self.config.poll_seconds)
+            if not rows:
+                svc._advance(self, scanned_to, delivered=0)
+                return 0.0
+            docs = [record_document(r) for r in rows]
         try:
             if self.sink is None:
                 self.sink = open_sink(self.config)
@@ -166,6 +173,7 @@ class _Dispatcher:
                 svc._dead_letter(self, Path(dead), docs, reason, scanned_to)
                 self.attempts = 0
                 return 0.0
+            self.retry = (position, docs, scanned_to)
             svc._failed(self, reason)
             log.warning(
                 "audit sink %s: delivery of seq %s-%s failed (attempt %d): %s",
@@ -404,6 +412,15 @@ class DeliveryService:
                 reached = int(seq)
             rows = _rows(conn, wanted) if wanted else []
         return position, rows, reached
+
+    def _position(self, sink: str) -> int:
+        """The sink's cursor as stored."""
+        with self.engine.connect() as conn:
+            return int(
+                conn.execute(
+                    select(audit_delivery.c.position).where(audit_delivery.c.sink == sink)
+                ).scalar_one()
+            )
 
     def _advance(self, d: _Dispatcher, to: int, *, delivered: int) -> None:
         values: dict[str, Any] = {

@@ -707,3 +707,20 @@ def test_https_webhook_trusts_only_the_configured_ca(sqlite_coord, tmp_path):
         wait_for(lambda: len(receiver.by_seq) == len(chain(trusting)), what="TLS delivery")
     finally:
         receiver.stop()
+
+
+def test_a_retry_resends_the_failed_batch_without_reading_it_again(sqlite_coord):
+    receiver = WebhookReceiver(SECRET).start()
+    receiver.status = 503
+    try:
+        coord = sqlite_coord([webhook(receiver)])
+        reads = []
+        pending = coord.delivery._pending
+        coord.delivery._pending = lambda config: reads.append(1) or pending(config)
+        coord.delivery.start()
+        wait_for(lambda: coord.delivery.counters()["hook"]["failed"] >= 5, what="retries")
+        assert len(reads) == 1
+        receiver.status = 200
+        wait_for(lambda: len(receiver.by_seq) == len(chain(coord)), what="delivery")
+    finally:
+        receiver.stop()
