@@ -106,6 +106,7 @@ class _Dispatcher:
         )
         self.sink: Sink | None = None
         self.attempts = 0
+        self.lingering = False
         self.lease_renewed = 0.0
         # The batch that failed last, kept for its retry: (cursor, documents, reach).
         self.retry: tuple[int, list[dict[str, Any]], int] | None = None
@@ -124,9 +125,10 @@ class _Dispatcher:
             except Exception as exc:  # the database or the sink failed unexpectedly
                 log.error("audit sink %s: %s", self.name, type(exc).__name__)
                 wait = self._backoff(max(self.attempts, 1))
-            if wait > 0 and self.attempts:
-                # Backing off: new commits must not cut the wait short (under load they
-                # would turn the backoff into a retry per commit); only stop() does.
+            if wait > 0 and (self.attempts or self.lingering):
+                # Backing off, or lingering for a fuller batch: new commits must not cut
+                # the wait short (under load they would turn it into a retry, or a small
+                # batch and a cursor commit, per ingest commit); only stop() does.
                 stop.wait(wait)
             elif wait > 0:
                 self.wake.wait(wait)
@@ -140,6 +142,7 @@ class _Dispatcher:
     def _step(self) -> float:
         """One look at the chain; returns how long to wait before the next."""
         svc = self.service
+        self.lingering = False
         if not svc._hold_lease(self):
             return min(svc.lease_seconds / 3, 5.0)
         retry, self.retry = self.retry, None
@@ -186,6 +189,10 @@ class _Dispatcher:
             return self._backoff(self.attempts)
         self.attempts = 0
         svc._advance(self, scanned_to, delivered=len(docs))
+        if len(docs) < self.config.batch_size:
+            # Caught up: let the next records gather into one batch (and one cursor commit).
+            self.lingering = True
+            return float(self.config.linger_seconds)
         return 0.0
 
     def _backoff(self, attempt: int) -> float:

@@ -52,6 +52,10 @@ class SinkBase(BaseModel):
     batch_size: int = Field(default=100, ge=1, le=10_000)
     # Idle wait between looks at the chain (a commit wakes the dispatcher sooner).
     poll_seconds: float = Field(default=1.0, gt=0, le=300)
+    # After a batch that was not full, wait this long before the next look, so that
+    # under steady ingest records go out in fewer, fuller batches (each batch costs a
+    # cursor commit beside ingest's); 0 sends each commit's records at once.
+    linger_seconds: float = Field(default=0.2, ge=0, le=60)
     # Retries of one batch: exponential backoff from retry_base_seconds, capped at
     # retry_max_seconds, with full jitter. After max_attempts failed attempts the batch
     # goes to dead_letter when one is configured; without one it is retried until it

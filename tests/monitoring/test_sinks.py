@@ -724,3 +724,18 @@ def test_a_retry_resends_the_failed_batch_without_reading_it_again(sqlite_coord)
         wait_for(lambda: len(receiver.by_seq) == len(chain(coord)), what="delivery")
     finally:
         receiver.stop()
+
+
+def test_steady_ingest_goes_out_in_few_full_batches(sqlite_coord):
+    receiver = WebhookReceiver(SECRET).start()
+    try:
+        coord = sqlite_coord([webhook(receiver, batch_size=1000, linger_seconds=1.0)])
+        coord.delivery.start()
+        wait_for(lambda: len(receiver.batches) == 1, what="the first batch")
+        for _ in range(20):
+            coord.post_audit(PIPE, run_records())
+        wait_for(lambda: len(receiver.by_seq) == len(chain(coord)), what="delivery")
+        # One batch per commit would be 20 batches and 20 cursor commits beside ingest's.
+        assert len(receiver.batches) <= 5
+    finally:
+        receiver.stop()
