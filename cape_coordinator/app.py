@@ -12,6 +12,8 @@ request and response models in :mod:`cape_coordinator.schemas`.
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -195,7 +197,18 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 def create_app(coordinator: Coordinator) -> FastAPI:
     """The ASGI app serving ``coordinator`` (size limit and error handling included)."""
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        # The orchestrator poller runs while the app serves (docs/orchestrators.md).
+        coordinator.orchestrators.start()
+        try:
+            yield
+        finally:
+            coordinator.orchestrators.stop()
+
     app = FastAPI(
+        lifespan=lifespan,
         title="Cape coordinator",
         version="1",
         description="Reviewed, signed policies; keys; one tamper-evident audit trail per run.",

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .crypto import CoordinatorSetupError
+from .services.orchestrators import Endpoint
 
 
 class Settings(BaseModel):
@@ -42,6 +43,17 @@ class Settings(BaseModel):
     console_absolute_seconds: int = Field(default=12 * 3600, ge=60)
     # /docs, /redoc and /openapi.json: off unless asked for (they map the whole API).
     api_docs: bool = False
+    # Spark, YARN and Airflow endpoints polled for the runs' jobs (docs/orchestrators.md).
+    orchestrators: list[Endpoint] = Field(default_factory=list, max_length=100)
+
+    @field_validator("orchestrators")
+    @classmethod
+    def _unique_endpoints(cls, value: list[Endpoint]) -> list[Endpoint]:
+        names = [ep.name for ep in value]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"endpoint names must be unique: {', '.join(twice)}")
+        return value
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Settings:

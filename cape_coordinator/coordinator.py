@@ -41,6 +41,7 @@ from .services.base import Principal
 from .services.catalog import CatalogService
 from .services.chain import GENESIS, AuditChain, Copies, VerifyResult, anchor_message
 from .services.ingest import AuditIngest
+from .services.orchestrators import OrchestratorService
 from .services.policies import PolicyService
 from .services.runs import RunService
 from .services.secrets import SecretService
@@ -72,6 +73,7 @@ class Coordinator:
         self.ingest = AuditIngest(self.chain, self.runs)
         self.workflow = WorkflowService(self.chain, self.policies)
         self.catalog = CatalogService(self.chain)
+        self.orchestrators = OrchestratorService(engine, self.chain, list(settings.orchestrators))
         self.policies.review_gate = self._with_coverage(self.policies.review_gate)
         self.workflow.coverage = self.catalog.label_coverage
 
@@ -166,7 +168,9 @@ class Coordinator:
         return coord, token
 
     def close(self) -> None:
-        """Commit queued audit batches, stop the audit writer and release connections."""
+        """Stop the orchestrator poller, commit queued audit batches, stop the audit writer
+        and release connections."""
+        self.orchestrators.stop()
         self.ingest.close()
         self.chain.checkpoint()
         self.engine.dispose()
