@@ -63,6 +63,7 @@ from sqlalchemy import (
     Table,
     and_,
     bindparam,
+    func,
     insert,
     select,
     text,
@@ -235,6 +236,7 @@ class EndpointStatus:
     last_ok: str | None = None
     last_error: str | None = None
     apps: int = 0
+    # Runs linked to this endpoint's applications, in all.
     linked: int = 0
     failed_runs: int = 0
 
@@ -682,7 +684,8 @@ class OrchestratorService:
         found = found[:MAX_APPS]
         self._store(ep, found)
         st.apps = len(found)
-        st.linked = self._link(ep, found)
+        self._link(ep, found)
+        st.linked = self._linked_runs(ep)
         st.failed_runs += self._fail_ended(ep)
         st.last_ok = st.last_poll
         st.last_error = None
@@ -811,6 +814,12 @@ class OrchestratorService:
             if new:
                 conn.execute(insert(links), new)
         return len(new)
+
+    def _linked_runs(self, ep: Endpoint) -> int:
+        """How many runs are linked to applications of ``ep`` (in all)."""
+        with self.engine.connect() as conn:
+            stmt = select(func.count()).select_from(links).where(links.c.endpoint == ep.name)
+            return int(conn.execute(stmt).scalar_one())
 
     def _fail_ended(self, ep: Endpoint) -> int:
         """Fail the running runs linked to applications of ``ep`` that ended more than the
