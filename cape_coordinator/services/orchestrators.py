@@ -672,7 +672,7 @@ class OrchestratorService:
             http = Http(ep, self.session_factory())
             try:
                 if ep.kind == "airflow":
-                    found = poll_airflow(http, self._wanted_dag_runs())
+                    found = poll_airflow(http, self._wanted_dag_runs(ep))
                 else:
                     found = POLLERS[ep.kind](http)
             finally:
@@ -690,12 +690,17 @@ class OrchestratorService:
         st.last_ok = st.last_poll
         st.last_error = None
 
-    def _wanted_dag_runs(self) -> set[tuple[str, str]]:
-        """(dag_id, run_id) of the Airflow task instances running runs claim."""
+    def _wanted_dag_runs(self, ep: Endpoint) -> set[tuple[str, str]]:
+        """(dag_id, run_id) of the Airflow task instances claimed by runs still running or
+        not linked here yet (a run that finished before the first poll is shown too)."""
+        linked_here = select(links.c.run_id).where(links.c.endpoint == ep.name)
         stmt = (
             select(claims.c.app_id)
             .join(db.runs, db.runs.c.run_id == claims.c.run_id)
-            .where(claims.c.kind == "airflow", db.runs.c.status == "running")
+            .where(
+                claims.c.kind == "airflow",
+                (db.runs.c.status == "running") | claims.c.run_id.not_in(linked_here),
+            )
         )
         with self.engine.connect() as conn:
             ids = [r[0] for r in conn.execute(stmt)]
