@@ -1,8 +1,9 @@
 """The Airflow operator and hook: apply a Cape policy by label to files in a DAG task.
 
 >>> from cape_pipelines.airflow.operators import CapeApplyOperator  # doctest: +SKIP
->>> CapeApplyOperator(task_id="tokenize", label="customers",
-...                   input="/data/in/{{ ds }}.csv", output="/data/out/{{ ds }}.parquet")
+>>> CapeApplyOperator(task_id="tokenize", policy_label="customers",
+...                   input_path="/data/in/{{ ds }}.csv",
+...                   output_path="/data/out/{{ ds }}.parquet")
 ... # doctest: +SKIP
 
 Needs the ``airflow`` extra (Airflow 3's task SDK, or Airflow 2.10+). The
@@ -23,15 +24,19 @@ from .task import Coordinator, TaskRefused, TaskRetryable, apply_task
 
 try:  # Airflow 3: the task SDK
     from airflow.sdk import BaseHook, BaseOperator
+    from airflow.sdk.exceptions import AirflowException, AirflowFailException
 except ImportError:  # Airflow 2.10+
     try:
+        from airflow.exceptions import (  # type: ignore[no-redef]
+            AirflowException,
+            AirflowFailException,
+        )
         from airflow.hooks.base import BaseHook  # type: ignore[no-redef]
         from airflow.models import BaseOperator  # type: ignore[no-redef]
     except ImportError as exc:
         raise ImportError(
             "cape_pipelines.airflow.operators needs Apache Airflow: install the 'airflow' extra"
         ) from exc
-from airflow.exceptions import AirflowException, AirflowFailException
 
 
 class CapeHook(BaseHook):
@@ -70,22 +75,23 @@ class CapeHook(BaseHook):
 
 
 class CapeApplyOperator(BaseOperator):
-    """Apply the active policy of ``label`` to ``input`` (a CSV/Parquet file or directory)
-    and write ``output``: one audited run, linked to this task instance.
+    """Apply the active policy of ``policy_label`` to ``input_path`` (a CSV/Parquet file or
+    directory) and write ``output_path``: one audited run, linked to this task instance.
 
     ``engine``: ``pandas`` (default), ``dask`` or ``spark``; with ``spark_conf`` (e.g.
     ``{"spark.master": "spark://host:7077"}``) the task starts the Spark application itself,
     and the run names it too. ``options`` go to :func:`cape_pipelines.io.apply_files`.
     """
 
-    template_fields: Sequence[str] = ("label", "input", "output")
+    # Not ``label`` or ``output``: BaseOperator has read-only properties of those names.
+    template_fields: Sequence[str] = ("policy_label", "input_path", "output_path")
 
     def __init__(
         self,
         *,
-        label: str,
-        input: str,
-        output: str,
+        policy_label: str,
+        input_path: str,
+        output_path: str,
         engine: str = "pandas",
         overwrite: bool = False,
         spark_conf: Mapping[str, str] | None = None,
@@ -94,9 +100,9 @@ class CapeApplyOperator(BaseOperator):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.label = label
-        self.input = input
-        self.output = output
+        self.policy_label = policy_label
+        self.input_path = input_path
+        self.output_path = output_path
         self.engine = engine
         self.overwrite = overwrite
         self.spark_conf = dict(spark_conf or {})
@@ -107,9 +113,9 @@ class CapeApplyOperator(BaseOperator):
         coordinator = CapeHook(self.cape_conn_id).coordinator()
         try:
             result = apply_task(
-                self.label,
-                self.input,
-                self.output,
+                self.policy_label,
+                self.input_path,
+                self.output_path,
                 coordinator=coordinator,
                 context=context,
                 engine=self.engine,
