@@ -27,7 +27,7 @@ pytest.importorskip("pyspark")
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "clusters"))
 
-from launch import SparkStandalone, tail
+from launch import SparkStandalone, free_port, tail
 
 from cape_coordinator.coordinator import Coordinator
 from cape_coordinator.services.base import Principal
@@ -50,13 +50,20 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SparkStandalon
 
 
 def _driver(
-    cluster: SparkStandalone, audit: Path, sleep: float, log: Path
+    cluster: SparkStandalone, audit: Path, sleep: float, log: Path, ui_port: int
 ) -> subprocess.Popen[bytes]:
     env = dict(cluster.env(), PYTHONPATH=str(REPO))
     for var in ("AIRFLOW_CTX_DAG_ID", "AIRFLOW_CTX_DAG_RUN_ID", "SPARK_APPLICATION_ID"):
         env.pop(var, None)
     return subprocess.Popen(
-        [sys.executable, str(HERE / "spark_app_driver.py"), cluster.url, str(audit), str(sleep)],
+        [
+            sys.executable,
+            str(HERE / "spark_app_driver.py"),
+            cluster.url,
+            str(audit),
+            str(sleep),
+            str(ui_port),
+        ],
         env=env,
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
@@ -89,6 +96,7 @@ def test_master_json_has_the_shape_the_poller_reads(cluster: SparkStandalone) ->
 def test_application_linked_then_killed_fails_its_run(
     cluster: SparkStandalone, make_coord: Any, tmp_path: Path
 ) -> None:
+    ui_port = free_port()
     coord: Coordinator = make_coord(
         {
             "name": "standalone",
@@ -96,10 +104,18 @@ def test_application_linked_then_killed_fails_its_run(
             "url": cluster.webui_url,
             "grace_seconds": 0,
             "labels": ["orch-link"],
-        }
+        },
+        # The driver's own UI: its /api/v1 says how many executors the application has.
+        {
+            "name": "driver",
+            "kind": "spark-driver",
+            "url": f"http://127.0.0.1:{ui_port}",
+            "grace_seconds": 0,
+            "timeout_seconds": 2,
+        },
     )
     audit, log = tmp_path / "audit.jsonl", tmp_path / "driver.log"
-    driver = _driver(cluster, audit, sleep=600, log=log)
+    driver = _driver(cluster, audit, sleep=600, log=log, ui_port=ui_port)
     try:
         started = _wait(
             "run.started",
@@ -116,17 +132,21 @@ def test_application_linked_then_killed_fails_its_run(
         def linked() -> dict[str, Any] | None:
             coord.orchestrators.poll()
             run = coord.orchestrators.attach(coord.runs.list())[0]
-            return (
-                run
-                if run["orchestrator"] and run["orchestrator"][0]["state"] == "RUNNING"
-                else None
+            by = {o["endpoint"]: o for o in run["orchestrator"]}
+            ready = (
+                by.get("standalone", {}).get("state") == "RUNNING"
+                and by.get("driver", {}).get("executors") == 1
             )
+            return run if ready else None
 
-        run = _wait("the running application", linked, timeout=60, log=log)
+        run = _wait("the running application", linked, timeout=90, log=log)
         assert run["run_id"] == started["run_id"]
         assert run["status"] == "running"
         assert run["running_on"].startswith(f"running on Spark app {ident['app_id']} (RUNNING")
         assert "1 core" in run["running_on"]
+        on_driver = next(o for o in run["orchestrator"] if o["endpoint"] == "driver")
+        assert on_driver["app_id"] == ident["app_id"]
+        assert on_driver["summary"].endswith("1 executor)")
     finally:
         # The application dies before run.completed: the driver is killed mid-stage.
         if driver.poll() is None:
@@ -140,7 +160,11 @@ def test_application_linked_then_killed_fails_its_run(
 
     run = _wait("the run failing", failed, timeout=120, log=log)
     assert run["error_type"] == "orchestrator_app_ended"
-    assert run["orchestrator"][0]["state"] in ("FINISHED", "FAILED", "KILLED")
+    by = {o["endpoint"]: o for o in run["orchestrator"]}
+    assert by["standalone"]["state"] in ("FINISHED", "FAILED", "KILLED")
+    # A driver that is gone is unreachable, not ended: it only records an error.
+    assert by["driver"]["state"] == "RUNNING"
+    assert "ConnectionError" in (coord.orchestrators.status["driver"].last_error or "")
     events = [e["record"]["event"] for e in coord.list_audit(run_id=run["run_id"])]
     assert events == ["run.started", "run.failed"]
     assert coord.verify_audit().intact
