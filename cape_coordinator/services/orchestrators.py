@@ -43,7 +43,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -611,6 +612,16 @@ class OrchestratorService:
         self._thread: threading.Thread | None = None
         self._due = {ep.name: 0.0 for ep in self.endpoints}
 
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        """A write transaction that takes SQLite's write lock at BEGIN (``BEGIN IMMEDIATE``):
+        a read-then-write transaction begun deferred could not upgrade once ingest had
+        committed in between, and would fail instead of waiting its turn."""
+        with self.engine.connect() as conn:
+            conn.execution_options(cape_write=True)
+            with conn.begin():
+                yield conn
+
     # ---- the background thread ---------------------------------------------------------
 
     def start(self) -> None:
@@ -682,11 +693,16 @@ class OrchestratorService:
             log.warning("orchestrator %s", st.last_error)
             return
         found = found[:MAX_APPS]
-        self._store(ep, found)
-        st.apps = len(found)
-        self._link(ep, found)
-        st.linked = self._linked_runs(ep)
-        st.failed_runs += self._fail_ended(ep)
+        try:
+            self._store(ep, found)
+            st.apps = len(found)
+            self._link(ep, found)
+            st.linked = self._linked_runs(ep)
+            st.failed_runs += self._fail_ended(ep)
+        except Exception as exc:  # the database: this endpoint again next round, others now
+            st.last_error = f"{ep.name}: storing what was read failed ({type(exc).__name__})"
+            log.error("orchestrator %s", st.last_error)
+            return
         st.last_ok = st.last_poll
         st.last_error = None
 
@@ -714,7 +730,7 @@ class OrchestratorService:
 
     def _store(self, ep: Endpoint, found: Sequence[App]) -> None:
         stamp = db.now()
-        with self.engine.begin() as conn:
+        with self._write() as conn:
             existing: dict[str, str | None] = {}
             ids = [a.app_id for a in found]
             for i in range(0, len(ids), 500):
@@ -783,7 +799,7 @@ class OrchestratorService:
         kind = CLAIM_KIND[ep.kind]
         stamp = db.now()
         new = []
-        with self.engine.begin() as conn:
+        with self._write() as conn:
             ids = list(by_id)
             for i in range(0, len(ids), 500):
                 rows = conn.execute(

@@ -428,3 +428,32 @@ def test_malformed_identity_never_costs_the_record(make_coord: Any) -> None:
         ctx = run_started("customers", None)
         rec = dict(ctx.sink.records[0], orchestrator=ident)  # type: ignore[attr-defined]
         assert coord.post_audit(TEAM_A, [rec])["accepted"] == 1
+
+
+def test_polls_and_ingest_interleave_without_errors(make_coord: Any) -> None:
+    # The poller's writes wait their turn behind ingest's (and the reverse): neither
+    # side fails because the other committed in between.
+    import threading
+
+    with serve() as rm:
+        ids = [f"application_1700000000000_{i:04d}" for i in range(200)]
+        rm.route("/ws/v1/cluster/apps", {"apps": {"app": [yarn_app(i, "RUNNING") for i in ids]}})
+        coord = make_coord(yarn_endpoint(rm.url))
+        errors: list[BaseException] = []
+
+        def post() -> None:
+            try:
+                for app_id in ids:
+                    post_started(coord, TEAM_A, "customers", {"yarn": {"app_id": app_id}})
+            except BaseException as exc:
+                errors.append(exc)
+
+        poster = threading.Thread(target=post)
+        poster.start()
+        polls = []
+        while poster.is_alive():
+            polls.append(coord.orchestrators.poll()["rm"].last_error)
+        poster.join()
+        final = coord.orchestrators.poll()["rm"]
+        assert errors == [] and all(e is None for e in polls) and final.last_error is None
+        assert final.linked == 200
