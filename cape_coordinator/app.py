@@ -205,7 +205,7 @@ def create_app(coordinator: Coordinator) -> FastAPI:
         try:
             yield
         finally:
-            coordinator.orchestrators.stop()
+            await run_in_threadpool(coordinator.orchestrators.stop)
 
     app = FastAPI(
         lifespan=lifespan,

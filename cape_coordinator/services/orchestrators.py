@@ -51,7 +51,7 @@ from typing import Any, Literal
 from urllib.parse import quote, urlsplit
 
 import requests
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -163,6 +163,14 @@ class Auth(BaseModel):
     password_env: str | None = Field(default=None, max_length=128)
     token_env: str | None = Field(default=None, max_length=128)
 
+    @model_validator(mode="after")
+    def _complete(self) -> Auth:
+        if self.type == "basic" and not (self.username and self.password_env):
+            raise ValueError("basic auth needs username and password_env")
+        if self.type == "bearer" and not self.token_env:
+            raise ValueError("bearer auth needs token_env")
+        return self
+
 
 class Endpoint(BaseModel):
     """One orchestrator the coordinator polls (an item of the ``orchestrators`` setting)."""
@@ -252,13 +260,19 @@ class Http:
         self.endpoint = endpoint
         self.session = session or requests.Session()
         auth = endpoint.auth
+        # Read at every poll, so a rotated secret is picked up without a restart.
         if auth.type == "basic":
-            password = os.environ.get(auth.password_env or "", "")
-            self.session.auth = (auth.username or "", password)
+            self.session.auth = (auth.username or "", self._secret(auth.password_env))
         elif auth.type == "bearer":
-            token = os.environ.get(auth.token_env or "", "")
-            self.session.headers["Authorization"] = f"Bearer {token}"
+            self.session.headers["Authorization"] = f"Bearer {self._secret(auth.token_env)}"
         self.session.headers["Accept"] = "application/json"
+
+    @staticmethod
+    def _secret(var: str | None) -> str:
+        value = os.environ.get(var or "", "")
+        if not value:
+            raise PollError(f"auth: environment variable {var} is not set")
+        return value
 
     def get(self, path: str, params: Mapping[str, Any] | None = None) -> Any:
         """The JSON at ``path``; a :class:`PollError` for anything else (never the secret)."""
@@ -679,19 +693,19 @@ class OrchestratorService:
     def _poll_one(self, ep: Endpoint) -> None:
         st = self.status.setdefault(ep.name, EndpointStatus())
         st.last_poll = db.now()
+        session = self.session_factory()
         try:
-            http = Http(ep, self.session_factory())
-            try:
-                if ep.kind == "airflow":
-                    found = poll_airflow(http, self._wanted_dag_runs(ep))
-                else:
-                    found = POLLERS[ep.kind](http)
-            finally:
-                http.session.close()
+            http = Http(ep, session)
+            if ep.kind == "airflow":
+                found = poll_airflow(http, self._wanted_dag_runs(ep))
+            else:
+                found = POLLERS[ep.kind](http)
         except PollError as exc:
             st.last_error = f"{ep.name}: {exc}"
             log.warning("orchestrator %s", st.last_error)
             return
+        finally:
+            session.close()
         found = found[:MAX_APPS]
         try:
             self._store(ep, found)

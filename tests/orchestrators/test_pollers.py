@@ -207,11 +207,30 @@ def test_credentials_come_from_the_environment_and_never_show(
         ({"name": "x", "kind": "yarn", "url": "file:///etc/passwd"}, "http"),
         ({"name": "x", "kind": "mesos", "url": "http://m:5050"}, "kind"),
         ({"name": "x", "kind": "yarn", "url": "http://rm", "pasword_env": "P"}, "unknown"),
+        (
+            {"name": "x", "kind": "yarn", "url": "http://rm", "auth": {"type": "basic"}},
+            "username and password_env",
+        ),
     ],
 )
 def test_bad_endpoint_settings_are_refused(endpoint: dict[str, Any], problem: str) -> None:
     with pytest.raises(CoordinatorSetupError, match=problem):
         Settings.from_dict({"orchestrators": [endpoint]})
+
+
+def test_a_missing_secret_is_an_error_naming_the_variable(
+    make_coord: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("NO_SUCH_TOKEN", raising=False)
+    with serve() as rm:
+        rm.route("/ws/v1/cluster/apps", {"apps": None})
+        coord = make_coord(
+            yarn_endpoint(rm.url, auth={"type": "bearer", "token_env": "NO_SUCH_TOKEN"})
+        )
+        status = coord.orchestrators.poll()["rm"]
+        assert "NO_SUCH_TOKEN is not set" in (status.last_error or "")
+        # Nothing was sent without the credentials.
+        assert rm.requests == []
 
 
 def test_endpoint_names_are_unique() -> None:
