@@ -37,9 +37,13 @@ def merge_run(run: dict[str, Any], rec: Mapping[str, Any], received: str) -> Non
     if run["started_at"] is None or received < run["started_at"]:
         run["started_at"] = received
     event = rec["event"]
-    # A run the coordinator failed because its job ended may still deliver its own
-    # run.completed (a spool flushing late): the pipeline's own word wins.
-    late = event == "run.completed" and run["error_type"] == APP_ENDED
+    # A run the coordinator failed because its job ended may still deliver its own end
+    # (a spool flushing late): the pipeline's own word wins, whichever it is.
+    late = (
+        event in ("run.completed", "run.failed")
+        and run["status"] == "failed"
+        and run["error_type"] == APP_ENDED
+    )
     if late:
         run["status"], run["error_type"] = "running", None
     if event in ("run.completed", "run.failed") and run["status"] == "running":

@@ -128,6 +128,18 @@ def test_late_run_completed_wins_over_the_coordinator_failure(make_coord: Any) -
         assert run["status"] == "succeeded" and run["error_type"] is None and run["rows_in"] == 5
 
 
+def test_late_run_failed_names_the_pipelines_own_error(make_coord: Any) -> None:
+    with serve() as rm:
+        rm.route("/ws/v1/cluster/apps", {"apps": {"app": [yarn_app(YARN_ID, "FAILED", "FAILED")]}})
+        coord = make_coord(yarn_endpoint(rm.url))
+        ctx = post_started(coord, TEAM_A, "customers", {"yarn": {"app_id": YARN_ID}})
+        coord.orchestrators.poll()
+        late = ctx.record("run.failed", error={"type": "DataError", "message": "bad row"})
+        coord.post_audit(TEAM_A, [late])
+        run = run_of(coord, ctx.run_id)
+        assert run["status"] == "failed" and run["error_type"] == "DataError"
+
+
 def test_yarn_with_no_applications(make_coord: Any) -> None:
     with serve() as rm:
         rm.route("/ws/v1/cluster/apps", {"apps": None})
