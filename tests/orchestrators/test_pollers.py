@@ -488,3 +488,15 @@ def test_polls_and_ingest_interleave_without_errors(make_coord: Any) -> None:
         final = coord.orchestrators.poll()["rm"]
         assert errors == [] and all(e is None for e in polls) and final.last_error is None
         assert final.linked == 200
+
+
+def test_a_claim_cannot_steer_the_pollers_requests(make_coord: Any) -> None:
+    # Task instances are fetched only for DAG runs the Airflow server itself listed, so a
+    # crafted claim cannot make the coordinator request a path of the attacker's choosing.
+    with serve() as af:
+        af.routes["/api/v1/dags/~/dagRuns"] = paged("dag_runs", [airflow_dag_run(DAG, DAG_RUN)])
+        coord = make_coord({"name": "af", "kind": "airflow", "url": af.url})
+        crafted = {"airflow": {"dag_id": "..", "run_id": "../variables/secret", "task_id": "x"}}
+        post_started(coord, TEAM_B, "marketing", crafted)
+        assert coord.orchestrators.poll()["af"].last_error is None
+        assert [p for p, _, _ in af.requests] == ["/api/v1/dags/~/dagRuns"]
