@@ -154,3 +154,23 @@ def test_dask_scheduler_address(no_orchestrator: None) -> None:
         found = detect(env={})
         assert found is not None
         assert found["dask"] == {"scheduler": client.scheduler.address}
+
+
+def test_remote_run_carries_the_drivers_identity_to_workers(
+    monkeypatch: pytest.MonkeyPatch, no_orchestrator: None
+) -> None:
+    # Beam's records are written by workers, which cannot see the driver's orchestrator:
+    # the identity is read when the run is made (on the driver) and travels pickled.
+    import pickle
+
+    from cape_pipelines.seam import RemoteRun, bind
+
+    for var, value in AIRFLOW_ENV.items():
+        monkeypatch.setenv(var, value)
+    sink = MemorySink()
+    remote = RemoteRun(bind(POLICY, engine="beam", audit=sink), sink, "etl")
+    for var in AIRFLOW_ENV:
+        monkeypatch.delenv(var)
+    shipped = pickle.loads(pickle.dumps(remote))
+    shipped.started("run-1")
+    assert shipped.sink.records[0]["orchestrator"]["airflow"]["task_id"] == "tokenize"
