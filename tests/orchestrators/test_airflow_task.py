@@ -3,7 +3,7 @@
 ``cape_pipelines.airflow.task.apply_task`` is what ``CapeApplyOperator.execute``
 runs; here it is given the context Airflow would pass (plain objects with the
 same attributes) against a real coordinator (uvicorn on loopback) that polls
-an Airflow stand-in. ``tests/airflow`` runs the operator in a real DAG in
+an Airflow stand-in. ``tests/airflow_dag`` runs the operator in a real DAG in
 Airflow's own virtualenv (``scripts/test_airflow``).
 """
 
