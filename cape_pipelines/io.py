@@ -43,6 +43,7 @@ from .inputs import (
 )
 from .inputs import first_line as _first_line
 from .keys import KeyResolver
+from .lineage import LineageOption, file_lineage
 from .plan import Plan
 from .policy.load import PolicySource
 from .progress import Progress, ProgressFn
@@ -162,6 +163,7 @@ def apply_files(
     run_id: str | None = None,
     policy_source: str | None = None,
     column_tags: Mapping[str, Sequence[str]] | None = None,
+    lineage: LineageOption = None,
 ) -> ApplyResult:
     """Apply ``policy`` to a CSV/Parquet file or directory and write one output file.
 
@@ -170,6 +172,8 @@ def apply_files(
     is recorded: ``run.started``, ``policy.fetched``, then ``run.completed`` or
     ``run.failed`` with the counts of the rows written.
     ``progress``: True/False, or None for "only if stderr is a terminal".
+    ``lineage``: also send OpenLineage run events naming ``input`` and ``output`` (see
+    :mod:`cape_pipelines.lineage`).
     """
     src = Path(input)
     dst = Path(output)
@@ -185,6 +189,7 @@ def apply_files(
         source=policy_source,
         record_failure=True,
         run_id=run_id,
+        lineage=file_lineage(lineage, src, dst),
     )
     with binding.run(run_id=run_id) as run:
         if batch_size < 1:

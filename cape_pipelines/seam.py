@@ -25,6 +25,9 @@ Keys: the binding owns the resolver, and the plan holds the resolved bytes.
 A worker-side key provider (plans that ship key references instead of key
 material) slots in here, as another way for :meth:`Binding.plan` to fill the
 plan's key store.
+
+Lineage: a binding with ``lineage=`` sends an OpenLineage event as each :class:`Run`
+starts and ends (see :mod:`cape_pipelines.lineage`).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from typing_extensions import Unpack
 from .audit import AuditTarget, NullSink, RunContext, Sink, error_info
 from .core import Counters
 from .keys import KeyRef, KeyResolver, WorkerKeyProvider
+from .lineage import Lineage, LineageOption, lineage_option
 from .orchestrator import started_fields
 from .plan import Plan, build_plan
 from .policy.load import PolicySource
@@ -65,6 +69,8 @@ class Binding:
     source: str | None = None
     # Set: plans ship key names and this provider, never named keys' bytes (see keys.KeyStore).
     worker_keys: WorkerKeyProvider | None = None
+    # Set: each run also sends OpenLineage START and COMPLETE/FAIL events (never fails it).
+    lineage: Lineage | None = None
 
     def __repr__(self) -> str:
         return (
@@ -113,7 +119,7 @@ class Binding:
     def silent(self) -> Binding:
         """This binding with its records switched off: for an engine's adapter run inside a
         job that records the run itself (``cape apply --engine dask``)."""
-        return replace(self, audit=NullSink(), source=None)
+        return replace(self, audit=NullSink(), source=None, lineage=None)
 
     def context(self, *, run_id: str | None = None, principal: str | None = None) -> RunContext:
         """The record builder for one run of this binding (the policy named in every record)."""
@@ -132,7 +138,8 @@ class BindOptions(TypedDict, total=False):
     ``resolver``: a ready :class:`~cape_pipelines.keys.KeyResolver`;
     ``client``: a ``coordinator_client.Client`` (``policy`` is then a label);
     ``worker_keys``: a worker-side key provider, so plans ship key names, not
-    key bytes (see :attr:`Binding.worker_keys`).
+    key bytes (see :attr:`Binding.worker_keys`); ``lineage``: OpenLineage run events
+    (True, a client config mapping or a :class:`~cape_pipelines.lineage.Lineage`).
     """
 
     keys: Mapping[str, bytes | str] | None
@@ -141,6 +148,7 @@ class BindOptions(TypedDict, total=False):
     resolver: KeyResolver | None
     client: CoordinatorClient | None
     worker_keys: WorkerKeyProvider | None
+    lineage: LineageOption
 
 
 def bind(
@@ -196,6 +204,7 @@ def bind(
         column_tags=dict(options.get("column_tags") or {}),
         source=src.source if src.source is not None else source,
         worker_keys=options.get("worker_keys"),
+        lineage=lineage_option(options.get("lineage")),
     )
 
 
@@ -260,6 +269,8 @@ class Run:
         self.context.emit("run.started", **started_fields())
         if self.binding.source is not None:
             self.context.policy_fetched(self.binding.source)
+        if self.binding.lineage is not None:
+            self.binding.lineage.started(self)
         return self
 
     def __exit__(
@@ -270,10 +281,17 @@ class Run:
     ) -> None:
         if exc is not None:
             self.context.failed(exc, self.counters)
+            self._lineage_finished(exc)
             return
         if self.counters is None:
             self.counters = Counters.empty_for(self.plan) if self.plan is not None else Counters()
         self.context.completed(self.counters)
+        self._lineage_finished(None)
+
+    def _lineage_finished(self, exc: BaseException | None) -> None:
+        # After the audit record: lineage is a side channel and never fails the run.
+        if self.binding.lineage is not None:
+            self.binding.lineage.finished(self, exc)
 
 
 # Record ids derived from the run id make a record emitted twice (a retried
