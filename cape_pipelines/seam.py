@@ -71,6 +71,8 @@ class Binding:
     worker_keys: WorkerKeyProvider | None = None
     # Set: each run also sends OpenLineage START and COMPLETE/FAIL events (never fails it).
     lineage: Lineage | None = None
+    # False: plans leave the policy's risk: section out (the job measures it itself).
+    measure_risk: bool = True
 
     def __repr__(self) -> str:
         return (
@@ -86,6 +88,8 @@ class Binding:
         keys' names and the provider, so workers resolve them themselves.
         """
         plan = build_plan(self.policy, schema, resolver=self.resolver, column_tags=self.column_tags)
+        if not self.measure_risk:
+            plan.risk = None
         if self.worker_keys is not None:
             plan.keys = plan.keys.by_reference(key_names(plan), self.worker_keys)
         return plan
@@ -118,8 +122,9 @@ class Binding:
 
     def silent(self) -> Binding:
         """This binding with its records switched off: for an engine's adapter run inside a
-        job that records the run itself (``cape apply --engine dask``)."""
-        return replace(self, audit=NullSink(), source=None, lineage=None)
+        job that records the run itself (``cape apply --engine dask``), which also measures
+        the policy's ``risk:`` section itself, over everything the engine produced."""
+        return replace(self, audit=NullSink(), source=None, lineage=None, measure_risk=False)
 
     def context(self, *, run_id: str | None = None, principal: str | None = None) -> RunContext:
         """The record builder for one run of this binding (the policy named in every record)."""
