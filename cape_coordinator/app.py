@@ -201,11 +201,14 @@ def create_app(coordinator: Coordinator) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        # The audit sinks deliver while the app serves (their threads never block a request).
+        # The audit sinks deliver and the orchestrator poller polls while the app serves
+        # (their threads never block a request; docs/monitoring/sinks.md, docs/orchestrators.md).
         coordinator.delivery.start()
+        coordinator.orchestrators.start()
         try:
             yield
         finally:
+            await run_in_threadpool(coordinator.orchestrators.stop)
             await run_in_threadpool(coordinator.delivery.stop)
 
     app = FastAPI(

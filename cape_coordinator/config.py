@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .crypto import CoordinatorSetupError
+from .services.orchestrators import Endpoint
 from .sinks.config import SinkConfig, parse_sinks
 
 
@@ -56,6 +57,17 @@ class Settings(BaseModel):
     # a separate listener serving /metrics alone. Neither set: /metrics answers 404.
     metrics_token_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     metrics_bind: str | None = Field(default=None, pattern=r"^[A-Za-z0-9.-]+:[0-9]{1,5}$")
+    # Spark, YARN and Airflow endpoints polled for the runs' jobs (docs/orchestrators.md).
+    orchestrators: list[Endpoint] = Field(default_factory=list, max_length=100)
+
+    @field_validator("orchestrators")
+    @classmethod
+    def _unique_endpoints(cls, value: list[Endpoint]) -> list[Endpoint]:
+        names = [ep.name for ep in value]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"endpoint names must be unique: {', '.join(twice)}")
+        return value
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Settings:

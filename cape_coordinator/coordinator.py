@@ -43,6 +43,7 @@ from .services.catalog import CatalogService
 from .services.chain import GENESIS, AuditChain, Copies, VerifyResult, anchor_message
 from .services.delivery import DeliveryService
 from .services.ingest import AuditIngest
+from .services.orchestrators import OrchestratorService
 from .services.policies import PolicyService
 from .services.runs import RunService
 from .services.secrets import SecretService
@@ -74,6 +75,7 @@ class Coordinator:
         self.ingest = AuditIngest(self.chain, self.runs)
         self.workflow = WorkflowService(self.chain, self.policies)
         self.catalog = CatalogService(self.chain)
+        self.orchestrators = OrchestratorService(engine, self.chain, list(settings.orchestrators))
         self.policies.review_gate = self._with_coverage(self.policies.review_gate)
         self.workflow.coverage = self.catalog.label_coverage
         # Audit sinks: their dispatchers start with the app (create_app's lifespan), and
@@ -174,8 +176,9 @@ class Coordinator:
         return coord, token
 
     def close(self) -> None:
-        """Commit queued audit batches, stop the audit writer and the sinks' dispatchers,
-        and release connections."""
+        """Stop the orchestrator poller, commit queued audit batches, stop the audit writer
+        and the sinks' dispatchers, and release connections."""
+        self.orchestrators.stop()
         self.ingest.close()
         self.delivery.stop()
         self.chain.checkpoint()
