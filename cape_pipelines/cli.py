@@ -54,6 +54,7 @@ from .errors import CapeError, KeyMissingError, PlanError
 from .inputs import format_of
 from .io import apply_files
 from .keys import env_var_name
+from .pool import default_workers
 
 # -- small helpers shared by the commands ---------------------------------------------------
 
@@ -174,8 +175,21 @@ def _apply_files_from(
         progress=False if args.no_progress else None,
         run_id=args.run_id,
         worker_keys="inline" if args.inline_keys else None,
+        workers=_workers(args),
         lineage=_lineage(args),
     )
+
+
+def _workers(args: argparse.Namespace) -> int:
+    """``--workers``: the pandas engine's processes (default: the cores); other engines, 1."""
+    if args.workers is None:
+        return default_workers() if args.engine == "pandas" else 1
+    if args.engine != "pandas" and args.workers != 1:
+        raise CapeError(
+            f"--workers is for --engine pandas; the {args.engine} engine has its own "
+            "parallelism settings"
+        )
+    return int(args.workers)
 
 
 def _lineage(args: argparse.Namespace) -> Any:
@@ -323,6 +337,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["us", "ns"],
         default="us",
         help="Parquet timestamp unit for nanosecond columns (default us: Spark-readable)",
+    )
+    p.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="processes for the policy's work with --engine pandas (default: this machine's "
+        "cores); batches are written in input order, the same bytes as with 1",
     )
     p.add_argument("--run-id", metavar="ID", help="the audit run id (default: a new UUID)")
     p.add_argument(

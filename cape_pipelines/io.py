@@ -74,7 +74,9 @@ class FileJob:
     :meth:`~cape_pipelines.seam.Binding.silent` copy holds the very key
     resolver ``plan`` was built with (so every key, a per-run random one
     too, resolves to the same bytes) and records nothing (the job records
-    the run).
+    the run). ``workers`` is how many processes the engine may use for the
+    core's work (the built-in ``pandas`` engine forks that many; engines with
+    their own parallelism ignore it).
     """
 
     plan: Plan
@@ -83,6 +85,7 @@ class FileJob:
     counters: Counters
     progress: ProgressFn
     binding: Binding
+    workers: int = 1
 
 
 EngineFn = Callable[[FileJob], Iterator[pa.RecordBatch]]
@@ -165,6 +168,7 @@ def apply_files(
     policy_source: str | None = None,
     column_tags: Mapping[str, Sequence[str]] | None = None,
     worker_keys: WorkerKeysSetting = None,
+    workers: int = 1,
     lineage: LineageOption = None,
 ) -> ApplyResult:
     """Apply ``policy`` to a CSV/Parquet file or directory and write one output file.
@@ -177,6 +181,9 @@ def apply_files(
     ``worker_keys``: how the beam/dask/spark engines give their workers keys
     (default: references, never bytes; ``"inline"`` ships the bytes; see
     docs/keys.md). Any per-run key directory is removed when the run ends.
+    ``workers``: processes for the core's work (``--engine pandas``: a pool of
+    forked workers, output written in input order, byte for byte the same as
+    with one; see :mod:`cape_pipelines.pool`).
     ``lineage``: also send OpenLineage run events naming ``input`` and ``output`` (see
     :mod:`cape_pipelines.lineage`).
     """
@@ -200,6 +207,8 @@ def apply_files(
     with binding.run(run_id=run_id) as run, _closing_run_secrets(binding):
         if batch_size < 1:
             raise CapeError("batch size must be at least 1")
+        if workers < 1:
+            raise CapeError("workers must be at least 1")
         fmt = output_format(dst, format)
         if dst.exists() and not overwrite:
             raise FileExistsError(f"output {dst} already exists; pass --overwrite to replace it")
@@ -220,7 +229,8 @@ def apply_files(
             atomic_path(dst, overwrite=overwrite) as tmp,
             open_writer(fmt, tmp, plan.output_schema, metadata, timestamp_unit, delimiter) as out,
         ):
-            produced = run_engine(FileJob(plan, inputs, batch_size, counters, bar, binding))
+            job = FileJob(plan, inputs, batch_size, counters, bar, binding, workers)
+            produced = run_engine(job)
             if plan.risk is None:
                 for batch in produced:
                     out.write(batch)

@@ -10,10 +10,12 @@ expression with SQL's three-valued logic. The parser that builds these nodes is
 from __future__ import annotations
 
 import datetime as dt
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
+from fractions import Fraction
 from typing import Any
 
 import pyarrow as pa
@@ -78,6 +80,9 @@ class Compare(Node):
 
     def compile(self, schema: pa.Schema) -> pc.Expression:
         field_type = _column_type(schema, self.column)
+        exact = _integer_compare(self.column, field_type, self.op, self.literal)
+        if exact is not None:
+            return exact
         left, values = _coerce(self.column, field_type, [self.literal])
         right = values[0]
         ops = {
@@ -124,6 +129,9 @@ class InList(Node):
 
     def compile(self, schema: pa.Schema) -> pc.Expression:
         field_type = _column_type(schema, self.column)
+        exact = _integer_in(self.column, field_type, self.values, self.negated)
+        if exact is not None:
+            return exact
         left, scalars = _coerce(self.column, field_type, list(self.values))
         value_set = pa.array([s.as_py() for s in scalars], type=scalars[0].type)
         found = pc.is_in(left, value_set=value_set)
@@ -304,6 +312,99 @@ def _natural_type(lits: Sequence[Literal]) -> pa.DataType:
             return pa.timestamp("us", tz="UTC" if aware == {True} else None)
         return {"string": pa.string(), "bool": pa.bool_(), "date": pa.date32()}[kind]
     raise PlanError("an 'in' list mixes literals of different kinds")
+
+
+def _exact_number(lit: Literal) -> Fraction | None:
+    """A numeric literal as an exact rational (``None`` for other kinds)."""
+    if lit.kind == "int":
+        return Fraction(lit.value)
+    if lit.kind == "decimal" and lit.value.is_finite():
+        return Fraction(lit.value)
+    return None
+
+
+def _int_range(t: pa.DataType) -> tuple[int, int]:
+    bits = t.bit_width
+    if pa.types.is_unsigned_integer(t):
+        return 0, 2**bits - 1
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def _known(field: pc.Expression, value: bool) -> pc.Expression:
+    """``value`` for every row, but null where the column is null (SQL's unknown)."""
+    return pc.if_else(field.is_valid(), pa.scalar(value), pa.scalar(None, pa.bool_()))
+
+
+def _integer_field(column: str, col_type: pa.DataType) -> tuple[pc.Expression, pa.DataType] | None:
+    t = col_type.value_type if pa.types.is_dictionary(col_type) else col_type
+    if not pa.types.is_integer(t):
+        return None
+    field = pc.field(column)
+    return (field.cast(t) if t is not col_type else field), t
+
+
+def _integer_compare(
+    column: str, col_type: pa.DataType, op: str, lit: Literal
+) -> pc.Expression | None:
+    """An integer column against a number, compared exactly in the column's own type.
+
+    Casting to float64 (what a non-integral or out-of-range literal would need) loses
+    integers beyond 2**53, and Arrow refuses such a cast, so a policy that validated
+    would fail to apply. For integer ``i`` and any number ``x``: ``i < x`` is
+    ``i <= floor(x)`` when ``x`` is not whole, and a bound beyond the type's range
+    makes the answer the same for every non-null row. ``None``: not this case.
+    """
+    found = _integer_field(column, col_type)
+    x = _exact_number(lit)
+    if found is None or x is None:
+        return None
+    field, t = found
+    if x.denominator != 1:
+        if op in ("==", "!="):
+            return _known(field, op == "!=")
+        op, x = (
+            ("<=", Fraction(math.floor(x))) if op in ("<", "<=") else (">=", Fraction(math.ceil(x)))
+        )
+    v = int(x)
+    lo, hi = _int_range(t)
+    if v < lo:
+        return _known(field, op in (">", ">=", "!="))
+    if v > hi:
+        return _known(field, op in ("<", "<=", "!="))
+    right = pa.scalar(v, t)
+    ops = {
+        "==": lambda a, b: a == b,
+        "!=": lambda a, b: a != b,
+        "<": lambda a, b: a < b,
+        "<=": lambda a, b: a <= b,
+        ">": lambda a, b: a > b,
+        ">=": lambda a, b: a >= b,
+    }
+    return ops[op](field, right)
+
+
+def _integer_in(
+    column: str, col_type: pa.DataType, lits: Sequence[Literal], negated: bool
+) -> pc.Expression | None:
+    """``column [not] in (...)`` for an integer column, exactly: a value that is not a
+    whole number, or lies beyond the column type's range, can never be equal."""
+    found = _integer_field(column, col_type)
+    if found is None:
+        return None
+    numbers = [_exact_number(lit) for lit in lits]
+    if any(x is None for x in numbers):
+        return None
+    field, t = found
+    lo, hi = _int_range(t)
+    kept = sorted(
+        {int(x) for x in numbers if x is not None and x.denominator == 1 and lo <= x <= hi}
+    )
+    if not kept:
+        return _known(field, negated)
+    hit = pc.is_in(field, value_set=pa.array(kept, type=t))
+    if negated:
+        hit = ~hit
+    return pc.if_else(field.is_valid(), hit, pa.scalar(None, pa.bool_()))
 
 
 def _fits(values: Sequence[Any], typ: pa.DataType) -> bool:

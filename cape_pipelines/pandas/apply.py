@@ -8,10 +8,11 @@ is the frame-level step Dask reuses on every partition.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from copy import copy
 from typing import Any, TypeVar
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 from typing_extensions import Unpack
@@ -19,6 +20,7 @@ from typing_extensions import Unpack
 from ..core import Counters, apply_batch, apply_table
 from ..plan import DropStep, Plan, Step
 from ..policy.load import PolicySource
+from ..pool import ordered_map
 from ..seam import Binding, BindOptions, bind
 from .convert import arrow_to_pandas, pandas_dtype_for, pandas_schema
 
@@ -26,43 +28,116 @@ Data = TypeVar("Data")
 
 
 def apply_frame(
-    plan: Plan, df: pd.DataFrame, new_strings: Any = object
+    plan: Plan,
+    df: pd.DataFrame,
+    new_strings: Any = object,
+    *,
+    converted: Mapping[str, pa.Array] | None = None,
+    string_dtype: Any = None,
+    workers: int = 1,
 ) -> tuple[pd.DataFrame, Counters]:
     """Apply ``plan`` to one pandas frame; the frame's index follows its rows.
 
     Only the columns the plan reads go through Arrow; untouched columns keep
-    their dtypes exactly. Dask calls this on every partition.
+    their dtypes exactly. Dask calls this on every partition. ``converted``
+    holds columns already converted to Arrow (by :func:`pandas_schema`), used
+    where their type is the plan's. ``string_dtype``, when set, is the dtype
+    of every transformed column that holds strings (see :func:`apply_policy`).
+    With ``workers`` above 1 the rows are cut into slices that forked
+    processes put through the core (:func:`cape_pipelines.pool.ordered_map`);
+    the slices come back in order, so the result is the one ``workers=1`` gives.
     """
     needed = plan.used_columns
     if not needed:
         result = df.drop(columns=plan.dropped)
         return result, Counters.of_counts(plan, rows_in=len(df), rows_out=len(df), values={})
-    table = pa.Table.from_pandas(
-        df[needed],
-        preserve_index=False,
-        schema=pa.schema([plan.input_schema.field(c) for c in needed]),
-    )
-    batch = table.combine_chunks().to_batches()
-    if batch:
-        rb = batch[0]
+    part = _FramePart(plan, df, converted or {})
+    n = len(df)
+    if workers > 1 and n >= 2 * _MIN_SLICE:
+        size = max(_MIN_SLICE, -(-n // (workers * _SLICES_PER_WORKER)))
+        slices = [(start, min(n, start + size)) for start in range(0, n, size)]
+        done = list(ordered_map(part, slices, workers))
     else:
-        rb = pa.RecordBatch.from_pylist([], schema=table.schema)
-    # Untouched columns never go through Arrow, so the frame keeps their dtypes exactly.
-    narrow = _narrow_plan(plan, needed)
-    out, counters, indices = apply_batch(narrow, rb, with_indices=True)
-    assert indices is not None  # asked for with_indices
-    result = df.iloc[indices.to_numpy()] if plan.filters_rows else df.copy(deep=False)
-    result = result.drop(columns=[c for c in plan.dropped if c in result.columns])
-    result = result.copy(deep=False)
+        done = [part((0, n))]
+    counters = done[0][1]
+    for d in done[1:]:
+        counters.merge(d[1])
+    if len(done) == 1:
+        out: Any = done[0][0]
+        kept = done[0][2]
+    else:
+        out = pa.Table.from_batches([d[0] for d in done], schema=done[0][0].schema)
+        kept = np.concatenate([d[2] for d in done])
+    result = df.iloc[kept] if plan.filters_rows else df
+    dropped = [c for c in plan.dropped if c in result.columns]
+    # A shallow copy either way: the caller's frame is never modified.
+    result = result.drop(columns=dropped) if dropped else result.copy(deep=False)
     for c in plan.transformed_columns:
-        col = arrow_to_pandas(
-            out.column(c), pandas_dtype_for(out.schema.field(c).type, df[c].dtype, new_strings)
-        )
+        out_type = out.schema.field(c).type
+        dtype = pandas_dtype_for(out_type, df[c].dtype, new_strings)
+        if string_dtype is not None and (
+            pa.types.is_string(out_type) or pa.types.is_large_string(out_type)
+        ):
+            dtype = string_dtype
+        col = arrow_to_pandas(out.column(c), dtype)
         col.index = result.index
         result[c] = col
     counters.rows_in = len(df)
     counters.rows_out = len(result)
-    return pd.DataFrame(result)[plan.output_schema.names], counters
+    names = plan.output_schema.names
+    if list(result.columns) != names:
+        result = result[names]
+    return pd.DataFrame(result), counters
+
+
+# A frame is cut for workers only into slices of at least this many rows (fewer
+# would cost more in start-up and pickling than the work they share).
+_MIN_SLICE = 16_384
+# Slices per worker: a few, so that one slow slice does not leave the others idle.
+_SLICES_PER_WORKER = 4
+
+
+class _FramePart:
+    """Rows ``[start, stop)`` of a frame through the core: (output batch, counters, kept rows).
+
+    A worker process inherits it (frame, plan and keys) when it is forked, so
+    only the slice bounds go to the worker and only the transformed columns
+    come back.
+    """
+
+    def __init__(self, plan: Plan, df: pd.DataFrame, converted: Mapping[str, pa.Array]):
+        self.df = df
+        needed = plan.used_columns
+        self.fields = [plan.input_schema.field(c) for c in needed]
+        self.converted = {
+            f.name: converted[f.name]
+            for f in self.fields
+            if f.name in converted and converted[f.name].type == f.type
+        }
+        # Untouched columns never go through Arrow, so the frame keeps their dtypes exactly.
+        self.narrow = _narrow_plan(plan, needed)
+
+    def __call__(self, bounds: tuple[int, int]) -> tuple[pa.RecordBatch, Counters, np.ndarray]:
+        start, stop = bounds
+        whole = start == 0 and stop == len(self.df)
+        rest = [f for f in self.fields if f.name not in self.converted]
+        arrays: dict[str, Any] = {
+            c: a if whole else a.slice(start, stop - start) for c, a in self.converted.items()
+        }
+        if rest:
+            rows = self.df if whole else self.df.iloc[start:stop]
+            table = pa.Table.from_pandas(
+                rows[[f.name for f in rest]], preserve_index=False, schema=pa.schema(rest)
+            )
+            arrays.update(zip(table.column_names, table.columns, strict=True))
+        schema = pa.schema(self.fields)
+        table = pa.Table.from_arrays([arrays[f.name] for f in self.fields], schema=schema)
+        batches = table.combine_chunks().to_batches()
+        rb = batches[0] if batches else pa.RecordBatch.from_pylist([], schema=schema)
+        out, counters, indices = apply_batch(self.narrow, rb, with_indices=True)
+        assert indices is not None  # asked for with_indices
+        kept = indices.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+        return out, counters, kept + start if start else kept
 
 
 def _narrow_plan(plan: Plan, needed: Sequence[str]) -> Plan:
@@ -85,7 +160,12 @@ def _narrow_plan(plan: Plan, needed: Sequence[str]) -> Plan:
 
 
 def apply_policy(
-    policy: PolicySource | Binding, data: Data, **options: Unpack[BindOptions]
+    policy: PolicySource | Binding,
+    data: Data,
+    *,
+    workers: int = 1,
+    string_dtype: str | None = None,
+    **options: Unpack[BindOptions],
 ) -> Data:
     """Apply ``policy`` to a pandas DataFrame or a pyarrow Table/RecordBatch; same type back.
 
@@ -98,6 +178,22 @@ def apply_policy(
     from the coordinator, records go to it, and the run also records
     ``policy.fetched`` (see :mod:`cape_pipelines.source`).
 
+    ``workers`` (pandas frames): with more than one, a large frame is cut
+    into row slices that forked worker processes put through the core (they
+    inherit the plan and its keys; only slice bounds go to them and only the
+    transformed columns come back), reassembled in order: the same frame,
+    index and audit counts as with one. Frames under 32,768 rows, and
+    platforms without ``fork``, are done in this process.
+    :func:`cape_pipelines.pool.default_workers` is this machine's cores.
+
+    ``string_dtype`` (pandas frames only) is the dtype of the transformed
+    columns that hold strings. None (the default) keeps each column's own
+    string dtype (``object`` stays ``object``, ``string[pyarrow]`` stays
+    ``string[pyarrow]``; a column that becomes text, a tokenized integer say,
+    is ``object``). ``"string[pyarrow]"`` hands them back Arrow-backed, with
+    no Python object made per value (the fastest way for large frames);
+    ``"object"`` makes them all ``object``.
+
     >>> import pandas as pd
     >>> from cape_pipelines.audit import MemorySink
     >>> df = pd.DataFrame({"name": ["a", "b"], "ssn": ["1", "2"]})
@@ -105,6 +201,9 @@ def apply_policy(
     >>> list(apply_policy(pol, df, audit=MemorySink()).columns)
     ['name']
     """
+    strings = _string_dtype(string_dtype)
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, not {workers}")
     engine = "pandas" if type(data).__module__.startswith("pandas") else "pyarrow"
     binding = bind(policy, engine=engine, **options)
     with binding.run() as run:
@@ -116,8 +215,11 @@ def apply_policy(
             run.plan = binding.build(data.schema)
             result, counters, _ = apply_batch(run.plan, data)
         elif isinstance(data, pd.DataFrame):
-            run.plan = binding.build(pandas_schema(data))
-            result, counters = apply_frame(run.plan, data)
+            converted: dict[str, pa.Array] = {}
+            run.plan = binding.build(pandas_schema(data, converted))
+            result, counters = apply_frame(
+                run.plan, data, converted=converted, string_dtype=strings, workers=workers
+            )
         else:
             raise TypeError(
                 f"apply_policy takes a pandas DataFrame or a pyarrow Table/RecordBatch, "
@@ -128,6 +230,17 @@ def apply_policy(
             result, counters = _finish_risk(run.plan, result, counters)
         run.counters = counters
     return result
+
+
+def _string_dtype(name: str | None) -> Any:
+    """The pandas dtype ``apply_policy(string_dtype=name)`` asks for (None: each column's own)."""
+    if name is None:
+        return None
+    if name == "object":
+        return np.dtype(object)
+    if name == "string[pyarrow]":
+        return pd.StringDtype("pyarrow")
+    raise ValueError(f"string_dtype must be None, 'object' or 'string[pyarrow]', not {name!r}")
 
 
 def _finish_risk(plan: Plan, result: Any, counters: Counters) -> tuple[Any, Counters]:

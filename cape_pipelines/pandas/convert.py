@@ -15,14 +15,20 @@ import pandas as pd
 import pyarrow as pa
 
 from ..errors import DataError, PlanError
+from ..transforms._text import estimated_distinct_fraction
 
 
-def pandas_schema(df: Any) -> pa.Schema:
+def pandas_schema(df: Any, converted: dict[str, pa.Array] | None = None) -> pa.Schema:
     """The Arrow schema of a pandas frame, column by column (index left out).
 
-    pandas' ``string`` dtype is read as ``string`` (not the ``large_string`` it
-    stores), so a plan sees the same types whether the frame's strings are
-    ``object`` or ``string[pyarrow]``.
+    Types come from the dtypes where they say everything (numpy numbers,
+    booleans, datetimes and durations, pandas' string and Arrow dtypes); only
+    ``object`` columns, whose dtype says nothing, are converted to learn their
+    type. Pass a dict as ``converted`` to keep those conversions: the caller
+    (:func:`~cape_pipelines.pandas.apply.apply_frame`) then converts each column
+    once, not twice. pandas' ``string`` dtype is read as ``string`` (not the
+    ``large_string`` it stores), so a plan sees the same types whether the
+    frame's strings are ``object`` or ``string[pyarrow]``.
     """
     fields = []
     if df.columns.has_duplicates:
@@ -31,22 +37,43 @@ def pandas_schema(df: Any) -> pa.Schema:
     for name in df.columns:
         if not isinstance(name, str):
             raise TypeError(f"column names must be strings, found {name!r}")
-        try:
-            field = pa.Schema.from_pandas(df[[name]], preserve_index=False).field(name)
-        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
-            # The Arrow message can quote a cell value; only its type is reported.
-            raise DataError(
-                f"column {name!r} ({df[name].dtype}) cannot be converted to Arrow "
-                f"({type(exc).__name__}); give it one type"
-            ) from None
-        if isinstance(df[name].dtype, pd.StringDtype):
-            field = field.with_type(pa.string())
-        elif pa.types.is_null(field.type) and df[name].dtype == object:
-            # An empty or all-None object column says nothing of its type; pandas object
-            # columns hold strings, and a string plan also fits the batches that follow.
-            field = field.with_type(pa.string())
-        fields.append(field)
+        fields.append(_field_of(df[name], name, converted))
     return pa.schema(fields)
+
+
+# numpy kinds whose Arrow type the dtype alone fixes: bool, ints, floats, datetimes, durations.
+_NUMPY_KINDS = frozenset("biufmM")
+
+
+def _field_of(column: Any, name: str, converted: dict[str, pa.Array] | None) -> pa.Field:
+    dtype = column.dtype
+    if isinstance(dtype, np.dtype) and dtype.kind in _NUMPY_KINDS:
+        return pa.field(name, pa.from_numpy_dtype(dtype))
+    if isinstance(dtype, pd.StringDtype):
+        return pa.field(name, pa.string())
+    if isinstance(dtype, pd.ArrowDtype):
+        return pa.field(name, dtype.pyarrow_dtype)
+    try:
+        if dtype == np.dtype(object):
+            # The values decide the type: convert once (as pyarrow's own schema
+            # inference does) and keep the array for the caller.
+            array = pa.array(column, from_pandas=True)
+            if converted is not None:
+                converted[name] = array
+            field = pa.field(name, array.type)
+        else:
+            field = pa.Schema.from_pandas(column.to_frame(), preserve_index=False).field(name)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
+        # The Arrow message can quote a cell value; only its type is reported.
+        raise DataError(
+            f"column {name!r} ({dtype}) cannot be converted to Arrow "
+            f"({type(exc).__name__}); give it one type"
+        ) from None
+    if pa.types.is_null(field.type) and dtype == np.dtype(object):
+        # An empty or all-None object column says nothing of its type; pandas object
+        # columns hold strings, and a string plan also fits the batches that follow.
+        field = field.with_type(pa.string())
+    return field
 
 
 def pandas_dtype_for(out_type: pa.DataType, in_dtype: Any, new_strings: Any = object) -> Any:
@@ -89,12 +116,34 @@ def arrow_to_pandas(array: pa.Array | pa.ChunkedArray, dtype: Any) -> Any:
     """An Arrow column as a pandas Series of exactly ``dtype`` (from :func:`pandas_dtype_for`)."""
     if isinstance(dtype, pd.api.extensions.ExtensionDtype):
         return pd.Series(dtype.__from_arrow__(array), copy=False)
+    if dtype == np.dtype(object) and (
+        pa.types.is_string(array.type) or pa.types.is_large_string(array.type)
+    ):
+        return pd.Series(array.to_pandas(deduplicate_objects=_shares_objects(array)), copy=False)
     series = array.to_pandas()
     if series.dtype != dtype:
         if dtype.kind in "iub" and array.null_count:
             raise TypeError(f"cannot hold nulls in a {dtype} column")
         series = series.astype(dtype)
     return series
+
+
+def _shares_objects(array: pa.Array | pa.ChunkedArray) -> bool:
+    """Whether equal strings should share one Python object in an ``object`` column.
+
+    Sharing (pyarrow's ``deduplicate_objects``) hashes every value: about 0.5
+    us per row when most values are distinct, ten times the conversion itself,
+    for little memory saved; when few are distinct it saves most of the
+    column's memory. A sample of the rows decides; either way the values are
+    the same.
+    """
+    if isinstance(array, pa.ChunkedArray):
+        array = array.combine_chunks()
+    return estimated_distinct_fraction(array) <= _SHARE_BELOW
+
+
+# At or below this estimated share of distinct values, equal strings share one object.
+_SHARE_BELOW = 0.5
 
 
 __all__ = ["arrow_to_pandas", "pandas_dtype_for", "pandas_schema"]

@@ -1,44 +1,71 @@
-"""``cape apply --engine pandas``: the input's batches through the core, in this process.
+"""``cape apply --engine pandas``: the input's batches through the core, here or in forked workers.
 
 The built-in file engine (the default): no engine to start, memory bounded by
-one batch. Errors name the file and the rows of the batch they are about,
-since a transformation only knows its position within a batch.
+one batch (with ``--workers N``, about twice N batches). Errors name the file
+and the rows of the batch they are about, since a transformation only knows
+its position within a batch.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
 
-from ..core import apply_batches
+from ..core import Counters, apply_batch
 from ..errors import TransformError
 from ..io import FileJob
+from ..plan import Plan
+from ..pool import ordered_map
 
 
 def apply_files_pandas(job: FileJob) -> Iterator[pa.RecordBatch]:
-    """The ``cape_pipelines.engines`` function for ``--engine pandas``."""
-    inputs, plan, progress = job.inputs, job.plan, job.progress
-    for path in inputs.files:
-        # Rows of this file read so far and the size of the current batch, so that an error
-        # can say which rows of the file it is about (transformations count within a batch).
-        where = {"start": 0, "rows": 0}
+    """The ``cape_pipelines.engines`` function for ``--engine pandas``.
 
-        def counted(p: Path = path, w: dict[str, int] = where) -> Iterator[pa.RecordBatch]:
-            for batch in inputs.file_batches(p, job.batch_size):
-                w["start"] += w["rows"]
-                w["rows"] = batch.num_rows
+    With ``job.workers`` above 1 the batches go through a pool of forked
+    processes (:func:`cape_pipelines.pool.ordered_map`) and come back in input
+    order, so the output file is byte for byte the one a single process writes.
+    """
+    inputs, plan, progress = job.inputs, job.plan, job.progress
+    # (file, first data row, rows) of every batch read and not yet written, oldest first,
+    # so that an error can say which rows of which file it is about (transformations
+    # count within a batch).
+    pending: deque[tuple[Path, int, int]] = deque()
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        for path in inputs.files:
+            start = 0
+            for batch in inputs.file_batches(path, job.batch_size):
+                pending.append((path, start, batch.num_rows))
+                start += batch.num_rows
                 progress(batch.num_rows)
                 yield batch
 
-        try:
-            yield from apply_batches(plan, counted(), job.counters)
-        except TransformError as exc:
-            first, last = where["start"] + 1, where["start"] + where["rows"]
-            raise TransformError(
-                f"{path}, in the batch of data rows {first}-{last}: {exc}"
-            ) from None
+    try:
+        for out, counters in ordered_map(_Apply(plan), batches(), job.workers):
+            pending.popleft()
+            job.counters.merge(counters)
+            yield out
+    except TransformError as exc:
+        if not pending:
+            raise
+        path, start, rows = pending[0]
+        raise TransformError(
+            f"{path}, in the batch of data rows {start + 1}-{start + rows}: {exc}"
+        ) from None
+
+
+class _Apply:
+    """One batch through the plan (a worker process inherits it when forked)."""
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+
+    def __call__(self, batch: pa.RecordBatch) -> tuple[pa.RecordBatch, Counters]:
+        out, counters, _ = apply_batch(self.plan, batch)
+        return out, counters
 
 
 __all__ = ["apply_files_pandas"]

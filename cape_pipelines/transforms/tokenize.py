@@ -163,6 +163,9 @@ class Tokenizer(KeyedTransformation):
         cache = ctx.state.setdefault("tokens", ValueCache())
         parts = distinct_or_rows(array, _DEDUP_BELOW)
         text = canonical_text(parts.values)
-        data = [b"" if v is None else v for v in bytes_of(text)]
+        data = bytes_of(text)
+        if text.null_count:
+            # A null's token is never used (it stays null); hash something in its place.
+            data = [b"" if v is None else v for v in data]
         blob = _hex(cache.compute(data, digester), self.token_len)
         return gather_fixed_width(blob, self.token_len, text, parts.indices)

@@ -367,3 +367,60 @@ def test_row_redact_removes_nan_rows_under_any_range_condition(typ, condition) -
     out = cape.apply_policy(_row_redact(condition), table)
     assert 2 not in out.column("i").to_pylist()  # the NaN row never passes
     assert 1 not in out.column("i").to_pylist()  # nor the null one
+
+
+_BIG = [2**53 + 1, -(2**63), 2**63 - 1, -3, -2, -1, 0, None]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "v < -1.5",
+        "v <= -1.5",
+        "v > -1.5",
+        "v >= -1.5",
+        "v == -1.5",
+        "v != -1.5",
+        "v in (-1.5, 0, 2.5)",
+        "v not in (-1.5, 0)",
+        "v > 9007199254740992.5",
+        "v < 99999999999999999999",
+        "v > -99999999999999999999",
+        "v == 99999999999999999999",
+    ],
+)
+@pytest.mark.parametrize("typ", [pa.int64(), pa.uint64(), pa.int8()])
+def test_integer_columns_compare_exactly_with_any_number(text: str, typ: pa.DataType) -> None:
+    """Found by the validate-applies property test: ``i64 < -1.5`` cast the column to
+    float64, which Arrow refuses for integers beyond 2**53, so a valid policy failed to
+    apply. Integers now compare exactly with any literal, on every integer type."""
+    lo, hi = {pa.int64(): (-(2**63), 2**63 - 1), pa.uint64(): (0, 2**64 - 1)}.get(typ, (-128, 127))
+    values = [v for v in _BIG if v is None or lo <= v <= hi]
+    table = pa.table({"v": pa.array(values, typ)})
+    condition = parse_condition(text)
+    kept = table.filter(condition.to_expression(table.schema)).column("v")
+    cond = condition.root
+    expected = [v for v in values if v is not None and _exact(cond, v)]
+    assert kept.to_pylist() == expected
+
+
+def _exact(cond: object, v: int) -> bool:
+    """The condition on one integer, in exact rational arithmetic (the oracle)."""
+    from fractions import Fraction
+
+    def num(lit: Literal) -> Fraction:
+        return Fraction(Decimal(lit.value)) if lit.kind == "decimal" else Fraction(lit.value)
+
+    if isinstance(cond, Compare):
+        x = num(cond.literal)
+        return {
+            "<": v < x,
+            "<=": v <= x,
+            ">": v > x,
+            ">=": v >= x,
+            "==": v == x,
+            "!=": v != x,
+        }[cond.op]
+    assert isinstance(cond, InList)
+    found = any(v == num(lit) for lit in cond.values)
+    return found != cond.negated

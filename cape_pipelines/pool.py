@@ -1,0 +1,268 @@
+"""Ordered work over forked processes: ``cape apply --workers N``, ``apply_policy(df, workers=N)``.
+
+The core's per-value work (keyed hashes, encryptions) holds the GIL, so using
+every core takes processes. :func:`ordered_map` forks ``workers`` processes
+that inherit the function to run (and so the plan and its keys) once, at
+start: nothing key-related is pickled, put on a command line or logged, and
+the parent never ships the plan again. Items go to the workers round robin
+and their results come back in item order, so the output is exactly what one
+process gives, in the same order. At most ``window`` items are out at once
+(twice the workers by default), which bounds memory by the workers times the
+item size, whatever the input's length.
+
+Stopping is clean: the workers ignore Ctrl-C (the terminal sends it to the
+whole process group) and only the parent handles it or SIGTERM, then stops
+them; an error in a worker is raised again in the parent, and a worker that
+dies (killed, out of memory) is an error naming it rather than a hang. Where
+``fork`` is not available (Windows, where a spawned worker would need the
+plan, keys included, pickled to it) the work runs in this process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import multiprocessing as mp
+import os
+import pickle
+import queue
+import signal
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
+
+from .errors import CapeError
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+# Ctrl-C, and what orchestrators send to stop a job.
+_STOP_SIGNALS = [
+    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)
+]
+# How long the parent waits for one result before checking that its worker still runs.
+_POLL_SECONDS = 0.5
+# How long a worker asked to stop may take before it is terminated.
+_STOP_SECONDS = 2.0
+
+
+def default_workers() -> int:
+    """The processes ``--workers`` defaults to: the CPUs this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def can_fork() -> bool:
+    """Whether worker processes can be forked here (POSIX; not Windows)."""
+    return "fork" in mp.get_all_start_methods()
+
+
+def ordered_map(
+    fn: Callable[[T], R], items: Iterable[T], workers: int, *, window: int | None = None
+) -> Iterator[R]:
+    """``fn(item)`` for each of ``items``, in order, computed by ``workers`` forked processes.
+
+    ``fn`` is inherited by the workers when they are forked (never pickled);
+    items and results are pickled. With ``workers`` 1, or when only one item
+    comes, or where fork is unavailable, everything runs in this process.
+    Closing the iterator early (an error, Ctrl-C) stops the workers.
+    """
+    if workers < 1:
+        raise CapeError(f"workers must be at least 1, not {workers}")
+    it = iter(items)
+    if workers == 1 or not can_fork():
+        yield from map(fn, it)
+        return
+    first = next(it, _END)
+    if first is _END:
+        return
+    try:
+        second = next(it, _END)
+    except Exception:
+        yield fn(first)
+        raise
+    if second is _END:
+        # One item: a pool would only add its start-up.
+        yield fn(first)
+        return
+    pool = _Pool(fn, workers)
+    limit = window or 2 * workers
+    out: deque[int] = deque()
+    try:
+        items = _chain(first, second, it)
+        sent = 0
+        while True:
+            try:
+                item = next(items)
+            except StopIteration:
+                break
+            except Exception:
+                # One process would have handed back (written, counted) the items read
+                # before the one that could not be read; so does the pool, then the error.
+                while out:
+                    yield pool.receive(out.popleft())
+                raise
+            w = sent % workers
+            pool.send(w, item)
+            out.append(w)
+            sent += 1
+            if len(out) >= limit:
+                yield pool.receive(out.popleft())
+        while out:
+            yield pool.receive(out.popleft())
+        pool.stop()
+    finally:
+        pool.kill()
+
+
+_END: Any = object()
+
+
+def _chain(first: Any, second: Any, rest: Iterator[Any]) -> Iterator[Any]:
+    yield first
+    yield second
+    yield from rest
+
+
+class _Pool:
+    """``workers`` forked processes, each with its own task and result queue (so order is free)."""
+
+    def __init__(self, fn: Callable[[Any], Any], workers: int):
+        ctx = mp.get_context("fork")
+        self.tasks = [ctx.Queue() for _ in range(workers)]
+        self.results = [ctx.Queue() for _ in range(workers)]
+        self.procs = [
+            ctx.Process(
+                target=_work,
+                args=(fn, self.tasks[i], self.results[i]),
+                name=f"cape-worker-{i + 1}",
+                daemon=True,
+            )
+            for i in range(workers)
+        ]
+        # The workers' garbage collections must not walk (and so copy, page by page)
+        # every object they share with this process: freeze those for the forks only.
+        gc.freeze()
+        try:
+            with _stop_signals_deferred():
+                for p in self.procs:
+                    p.start()
+        except BaseException:
+            self.kill()
+            raise
+        finally:
+            gc.unfreeze()
+
+    def send(self, w: int, item: Any) -> None:
+        self.tasks[w].put(item)
+
+    def receive(self, w: int) -> Any:
+        while True:
+            try:
+                status, value = self.results[w].get(timeout=_POLL_SECONDS)
+            except queue.Empty:
+                proc = self.procs[w]
+                if not proc.is_alive():
+                    raise CapeError(
+                        f"worker process {w + 1} of {len(self.procs)} stopped unexpectedly "
+                        f"(exit code {proc.exitcode}); rerun with --workers 1 to see why"
+                    ) from None
+                continue
+            if status == "error":
+                raise value
+            return value
+
+    def stop(self) -> None:
+        """Ask every worker to finish (all results were received) and wait for them."""
+        for q in self.tasks:
+            q.put(None)
+        for p in self.procs:
+            p.join(_STOP_SECONDS)
+
+    def kill(self) -> None:
+        """Stop every worker now (after :meth:`stop`, a no-op for those that ended)."""
+        for p in self.procs:
+            if p.is_alive():
+                p.terminate()
+        for p in self.procs:
+            if p.pid is not None:  # started
+                p.join(_STOP_SECONDS)
+                if p.is_alive():
+                    # SIGTERM can land before a just-forked worker has put its own
+                    # handlers in place (it then still has the parent's): SIGKILL.
+                    p.kill()
+                    p.join(_STOP_SECONDS)
+        for q in (*self.tasks, *self.results):
+            # Items still buffered for a stopped worker are dropped, not waited for.
+            q.cancel_join_thread()
+            q.close()
+
+
+@contextlib.contextmanager
+def _stop_signals_deferred() -> Iterator[None]:
+    """Ctrl-C, SIGTERM and SIGHUP only noted while forking, then acted on as usual.
+
+    Python ignores an exception raised in its at-fork handlers (logging has
+    one), so a Ctrl-C landing there would be lost and the run would go on. The
+    signals' handlers are swapped for ones that only note them; afterwards the
+    first one noted is raised again, with the usual handlers back. (Signals
+    can only be handled in the main thread; elsewhere nothing changes.)
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    noted: list[int] = []
+    previous: dict[int, Any] = {}
+    for sig in _STOP_SIGNALS:
+        handler = signal.getsignal(sig)
+        if handler is not None:  # None: installed outside Python, cannot be put back
+            previous[sig] = signal.signal(sig, lambda signum, frame: noted.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if noted:
+            signal.raise_signal(noted[0])
+
+
+def _work(fn: Callable[[Any], Any], tasks: Any, results: Any) -> None:
+    """A worker's loop: items in, results (or the error) out, until told to stop."""
+    # Ctrl-C reaches the whole process group; only the parent acts on it. SIGTERM
+    # (from the parent's kill) ends the worker at once.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_DFL)
+    parent = os.getppid()
+    while True:
+        try:
+            item = tasks.get(timeout=_POLL_SECONDS)
+        except queue.Empty:
+            # The parent died without stopping us (SIGKILL): its queues will never
+            # close for us (we hold their other ends too), so look.
+            if os.getppid() != parent:
+                return
+            continue
+        if item is None:
+            return
+        try:
+            results.put(("ok", fn(item)))
+        except Exception as exc:
+            results.put(("error", _picklable(exc)))
+
+
+def _picklable(exc: Exception) -> Exception:
+    """``exc`` if it survives pickling, else a :class:`CapeError` with its message."""
+    try:
+        # Our own exception, just made in this process: nothing untrusted is unpickled.
+        pickle.loads(pickle.dumps(exc))  # noqa: S301
+    except Exception:
+        return CapeError(f"{type(exc).__name__}: {exc}")
+    return exc
+
+
+__all__ = ["can_fork", "default_workers", "ordered_map"]

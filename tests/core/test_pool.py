@@ -1,0 +1,198 @@
+"""The forked worker pool (``cape_pipelines.pool``) and ``apply_policy(df, workers=N)``.
+
+Order, the bounded window (the memory bound: never more than ``window``
+items read ahead of what was handed back), errors raised again in the parent,
+and the pandas frame cut into slices giving exactly the ``workers=1`` frame,
+index and audit counts.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import sys
+import threading
+import time
+
+import numpy as np
+import pandas as pd
+import pandas.testing as pdt
+import pytest
+
+from cape_pipelines.audit import MemorySink
+from cape_pipelines.errors import TransformError
+from cape_pipelines.pandas import apply_policy
+from cape_pipelines.pool import ordered_map
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="fork")
+
+
+def _square_with_pid(x: int) -> tuple[int, int]:
+    return x * x, os.getpid()
+
+
+def test_results_in_order_from_several_processes() -> None:
+    got = list(ordered_map(_square_with_pid, range(40), 3))
+    assert [v for v, _ in got] == [x * x for x in range(40)]
+    pids = {p for _, p in got}
+    assert os.getpid() not in pids and len(pids) == 3
+
+
+def test_one_item_or_one_worker_runs_here() -> None:
+    assert list(ordered_map(_square_with_pid, [3], 4)) == [(9, os.getpid())]
+    assert {p for _, p in ordered_map(_square_with_pid, range(5), 1)} == {os.getpid()}
+    assert list(ordered_map(_square_with_pid, [], 4)) == []
+
+
+def test_no_more_than_the_window_is_read_ahead() -> None:
+    pulled = 0
+
+    def items():
+        nonlocal pulled
+        for i in range(30):
+            pulled += 1
+            yield i
+
+    ahead = []
+    for k, _ in enumerate(ordered_map(_square_with_pid, items(), 2, window=3)):
+        ahead.append(pulled - k)
+    assert max(ahead) <= 3 + 1  # the window, plus the item just read
+
+
+def _fail_on_seven(x: int) -> int:
+    if x == 7:
+        raise TransformError("bad value at row 7")
+    return x
+
+
+def test_a_worker_error_is_raised_in_the_parent_after_the_results_before_it() -> None:
+    seen = []
+    with pytest.raises(TransformError, match="bad value at row 7"):
+        for v in ordered_map(_fail_on_seven, range(20), 2):
+            seen.append(v)
+    assert seen == list(range(7))
+
+
+@pytest.mark.parametrize("good", [1, 2, 5, 9])
+def test_items_read_before_a_read_error_come_back_first(good: int) -> None:
+    def items():
+        yield from range(good)
+        raise OSError("input file truncated")
+
+    seen = []
+    with pytest.raises(OSError, match="truncated"):
+        for v, _ in ordered_map(_square_with_pid, items(), 2):
+            seen.append(v)
+    assert seen == [x * x for x in range(good)]
+
+
+class _Unpicklable(Exception):
+    def __init__(self, a: int, b: int):
+        super().__init__(f"{a}/{b}")
+        # A lock cannot be pickled, whatever pickling support for exceptions is installed
+        # (dask's tblib makes plain exceptions picklable).
+        self.lock = threading.Lock()
+
+
+def _raise_unpicklable(x: int) -> int:
+    raise _Unpicklable(x, 2)
+
+
+def test_an_error_that_cannot_be_pickled_still_arrives() -> None:
+    with pytest.raises(Exception, match="_Unpicklable: 0/2"):
+        list(ordered_map(_raise_unpicklable, range(4), 2))
+
+
+_CTRL_C_AT_FORK = {"on": False}
+
+
+def _ctrl_c_in_the_parent_after_fork() -> None:
+    if _CTRL_C_AT_FORK["on"]:
+        _CTRL_C_AT_FORK["on"] = False
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+# Registered once for the whole test process; it acts only when a test switches it on.
+os.register_at_fork(after_in_parent=_ctrl_c_in_the_parent_after_fork)
+
+
+def _slow(x: int) -> int:
+    time.sleep(0.05)
+    return x
+
+
+def test_ctrl_c_landing_while_a_worker_is_forked_is_not_lost() -> None:
+    # Python ignores exceptions raised in its at-fork handlers (logging has one): a
+    # Ctrl-C delivered there used to vanish and the run went on to the end.
+    before = set(mp.active_children())
+    # Ctrl-C raising KeyboardInterrupt, as in a cape command (another test may have changed it).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    _CTRL_C_AT_FORK["on"] = True
+    got = []
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            for v in ordered_map(_slow, range(200), 2):
+                got.append(v)
+    finally:
+        _CTRL_C_AT_FORK["on"] = False
+        signal.signal(signal.SIGINT, previous)
+    assert len(got) < 200
+    assert set(mp.active_children()) <= before  # the workers were stopped
+
+
+KEY = bytes(range(1, 33))
+POLICY = {
+    "label": "workers",
+    "rules": [
+        {
+            "match": {"name": "email"},
+            "actions": [{"transform": {"type": "tokenizer", "key": {"secret": "k"}}}],
+        },
+        {
+            "match": {"name": "score"},
+            "actions": [{"transform": {"type": "numeric-rounding", "precision": 1}}],
+        },
+        {"match": {"name": "ssn"}, "actions": ["drop"]},
+        {"actions": [{"transform": {"type": "row-redact", "condition": "age < 18"}}]},
+    ],
+}
+
+
+def _frame(n: int) -> pd.DataFrame:
+    rng = np.random.default_rng(3)
+    return pd.DataFrame(
+        {
+            "email": [f"u{i % 7919}@x.org" if i % 13 else None for i in range(n)],
+            "age": rng.integers(0, 90, n),
+            "ssn": [f"{i:09d}" for i in range(n)],
+            "score": rng.normal(0, 10, n),
+            "note": pd.Categorical(rng.choice(["a", "b"], n)),
+        },
+        index=pd.Index(np.arange(n)[::-1] * 2, name="row"),
+    )
+
+
+@pytest.mark.parametrize("string_dtype", [None, "string[pyarrow]"])
+def test_pandas_workers_give_the_one_process_frame(string_dtype: str | None) -> None:
+    df = _frame(100_000)
+    before = df.copy(deep=True)
+    sinks = [MemorySink(), MemorySink()]
+    one = apply_policy(
+        POLICY, df, keys={"k": KEY}, audit=sinks[0], workers=1, string_dtype=string_dtype
+    )
+    two = apply_policy(
+        POLICY, df, keys={"k": KEY}, audit=sinks[1], workers=2, string_dtype=string_dtype
+    )
+    pdt.assert_frame_equal(two, one)
+    pdt.assert_frame_equal(df, before)
+    assert two.index.name == "row" and len(two) == int((df["age"] >= 18).sum())
+    done = [s.records[-1] for s in sinks]
+    for key in ("rows_in", "rows_out", "rows_redacted", "columns"):
+        assert done[0][key] == done[1][key]
+    assert done[1]["rows_in"] == 100_000
+
+
+def test_pandas_workers_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="workers must be at least 1"):
+        apply_policy(POLICY, _frame(3), keys={"k": KEY}, audit=MemorySink(), workers=0)
