@@ -53,6 +53,12 @@ class TokenCreate(_In):
     expires_in: int | None = Field(default=None, ge=1, le=10 * 365 * 86400, description="seconds")
 
 
+class WorkerTokenCreate(_In):
+    expires_in: int = Field(
+        default=3600, ge=1, le=24 * 3600, description="seconds (never past the pipeline token)"
+    )
+
+
 class TokenInfo(BaseModel):
     id: str
     name: str

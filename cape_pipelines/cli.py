@@ -173,6 +173,7 @@ def _apply_files_from(
         overwrite=args.overwrite,
         progress=False if args.no_progress else None,
         run_id=args.run_id,
+        worker_keys="inline" if args.inline_keys else None,
     )
 
 
@@ -287,6 +288,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="pandas",
         metavar="NAME",
         help="engine: pandas (default, in this process), or beam, dask, spark (their extras)",
+    )
+    p.add_argument(
+        "--inline-keys",
+        action="store_true",
+        default=False,
+        help="ship key bytes inside the engine's job (quick local runs only: anyone who can "
+        "read the job can read the keys; by default workers get key references)",
     )
     p.add_argument(
         "--timestamp-unit",

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -46,7 +47,7 @@ from .keys import KeyResolver
 from .plan import Plan
 from .policy.load import PolicySource
 from .progress import Progress, ProgressFn
-from .seam import Binding, bind
+from .seam import Binding, WorkerKeysSetting, bind
 from .writers import (
     METADATA_KEYS,
     ROW_GROUP_SIZE,
@@ -162,6 +163,7 @@ def apply_files(
     run_id: str | None = None,
     policy_source: str | None = None,
     column_tags: Mapping[str, Sequence[str]] | None = None,
+    worker_keys: WorkerKeysSetting = None,
 ) -> ApplyResult:
     """Apply ``policy`` to a CSV/Parquet file or directory and write one output file.
 
@@ -170,6 +172,9 @@ def apply_files(
     is recorded: ``run.started``, ``policy.fetched``, then ``run.completed`` or
     ``run.failed`` with the counts of the rows written.
     ``progress``: True/False, or None for "only if stderr is a terminal".
+    ``worker_keys``: how the beam/dask/spark engines give their workers keys
+    (default: references, never bytes; ``"inline"`` ships the bytes; see
+    docs/keys.md). Any per-run key directory is removed when the run ends.
     """
     src = Path(input)
     dst = Path(output)
@@ -185,8 +190,9 @@ def apply_files(
         source=policy_source,
         record_failure=True,
         run_id=run_id,
+        worker_keys=worker_keys,
     )
-    with binding.run(run_id=run_id) as run:
+    with binding.run(run_id=run_id) as run, _closing_run_secrets(binding):
         if batch_size < 1:
             raise CapeError("batch size must be at least 1")
         fmt = output_format(dst, format)
@@ -212,6 +218,15 @@ def apply_files(
             for batch in run_engine(FileJob(plan, inputs, batch_size, counters, bar, binding)):
                 out.write(batch)
     return ApplyResult(output=dst, run_id=run.run_id, counters=counters, plan=plan)
+
+
+@contextmanager
+def _closing_run_secrets(binding: Binding) -> Iterator[None]:
+    """Remove the run's private key directory (if an engine made one) when the run ends."""
+    try:
+        yield
+    finally:
+        binding.close_run_secrets()
 
 
 def _refuse_overlap(inputs: InputSet, dst: Path) -> None:

@@ -2,8 +2,14 @@
 
 A transformation names its key (``{secret: NAME}``); the provider chain resolves
 the name at plan time: explicit ``keys=`` mapping, then ``CAPE_KEY_<NAME>`` in
-the environment, then (for pipeline tokens) the coordinator. Key bytes are
-never shown in a repr, a log line, an error message or an audit record.
+the environment, then a mounted secret directory (``CAPE_KEYS_DIR``), then
+(for pipeline tokens) the coordinator. The resolver remembers where each key
+came from, so that a plan shipped to workers can carry a *reference* to the
+same place (:class:`EnvKeys`, :class:`SecretFileKeys`, :class:`CoordinatorKeys`)
+instead of the bytes; keys that exist only in this process travel to local
+workers through a private per-run secret directory (:class:`RunSecrets`) and
+are refused for remote ones (see docs/keys.md). Key bytes are never shown in a
+repr, a log line, an error message or an audit record.
 """
 
 from __future__ import annotations
@@ -14,7 +20,11 @@ import logging
 import os
 import re
 import secrets
+import shutil
+import tempfile
+import weakref
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, SecretBytes
@@ -24,6 +34,8 @@ from .errors import KeyFormatError, KeyMissingError
 log = logging.getLogger(__name__)
 
 _ENV_PREFIX = "CAPE_KEY_"
+KEYS_DIR_ENV = "CAPE_KEYS_DIR"
+"""A mounted secret directory (one file per key, ``DIR/NAME``) the driver and workers read."""
 # Shorter keys can be searched exhaustively (or guessed: cape-python examples
 # used words like "secret_key"); 16 bytes is the 128-bit floor of NIST SP 800-131A.
 MIN_KEY_BYTES = 16
@@ -133,7 +145,14 @@ KeyProvider = Callable[[str], bytes | None]
 
 
 class KeyResolver:
-    """The provider chain: explicit mapping, environment, then any extra providers."""
+    """The provider chain: explicit mapping, environment, secret directory, extra providers.
+
+    :attr:`origins` records, per key name resolved, where it came from
+    (``explicit``, ``env``, ``dir:<path>`` or ``provider:<label>``), never the
+    bytes. ``worker_sources`` maps a provider's label to a function making the
+    :class:`WorkerKeyProvider` through which workers read that provider's keys
+    themselves (a coordinator's worker token).
+    """
 
     def __init__(
         self,
@@ -141,11 +160,14 @@ class KeyResolver:
         *,
         environ: Mapping[str, str] | None = None,
         providers: list[tuple[str, KeyProvider]] | None = None,
+        worker_sources: Mapping[str, Callable[[], WorkerKeyProvider]] | None = None,
     ):
         self._explicit = dict(keys or {})
         self._environ = os.environ if environ is None else environ
         self._providers = list(providers or [])
         self._run_key: bytes | None = None
+        self.origins: dict[str, str] = {}
+        self.worker_sources: dict[str, Callable[[], WorkerKeyProvider]] = dict(worker_sources or {})
 
     def __repr__(self) -> str:
         return f"KeyResolver(explicit={sorted(self._explicit)}, providers={len(self._providers)})"
@@ -157,6 +179,7 @@ class KeyResolver:
         name = ref.secret
         assert name is not None
         if name in self._explicit:
+            self.origins[name] = "explicit"
             value = self._explicit[name]
             if isinstance(value, str):
                 return _long_enough(
@@ -173,12 +196,21 @@ class KeyResolver:
         var = env_var_name(name)
         if var in self._environ:
             key = decode_key_text(self._environ[var], f"environment variable {var}")
+            self.origins[name] = "env"
             return _long_enough(key, f"key {name!r} (from {var})")
         tried = ["keys=", var]
+        directory = self._environ.get(KEYS_DIR_ENV)
+        if directory:
+            tried.append(f"{KEYS_DIR_ENV}={directory}")
+            found = SecretFileKeys(directory).fetch(name)
+            if found is not None:
+                self.origins[name] = f"dir:{directory}"
+                return _long_enough(found, f"key {name!r} (from {KEYS_DIR_ENV})")
         for label, provider in self._providers:
             tried.append(label)
             found = provider(name)
             if found is not None:
+                self.origins[name] = f"provider:{label}"
                 return _long_enough(found, f"key {name!r} (from {label})")
         raise KeyMissingError(name, tried)
 
@@ -192,28 +224,29 @@ class KeyResolver:
 class KeyStore:
     """Resolved keys by id, carried by a plan to the workers; its repr shows no bytes.
 
-    By default a pickled store carries the key bytes (a plan shipped to Spark
-    executors, Dask workers or Beam's job graph holds them). A store made by
-    :meth:`by_reference` pickles only key *names* and a
-    :class:`WorkerKeyProvider`; the copy a worker unpickles resolves each name
-    once per process through that provider (cached in memory) the first time a
-    batch needs it. Keys with no name (inline in the policy, derived from a
-    seed, or a run's random key) still travel as bytes.
+    A store made by :meth:`by_reference` or :meth:`referencing` pickles, for
+    the keys it references, only a key *name* and the :class:`WorkerKeyProvider`
+    that finds it; the copy a worker unpickles resolves each one once per
+    process through that provider (cached in memory) the first time a batch
+    needs it. The driver's copy keeps the bytes it resolved. A store with no
+    references pickles its bytes: only :func:`ship_keys` with
+    ``worker_keys="inline"`` (the explicit opt-in) or a plan that never leaves
+    the process makes one.
     """
 
-    __slots__ = ("_keys", "_provider", "_refs")
+    __slots__ = ("_keys", "_refs")
 
     def __init__(self, keys: Mapping[str, bytes] | None = None):
         self._keys: dict[str, bytes] = dict(keys or {})
-        self._refs: dict[str, str] = {}
-        self._provider: WorkerKeyProvider | None = None
+        self._refs: dict[str, tuple[WorkerKeyProvider, str]] = {}
 
     def __getitem__(self, key_id: str) -> bytes:
         found = self._keys.get(key_id)
         if found is not None:
             return found
-        if self._provider is not None and key_id in self._refs:
-            value = worker_key(self._provider, self._refs[key_id])
+        ref = self._refs.get(key_id)
+        if ref is not None:
+            value = worker_key(*ref)
             self._keys[key_id] = value
             return value
         raise KeyError(key_id)
@@ -238,36 +271,37 @@ class KeyStore:
         The bytes stay in this process (the driver still uses them); ids not in
         ``names`` keep travelling as bytes.
         """
+        return self.referencing({k: (provider, name) for k, name in names.items()})
+
+    def referencing(self, refs: Mapping[str, tuple[WorkerKeyProvider, str]]) -> KeyStore:
+        """A copy that ships, per key id in ``refs``, a (provider, name) instead of the bytes."""
         out = KeyStore(self._keys)
-        out._refs = dict(names)
-        out._provider = provider
+        out._refs = dict(refs)
         return out
 
     @property
     def references(self) -> dict[str, str]:
         """Key id -> key name for the keys resolved on workers (empty: all keys ship)."""
-        return dict(self._refs)
+        return {k: name for k, (_, name) in self._refs.items()}
+
+    @property
+    def providers(self) -> dict[str, WorkerKeyProvider]:
+        """Key id -> the provider workers resolve it through."""
+        return {k: provider for k, (provider, _) in self._refs.items()}
 
     def __getstate__(self) -> Any:
-        if self._provider is None:
+        if not self._refs:
             return self._keys
         shipped = {k: v for k, v in self._keys.items() if k not in self._refs}
-        return {
-            "_by_reference": True,
-            "keys": shipped,
-            "refs": self._refs,
-            "provider": self._provider,
-        }
+        return {"_by_reference": True, "keys": shipped, "refs": self._refs}
 
     def __setstate__(self, state: Any) -> None:
         if isinstance(state, dict) and state.get("_by_reference") is True:
             self._keys = dict(state["keys"])
             self._refs = dict(state["refs"])
-            self._provider = state["provider"]
         else:
             self._keys = state
             self._refs = {}
-            self._provider = None
 
 
 # -- worker-side key providers ------------------------------------------------------------------
@@ -277,8 +311,11 @@ class WorkerKeyProvider:
     """Where a worker process finds a key by name; pickled into job graphs, so holds no keys.
 
     Subclasses implement :meth:`fetch` and :meth:`identity` (what the
-    per-process cache is keyed by).
+    per-process cache is keyed by). ``remote_ok`` says whether workers on
+    other machines can use it (a per-run directory on this host cannot).
     """
+
+    remote_ok = True
 
     def identity(self) -> str:
         raise NotImplementedError
@@ -299,6 +336,9 @@ class EnvKeys(WorkerKeyProvider):
     def identity(self) -> str:
         return "env"
 
+    def describe(self) -> str:
+        return "env (CAPE_KEY_<NAME> in the worker's environment)"
+
     def fetch(self, name: str) -> bytes | None:
         var = env_var_name(name)
         text = os.environ.get(var)
@@ -317,8 +357,11 @@ class SecretFileKeys(WorkerKeyProvider):
     def identity(self) -> str:
         return f"file:{self.directory}"
 
+    def describe(self) -> str:
+        return f"secret directory {self.directory}"
+
     def fetch(self, name: str) -> bytes | None:
-        if "/" in name or name.startswith("."):
+        if "/" in name or "\\" in name or name.startswith(".") or "\x00" in name:
             raise KeyFormatError(f"key name {name!r} cannot name a file in a secret directory")
         path = os.path.join(self.directory, name)
         try:
@@ -326,14 +369,79 @@ class SecretFileKeys(WorkerKeyProvider):
                 text = fh.read().strip()
         except FileNotFoundError:
             return None
+        except OSError as exc:
+            # Permission denied, a directory: say which file, never its content.
+            raise KeyFormatError(
+                f"secret file {path} cannot be read ({exc.strerror or type(exc).__name__})"
+            ) from None
         return decode_key_text(text, f"secret file {path}")
+
+
+# Kept alive until closed or the interpreter exits (weakref.finalize then removes them).
+_LIVE_RUN_SECRETS: set[RunSecrets] = set()
+# tmpfs: the per-run key files never reach a disk. mkdtemp makes a fresh 0700 directory there.
+_MEMORY_TMP = "/dev/shm"  # noqa: S108
+
+
+class RunSecrets(SecretFileKeys):
+    """A private per-run secret directory on this host, for keys that exist only in this process.
+
+    Keys given as bytes (``keys=``, ``--key``, ``--keys-file``), inline in a
+    policy, or a run's random key have no place a worker could read them from;
+    for workers on this host (local engines) each is written to a file readable
+    only by this user (directory 0700, files 0600; under ``/dev/shm`` where
+    there is one, so the bytes stay in memory) and only the path ships. The
+    directory is removed at the end of a run whose end is known (``cape
+    apply``: :meth:`close`), else at interpreter exit: a lazy Spark or Dask
+    frame can be run again, or chained and run later, as long as the driver
+    lives, and Spark holds its pickled copy where Python cannot see it go.
+    """
+
+    remote_ok = False
+
+    def __init__(self) -> None:
+        base = (
+            _MEMORY_TMP if os.path.isdir(_MEMORY_TMP) and os.access(_MEMORY_TMP, os.W_OK) else None
+        )
+        super().__init__(tempfile.mkdtemp(prefix="cape-run-keys-", dir=base))
+        self._count = 0
+        self._finalizer = weakref.finalize(self, shutil.rmtree, self.directory, True)
+        _LIVE_RUN_SECRETS.add(self)
+
+    def __repr__(self) -> str:
+        return f"RunSecrets({self.directory!r})"
+
+    def describe(self) -> str:
+        return f"the run's private key directory {self.directory} (on the driver's host)"
+
+    def __reduce__(self) -> Any:
+        # Workers get a plain reader of the directory: no finalizer that would remove it.
+        return (SecretFileKeys, (self.directory,))
+
+    def add(self, key: bytes) -> str:
+        """Write ``key`` to a new 0600 file; returns its name (not derived from the key)."""
+        self._count += 1
+        name = f"k{self._count}"
+        fd = os.open(
+            os.path.join(self.directory, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600
+        )
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(key.hex())
+        return name
+
+    def close(self) -> None:
+        """Remove the directory and its keys now."""
+        _LIVE_RUN_SECRETS.discard(self)
+        self._finalizer()
 
 
 class CoordinatorKeys(WorkerKeyProvider):
     """The label's keys from the coordinator, with a worker token (read-only, that label).
 
     The token travels in the job graph (it is a credential, not key material:
-    scope it to the label and give it a short expiry); the keys do not.
+    :meth:`coordinator_client.Client.worker_keys` mints one scoped to the label,
+    able to read its keys and nothing else, that expires); the keys do not.
+    ``NAME@3`` resolves to version 3 of ``NAME``, as on the driver.
     """
 
     def __init__(self, url: str, token: str, label: str):
@@ -347,24 +455,95 @@ class CoordinatorKeys(WorkerKeyProvider):
     def identity(self) -> str:
         return f"coordinator:{self.url}:{self.label}"
 
+    def describe(self) -> str:
+        return f"coordinator {self.url} (label {self.label}, worker token)"
+
     def fetch(self, name: str) -> bytes | None:
         from coordinator_client import Client
 
         with Client(self.url, self._token) as client:
-            keys = client.get_keys(self.label)
-        return keys.get(name)
+            _, provide = client.key_provider(self.label)
+            return provide(name)
 
 
 _WORKER_KEYS: dict[tuple[str, str], bytes] = {}
+# Long-lived workers (Spark's reused Python workers) see many runs' per-run directories.
+_MAX_WORKER_KEYS = 4096
 
 
 def worker_key(provider: WorkerKeyProvider, name: str) -> bytes:
-    """``name``'s key through ``provider``, fetched once per process and kept in memory."""
+    """``name``'s key through ``provider``, fetched once per process and kept in memory.
+
+    Errors name the key and the provider, never the key material.
+    """
     cache_key = (provider.identity(), name)
     found = _WORKER_KEYS.get(cache_key)
     if found is None:
-        found = provider.fetch(name)
+        try:
+            found = provider.fetch(name)
+        except KeyMissingError:
+            raise
+        except Exception as exc:
+            raise KeyMissingError(
+                name, [f"worker key provider {provider.describe()}: {type(exc).__name__}: {exc}"]
+            ) from None
         if not found:
             raise KeyMissingError(name, [f"worker key provider {provider.describe()}"])
+        if len(_WORKER_KEYS) >= _MAX_WORKER_KEYS:
+            _WORKER_KEYS.clear()
         _WORKER_KEYS[cache_key] = found
     return found
+
+
+# -- what ships to workers ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Workers:
+    """Where an engine runs a plan: ``local`` when every worker is a process on this host.
+
+    ``where`` names the engine's place in messages (``spark master local[2]``).
+    """
+
+    engine: str
+    where: str
+    local: bool
+
+
+INLINE = "inline"
+"""``worker_keys="inline"``: the opt-in to ship key bytes in the plan (quick local runs)."""
+
+
+class KeyShippingError(KeyFormatError):
+    """A key exists only on the driver and the engine's workers are elsewhere."""
+
+
+def shipping_fix(kind: str) -> str:
+    """How to give workers a key that exists only on the driver (``kind``: where it came from)."""
+    fixes = {
+        "explicit": "name it {secret: NAME} and give workers CAPE_KEY_<NAME>, a mounted "
+        f"secret directory ({KEYS_DIR_ENV}) or a coordinator",
+        "inline": "replace the policy's inline key with {secret: NAME} and give workers "
+        f"CAPE_KEY_<NAME>, a mounted secret directory ({KEYS_DIR_ENV}) or a coordinator",
+        "run": "give the perturbation a seed, or a key {secret: NAME} the workers can read",
+    }
+    return fixes.get(kind, fixes["explicit"])
+
+
+def reference_for(
+    origin: str, resolver: KeyResolver, minted: dict[str, WorkerKeyProvider]
+) -> WorkerKeyProvider | None:
+    """The provider workers can read a key of ``origin`` from, or None (only here)."""
+    if origin == "env":
+        return EnvKeys()
+    if origin.startswith("dir:"):
+        return SecretFileKeys(origin[len("dir:") :])
+    if origin.startswith("provider:"):
+        label = origin[len("provider:") :]
+        make = resolver.worker_sources.get(label)
+        if make is None:
+            return None
+        if label not in minted:
+            minted[label] = make()
+        return minted[label]
+    return None

@@ -21,31 +21,68 @@ the frame object itself. Beam cannot hold driver state at run time, so its
 stages carry a :class:`RemoteRun`, whose records the workers emit (see
 docs/architecture.md).
 
-Keys: the binding owns the resolver, and the plan holds the resolved bytes.
-A worker-side key provider (plans that ship key references instead of key
-material) slots in here, as another way for :meth:`Binding.plan` to fill the
-plan's key store.
+Keys: the binding owns the resolver, and the plan holds the resolved bytes
+on the driver. A plan built for an engine's workers (``workers=`` given to
+:meth:`Binding.plan`) ships key *references* by default, never key material:
+each key goes by a provider matching where the driver found it (see
+:meth:`Binding.ship` and docs/keys.md); ``worker_keys="inline"`` is the
+explicit opt-in to ship the bytes, for quick local runs.
 """
 
 from __future__ import annotations
 
+import logging
 import uuid
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from types import TracebackType
-from typing import Any, Generic, TypedDict, TypeVar
+from typing import Any, Generic, Literal, TypedDict, TypeVar
 
 import pyarrow as pa
 from typing_extensions import Unpack
 
 from .audit import AuditTarget, NullSink, RunContext, Sink, error_info
 from .core import Counters
-from .keys import KeyRef, KeyResolver, WorkerKeyProvider
-from .plan import Plan, build_plan
+from .keys import (
+    INLINE,
+    KeyRef,
+    KeyResolver,
+    KeyShippingError,
+    RunSecrets,
+    WorkerKeyProvider,
+    Workers,
+    reference_for,
+    shipping_fix,
+)
+from .plan import ColumnStep, Plan, build_plan
 from .policy.load import PolicySource
 from .policy.models import Policy
 from .source import CoordinatorClient, resolve_policy
+from .transforms.base import seed_key
+
+log = logging.getLogger(__name__)
+
+
+class DerivedKeys(WorkerKeyProvider):
+    """A perturbation's key derived again from its ``seed`` (public: the seed is in the policy)."""
+
+    def __repr__(self) -> str:
+        return "DerivedKeys()"
+
+    def identity(self) -> str:
+        return "seed"
+
+    def describe(self) -> str:
+        return "derived from the policy's seed"
+
+    def fetch(self, name: str) -> bytes | None:
+        return seed_key(int(name))
+
+
+WorkerKeysSetting = WorkerKeyProvider | Literal["inline"] | None
+"""``worker_keys=``: None (the default: references chosen per key), ``"inline"`` (ship the
+bytes: the opt-in for quick local runs), or one provider for every named key."""
 
 
 @dataclass
@@ -62,8 +99,12 @@ class Binding:
     engine: str
     column_tags: Mapping[str, Sequence[str]] = field(default_factory=dict)
     source: str | None = None
-    # Set: plans ship key names and this provider, never named keys' bytes (see keys.KeyStore).
-    worker_keys: WorkerKeyProvider | None = None
+    # None: plans for workers ship a reference per key (see ship); "inline": the bytes
+    # (opt-in); a provider: that provider for every named key.
+    worker_keys: WorkerKeysSetting = None
+    # Providers made once per binding (a coordinator's worker token, minted once per run).
+    _minted: dict[str, WorkerKeyProvider] = field(default_factory=dict, repr=False)
+    _run_secrets: list[RunSecrets] = field(default_factory=list, repr=False)
 
     def __repr__(self) -> str:
         return (
@@ -71,20 +112,117 @@ class Binding:
             f"engine={self.engine!r})"
         )
 
-    def build(self, schema: pa.Schema) -> Plan:
+    def build(self, schema: pa.Schema, *, workers: Workers | None = None) -> Plan:
         """The plan for ``schema``, with nothing recorded if it cannot be built.
 
         Keys are resolved here either way (a missing key fails now, on the
-        driver); with :attr:`worker_keys` the plan then pickles only the named
-        keys' names and the provider, so workers resolve them themselves.
+        driver). With ``workers`` (the plan is shipped to an engine's worker
+        processes) it then carries references instead of key bytes
+        (:meth:`ship`).
         """
         plan = build_plan(self.policy, schema, resolver=self.resolver, column_tags=self.column_tags)
-        if self.worker_keys is not None:
-            plan.keys = plan.keys.by_reference(key_names(plan), self.worker_keys)
-        return plan
+        return plan if workers is None else self.ship(plan, workers)
+
+    def ship(self, plan: Plan, workers: Workers) -> Plan:
+        """``plan`` as it may be shipped to ``workers``: key references, never key bytes.
+
+        Per key, by where the driver found it: a mounted secret directory ->
+        :class:`~cape_pipelines.keys.SecretFileKeys`; a coordinator ->
+        :class:`~cape_pipelines.keys.CoordinatorKeys` with a worker token minted
+        for this run (that label's keys only, read-only, expiring); a seed ->
+        derived again on the worker. On remote workers a key from the
+        environment -> :class:`~cape_pipelines.keys.EnvKeys` (each worker
+        needs ``CAPE_KEY_<NAME>``). Keys that exist only here (``keys=``
+        bytes, inline in the policy, a run's random key), and environment keys
+        on local workers (which may have started before the variable was set),
+        go through a private per-run directory for local workers
+        (:class:`~cape_pipelines.keys.RunSecrets`) and raise
+        :class:`~cape_pipelines.keys.KeyShippingError` naming the fix for
+        remote ones. ``worker_keys="inline"`` ships the bytes as they are.
+        """
+        if self.worker_keys == INLINE:
+            if not workers.local:
+                log.warning("worker_keys='inline': key bytes ship in the job to %s", workers.where)
+            return plan
+        explicit = self.worker_keys if isinstance(self.worker_keys, WorkerKeyProvider) else None
+        refs: dict[str, tuple[WorkerKeyProvider, str]] = {}
+        steps = list(plan.steps)
+        for i, step in enumerate(steps):
+            if not isinstance(step, ColumnStep) or step.key_id is None:
+                continue
+            ref = getattr(step.transform, "key", None)
+            if step.key_id not in refs:
+                refs[step.key_id] = self._reference(plan, step, ref, explicit, workers)
+            if isinstance(ref, KeyRef) and ref.inline is not None:
+                # The policy's own copy of an inline key would ship inside the step.
+                hidden = KeyRef(secret=f"<inline key of {step.location}>")
+                steps[i] = replace(
+                    step, transform=step.transform.model_copy(update={"key": hidden})
+                )
+        if not refs:
+            return plan
+        return replace(plan, steps=steps, keys=plan.keys.referencing(refs))
+
+    def _reference(
+        self,
+        plan: Plan,
+        step: ColumnStep,
+        ref: Any,
+        explicit: WorkerKeyProvider | None,
+        workers: Workers,
+    ) -> tuple[WorkerKeyProvider, str]:
+        """The (provider, name) workers resolve ``step``'s key through."""
+        assert step.key_id is not None
+        if isinstance(ref, KeyRef) and ref.secret is not None:
+            name = ref.secret
+            if explicit is not None:
+                return explicit, name
+            origin = self.resolver.origins.get(name, "explicit")
+            if origin == "env" and workers.local:
+                origin = "explicit"
+            try:
+                provider = reference_for(origin, self.resolver, self._minted)
+            except Exception as exc:
+                if not workers.local:
+                    raise KeyShippingError(
+                        f"{step.location}: key {name!r} for workers at {workers.where}: "
+                        f"cannot get a worker provider from {origin[len('provider:') :]} "
+                        f"({type(exc).__name__}: {exc})"
+                    ) from None
+                provider = None
+            if provider is not None:
+                return provider, name
+            kind, what = "explicit", f"key {name!r} (given to this process as bytes)"
+        elif ref is None and getattr(step.transform, "seed", None) is not None:
+            return DerivedKeys(), str(step.transform.seed)  # type: ignore[attr-defined]
+        elif isinstance(ref, KeyRef):
+            kind, what = "inline", "the key written inline in the policy"
+        else:
+            kind, what = "run", "the run's random key (a perturbation with neither seed nor key)"
+        if not workers.local:
+            raise KeyShippingError(
+                f"{step.location}: {what} exists only in this process, and {workers.engine}'s "
+                f"workers at {workers.where} are not on this host: {shipping_fix(kind)}; or pass "
+                "worker_keys='inline' (cape apply --inline-keys) to ship the key bytes in the "
+                "job, which anyone who can read the job can then read"
+            )
+        if not self._run_secrets:
+            self._run_secrets.append(RunSecrets())
+        secrets = self._run_secrets[0]
+        return secrets, secrets.add(plan.keys[step.key_id])
+
+    def close_run_secrets(self) -> None:
+        """Remove this binding's per-run key directory now (its workers are done)."""
+        for secrets in self._run_secrets:
+            secrets.close()
+        self._run_secrets.clear()
 
     def plan(
-        self, schema: pa.Schema | Callable[[], pa.Schema], *, run_id: str | None = None
+        self,
+        schema: pa.Schema | Callable[[], pa.Schema],
+        *,
+        run_id: str | None = None,
+        workers: Workers | None = None,
     ) -> Plan:
         """The plan for ``schema`` (or for the schema a callable reads); a failure is a run.
 
@@ -94,7 +232,7 @@ class Binding:
         still on the audit trail.
         """
         try:
-            return self.build(schema() if callable(schema) else schema)
+            return self.build(schema() if callable(schema) else schema, workers=workers)
         except BaseException as exc:
             self.run(run_id=run_id).record_failure(exc)
             raise
@@ -130,8 +268,10 @@ class BindOptions(TypedDict, total=False):
     ``column_tags``: column -> tags, for rules that match by tag;
     ``resolver``: a ready :class:`~cape_pipelines.keys.KeyResolver`;
     ``client``: a ``coordinator_client.Client`` (``policy`` is then a label);
-    ``worker_keys``: a worker-side key provider, so plans ship key names, not
-    key bytes (see :attr:`Binding.worker_keys`).
+    ``worker_keys``: how plans shipped to workers carry keys: None (default:
+    a reference per key, see :meth:`Binding.ship`), ``"inline"`` (the bytes;
+    the opt-in for quick local runs) or one worker-side provider for every
+    named key.
     """
 
     keys: Mapping[str, bytes | str] | None
@@ -139,7 +279,7 @@ class BindOptions(TypedDict, total=False):
     column_tags: Mapping[str, Sequence[str]] | None
     resolver: KeyResolver | None
     client: CoordinatorClient | None
-    worker_keys: WorkerKeyProvider | None
+    worker_keys: WorkerKeysSetting
 
 
 def bind(
@@ -170,6 +310,12 @@ def bind(
         return policy
     keys = options.get("keys")
     audit = options.get("audit")
+    setting = options.get("worker_keys")
+    if not (setting is None or setting == INLINE or isinstance(setting, WorkerKeyProvider)):
+        raise TypeError(
+            "worker_keys must be None (key references, the default), 'inline' (ship key "
+            f"bytes), or a worker key provider, not {setting!r}"
+        )
     try:
         src = resolve_policy(
             policy,
@@ -200,8 +346,6 @@ def bind(
 
 def key_names(plan: Plan) -> dict[str, str]:
     """Key id -> key name for every step whose key is a named secret (``{secret: NAME}``)."""
-    from .plan import ColumnStep
-
     names: dict[str, str] = {}
     for step in plan.steps:
         if isinstance(step, ColumnStep) and step.key_id is not None:

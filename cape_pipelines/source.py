@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol, runtime_checkable
 
 from .audit import AuditTarget, Sink, resolve_sink
@@ -93,7 +94,11 @@ def resolve_policy(
     if not isinstance(client, CoordinatorClient):
         raise TypeError(f"client must be a coordinator_client.Client, not {type(client).__name__}")
     fetched = client.get_policy(policy)
-    chain = KeyResolver(keys, providers=[client.key_provider(policy)])
+    provider = client.key_provider(policy)
+    # Workers read the coordinator's keys themselves, with a worker token minted per run.
+    mint = getattr(client, "worker_keys", None)
+    sources = {provider[0]: partial(mint, policy)} if callable(mint) else {}
+    chain = KeyResolver(keys, providers=[provider], worker_sources=sources)
     sink: AuditTarget = audit if audit is not None else client.default_audit_sink()
     where = f"coordinator {client.url} label {fetched.label} version {fetched.version}"
     served_offline = getattr(client, "served_offline", None)

@@ -44,7 +44,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from cape_pipelines.errors import PolicyError
-from cape_pipelines.keys import KeyProvider, KeyResolver, env_var_name
+from cape_pipelines.keys import CoordinatorKeys, KeyProvider, KeyResolver, env_var_name
 from cape_pipelines.policy import Policy, canonical_json, load_policy
 
 from ._b64 import b64d
@@ -647,6 +647,31 @@ class Client:
 
         return f"coordinator {self.url} (label {label})", provide
 
+    def mint_worker_token(self, label: str, expires_in: int | None = None) -> dict[str, Any]:
+        """A worker token for ``label`` (this client's token must be a pipeline token of it).
+
+        It reads that label's keys and nothing else, and expires after
+        ``expires_in`` seconds (default ``CAPE_WORKER_TOKEN_TTL`` or an hour; at
+        most a day, never past this client's token). The result's ``token``
+        is shown this once.
+        """
+        if expires_in is None:
+            expires_in = _worker_token_ttl()
+        return cast(
+            "dict[str, Any]",
+            self._json(
+                "POST", f"/v1/labels/{label}/worker-tokens", json_body={"expires_in": expires_in}
+            ),
+        )
+
+    def worker_keys(self, label: str, expires_in: int | None = None) -> CoordinatorKeys:
+        """A worker-side key provider for ``label``'s keys, with a worker token minted now.
+
+        Engines given ``client=`` ship this in their jobs instead of key bytes.
+        """
+        minted = self.mint_worker_token(label, expires_in)
+        return CoordinatorKeys(self.url, minted["token"], label)
+
     def policy_and_keys(self, label: str) -> tuple[Policy, KeyResolver]:
         """The verified active policy of ``label`` and a resolver whose keys come from here."""
         policy = self.get_policy(label)
@@ -712,6 +737,25 @@ def _parse_envelope(raw: bytes, label: str) -> dict[str, Any]:
     if not isinstance(envelope["label"], str) or not isinstance(envelope["activated_at"], str):
         raise PolicyRefused(f"policy {label}: the signed envelope's label or time is malformed")
     return envelope
+
+
+WORKER_TOKEN_TTL_ENV = "CAPE_WORKER_TOKEN_TTL"  # noqa: S105 (a variable name)
+
+
+def _worker_token_ttl() -> int:
+    """Seconds a minted worker token lives: ``CAPE_WORKER_TOKEN_TTL``, else an hour."""
+    text = os.environ.get(WORKER_TOKEN_TTL_ENV, "").strip()
+    if not text:
+        return 3600
+    try:
+        value = int(text)
+    except ValueError:
+        raise CoordinatorError(
+            f"{WORKER_TOKEN_TTL_ENV} must be a whole number of seconds, not {text!r}"
+        ) from None
+    if value < 1:
+        raise CoordinatorError(f"{WORKER_TOKEN_TTL_ENV} must be at least 1 second")
+    return value
 
 
 def _no_key_message(client: Client, label: str, name: str) -> str:

@@ -1,5 +1,6 @@
 """Named keys: create and rotate (admin), list (admin, auditor), material for a label
-(its pipeline tokens only, never cached by intermediaries, every read audited)."""
+(its pipeline tokens and the worker tokens they mint, never cached by intermediaries, every
+read audited), and minting a worker token (a pipeline token of the label)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Response
 
-from ..schemas import KeyCreate, KeyInfo, KeyMaterial, LabelKeys
-from ..services.base import Principal
+from ..schemas import KeyCreate, KeyInfo, KeyMaterial, LabelKeys, TokenCreated, WorkerTokenCreate
+from ..services.base import WORKER_ROLE, Principal
 from .deps import Coord, KeyNamePath, LabelPath, require
 
 router = APIRouter(tags=["keys"])
@@ -40,9 +41,25 @@ def label_keys(
     label: LabelPath,
     response: Response,
     coord: Coord,
-    p: Annotated[Principal, Depends(require("pipeline"))],
+    p: Annotated[Principal, Depends(require("pipeline", WORKER_ROLE))],
 ) -> LabelKeys:
-    """Key material for a label (pipeline tokens of that label only; every read audited)."""
+    """Key material for a label (pipeline and worker tokens of that label only; every read
+    audited)."""
     response.headers["Cache-Control"] = "no-store"
     keys = coord.secrets.for_label(p, label)
     return LabelKeys(label=label, keys={n: KeyMaterial(**k) for n, k in keys.items()})
+
+
+@router.post("/v1/labels/{label}/worker-tokens", status_code=201)
+def mint_worker_token(
+    label: LabelPath,
+    body: WorkerTokenCreate,
+    response: Response,
+    coord: Coord,
+    p: Annotated[Principal, Depends(require("pipeline"))],
+) -> TokenCreated:
+    """A token for a job's workers: reads this label's keys only, nothing else, and expires
+    (``expires_in``, at most a day and never past the calling pipeline token)."""
+    response.headers["Cache-Control"] = "no-store"
+    info, token = coord.tokens.mint_worker(p, label, body.expires_in)
+    return TokenCreated(**info, token=token)

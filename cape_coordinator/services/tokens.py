@@ -21,7 +21,7 @@ from cape_pipelines.policy.models import LABEL_RE
 from .. import db
 from ..crypto import new_token, secret_matches, split_token
 from ..errors import ApiError, not_found
-from .base import PRINCIPAL_RE, ROLES, Principal
+from .base import PRINCIPAL_RE, ROLES, WORKER_ROLE, Principal, check_label_access
 from .chain import AuditChain
 
 # A verified token is trusted this long without asking the database again, so a
@@ -29,6 +29,9 @@ from .chain import AuditChain
 # takes effect within this time; one made through this process takes effect at once.
 TOKEN_CACHE_SECONDS = 1.0
 _TOKEN_CACHE_MAX = 4096
+# A worker token lives at most this long (and never past the pipeline token that made it):
+# it travels in job graphs, which may be stored with the job.
+WORKER_TOKEN_MAX_SECONDS = 24 * 3600
 
 
 def token_info(row: Mapping[Any, Any]) -> dict[str, Any]:
@@ -43,6 +46,11 @@ def token_info(row: Mapping[Any, Any]) -> dict[str, Any]:
         "expires_at": row["expires_at"],
         "revoked_at": row["revoked_at"],
     }
+
+
+def _worker_name(token_id: str) -> str:
+    """The name of the worker tokens pipeline token ``token_id`` mints."""
+    return f"worker-of:{token_id}"
 
 
 class TokenService:
@@ -113,8 +121,70 @@ class TokenService:
             )
         return info, token
 
+    def mint_worker(
+        self, actor: Principal, label: str, expires_in: int
+    ) -> tuple[dict[str, Any], str]:
+        """A worker token for ``label``, made by a pipeline token of that label.
+
+        It may read that label's keys and nothing else (its role is
+        ``worker``), expires after ``expires_in`` seconds and never after the
+        pipeline token that made it, and is revoked with it. Returns (its
+        public description, the token itself, shown once).
+        """
+        if actor.role != "pipeline":
+            raise ApiError(403, "forbidden", f"role {actor.role} may not mint worker tokens")
+        check_label_access(actor, label)
+        if not 1 <= expires_in <= WORKER_TOKEN_MAX_SECONDS:
+            raise ApiError(
+                422,
+                "invalid_expiry",
+                f"expires_in must be 1 s to {WORKER_TOKEN_MAX_SECONDS} s",
+            )
+        expires = datetime.now(UTC) + timedelta(seconds=expires_in)
+        token_id, token, digest = new_token()
+        with self.chain.write() as (conn, appended):
+            parent = (
+                conn.execute(select(db.tokens).where(db.tokens.c.id == actor.token_id))
+                .mappings()
+                .first()
+            )
+            if parent is None or parent["revoked_at"] is not None:
+                raise ApiError(401, "token_revoked", "token has been revoked")
+            expires_at = db.format_time(expires)
+            if parent["expires_at"] is not None and parent["expires_at"] < expires_at:
+                expires_at = parent["expires_at"]
+            info = {
+                "id": token_id,
+                # Names the pipeline token it came from: revoking that revokes this.
+                "name": _worker_name(actor.token_id),
+                "role": WORKER_ROLE,
+                "labels": [label],
+                "created_at": db.now(),
+                "created_by": actor.name,
+                "expires_at": expires_at,
+                "revoked_at": None,
+            }
+            conn.execute(
+                insert(db.tokens),
+                {**info, "labels": json.dumps([label]), "secret_hash": digest},
+            )
+            self.chain.record(
+                conn,
+                appended,
+                actor,
+                "token.created",
+                label,
+                token_id=token_id,
+                name=info["name"],
+                token_role=WORKER_ROLE,
+                labels=[label],
+                expires_at=expires_at,
+            )
+        return info, token
+
     def revoke(self, actor: Principal, token_id: str) -> dict[str, Any]:
-        """Revoke a token by id (refused if unknown or already revoked)."""
+        """Revoke a token by id (refused if unknown or already revoked), and the worker
+        tokens it minted."""
         with self.chain.write() as (conn, appended):
             row = (
                 conn.execute(select(db.tokens).where(db.tokens.c.id == token_id)).mappings().first()
@@ -137,9 +207,24 @@ class TokenService:
             self.chain.record(
                 conn, appended, actor, "token.revoked", token_id=token_id, name=row["name"]
             )
+            minted = [
+                r[0]
+                for r in conn.execute(
+                    select(db.tokens.c.id).where(
+                        db.tokens.c.role == WORKER_ROLE,
+                        db.tokens.c.name == _worker_name(token_id),
+                        db.tokens.c.revoked_at.is_(None),
+                    )
+                ).all()
+            ]
+            if minted:
+                conn.execute(
+                    update(db.tokens).where(db.tokens.c.id.in_(minted)).values(revoked_at=stamp)
+                )
         with self._cache_lock:
             self._revocations += 1
-            self._cache.pop(token_id, None)
+            for gone in [token_id, *minted]:
+                self._cache.pop(gone, None)
         return {**token_info(row), "revoked_at": stamp}
 
     @staticmethod

@@ -22,6 +22,7 @@ from apache_beam.pvalue import AsList, AsSingleton, PCollection
 from apache_beam.transforms.window import GlobalWindows
 from typing_extensions import Unpack
 
+from .._workers import beam_workers
 from ..audit import AuditTarget, MemorySink, Sink, resolve_sink
 from ..core import Counters
 from ..errors import PlanError
@@ -110,8 +111,9 @@ class ApplyPolicy(beam.PTransform):
         self._policy = binding.policy
         sink = _worker_sink(binding.audit)
         self._audit = RemoteRun(binding, sink, binding.context().principal)
-        # Dropped once the plan is built: the plan carries the resolved keys, and the
-        # resolver (with any explicit keys in it) is not shipped with the transform.
+        # expand() knows the runner: the plan its DoFns carry is shipped with key
+        # references for that runner's workers (Binding.ship). The transform itself is
+        # not serialized into the pipeline (only its name is).
         self._binding: Binding | None = binding
         self._batch_size = batch_size
         # A column outside the policy, carried through unchanged; for the test
@@ -158,11 +160,14 @@ class ApplyPolicy(beam.PTransform):
         return schema
 
     def _build(self, schema: pa.Schema) -> Plan:
-        if self._binding is None:
+        if self._binding is None or self._plan is not None:
             raise PlanError("ApplyPolicy's plan was already built")
-        plan = self._binding.build(schema)
-        self._binding = None
-        return plan
+        return self._binding.build(schema)
+
+    def _shipped(self, plan: Plan, pcoll: PCollection) -> Plan:
+        """``plan`` with key references for the workers of ``pcoll``'s runner."""
+        assert self._binding is not None
+        return self._binding.ship(plan, beam_workers(pcoll.pipeline))
 
     def _bind(self, pcoll: PCollection) -> tuple[Plan, Any]:
         """The plan for ``pcoll`` and its output element type."""
@@ -204,6 +209,7 @@ class ApplyPolicy(beam.PTransform):
 
     def expand(self, pcoll: PCollection) -> PCollection:
         plan, output_type = self._bind(pcoll)
+        plan = self._shipped(plan, pcoll)
         audit = self._audit
         run_id = (
             pcoll.pipeline

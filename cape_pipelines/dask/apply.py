@@ -29,6 +29,7 @@ import pandas as pd
 from dask.base import tokenize
 from typing_extensions import Unpack
 
+from .._workers import dask_workers
 from ..core import Counters
 from ..pandas.apply import apply_frame
 from ..plan import ColumnStep, Plan
@@ -140,7 +141,7 @@ def apply_policy(
             "for pandas use cape_pipelines.apply_policy"
         )
     binding = bind(policy, engine="dask", **options)
-    plan = binding.plan(dask_schema(ddf))
+    plan = binding.plan(dask_schema(ddf), workers=dask_workers())
     task = PlanTask(plan, new_string_dtype())
     # The empty meta, not the non-empty one: Dask's fake values are not valid
     # input for every transformation (a token-reverser cannot authenticate

@@ -35,6 +35,7 @@ from pyspark.sql import DataFrame, Observation
 from pyspark.sql import functions as F
 from typing_extensions import Unpack
 
+from .._workers import spark_workers
 from ..core import Counters, apply_batch
 from ..plan import ColumnStep, FilterStep, Plan
 from ..policy.load import PolicySource
@@ -108,7 +109,9 @@ def apply_policy(
     >>> write(out, "/tmp/out.parquet")  # doctest: +SKIP
     """
     binding = bind(policy, engine=ENGINE, **options)
-    plan = binding.plan(lambda: schema_to_arrow(sdf.schema, session_time_zone(sdf)))
+    plan = binding.plan(
+        lambda: schema_to_arrow(sdf.schema, session_time_zone(sdf)), workers=spark_workers(sdf)
+    )
     out = _policy_frame(plan, sdf)
     _BINDINGS.remember(out, _Bound(binding, plan, sdf))
     return out

@@ -91,6 +91,16 @@ def test_a_pipeline_token_cannot_sign_in_and_a_bad_token_is_named(cc):
         assert "cape_session" not in resp.cookies
 
 
+def test_a_worker_token_cannot_sign_in(cc):
+    # Worker tokens travel in job graphs; one must not open a console session.
+    _, worker = cc.coord.tokens.mint_worker(cc.principals["pipeline"], "customers", 60)
+    t = browser(cc)
+    nonce = csrf_of(t.get("/ui/signin").text)
+    resp = t.post("/ui/signin", data={"csrf": nonce, "token": worker})
+    assert resp.status_code == 401 and "Worker tokens cannot sign in" in resp.text
+    assert "cape_session" not in resp.cookies
+
+
 def test_sign_in_needs_its_form_nonce(cc):
     t = browser(cc)
     t.get("/ui/signin")

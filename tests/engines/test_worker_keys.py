@@ -3,10 +3,12 @@
 Per engine, the test captures exactly what the engine serializes for its
 workers (Spark: the pickled ``mapInArrow`` command handed to the JVM; Dask:
 the task graph pickled as ``distributed`` does; Beam: the pipeline proto with
-its DoFn payloads) and looks for the key as raw bytes, hex and base64. With a
-worker-side key provider the key must be absent and the output bytes the
-same as today's; without one (today's behaviour, kept for quick local runs)
-the same search finds the key, which shows the search can fail.
+its DoFn payloads) and looks for the key as raw bytes, hex (both cases),
+base64 and base64url. By DEFAULT (keys given as bytes to a local engine go
+through the run's private key directory) and with an explicit worker-side
+provider the key must be absent and the output bytes the same as with the
+bytes inline; with the explicit opt-in ``worker_keys="inline"`` the same
+search finds the key, which shows the search can fail.
 """
 
 from __future__ import annotations
@@ -23,7 +25,16 @@ import pytest
 from cape_pipelines import apply_policy as apply_arrow
 from cape_pipelines.audit import MemorySink
 from cape_pipelines.errors import KeyMissingError
-from cape_pipelines.keys import EnvKeys, KeyStore, SecretFileKeys, worker_key
+from cape_pipelines.keys import (
+    EnvKeys,
+    KeyShippingError,
+    KeyStore,
+    RunSecrets,
+    SecretFileKeys,
+    Workers,
+    worker_key,
+)
+from cape_pipelines.seam import DerivedKeys
 
 # Random-looking, so no accidental match in unrelated bytes.
 TOKEN_KEY = bytes.fromhex("8f3a1c9e5b7d20461ea9c3f07b5d8e2a94c61f0d3b7e5a2c8d4f6a1b3c5e7d90")
@@ -113,17 +124,17 @@ def test_worker_keys_resolve_once_per_process_and_fail_by_name(
 # -- Dask ---------------------------------------------------------------------------------------
 
 
-def _dask(secret_dir: Path | None) -> tuple[bytes, pa.Table]:
+def _dask(worker_keys: Any) -> tuple[bytes, pa.Table]:
     pytest.importorskip("distributed")
     import cloudpickle
     import runners
 
     import cape_pipelines.dask as cape_dask
 
-    provider = SecretFileKeys(secret_dir) if secret_dir else None
     df = runners.to_pandas(TABLE)
+    options: dict[str, Any] = {} if worker_keys == "default" else {"worker_keys": worker_keys}
     out = cape_dask.apply_policy(
-        runners.dask_frame(df), POLICY, keys=KEYS, audit=MemorySink(), worker_keys=provider
+        runners.dask_frame(df), POLICY, keys=KEYS, audit=MemorySink(), **options
     )
     # What distributed sends to the scheduler and workers: the pickled task graph.
     blob = cloudpickle.dumps(dict(out.__dask_graph__()))
@@ -132,22 +143,30 @@ def _dask(secret_dir: Path | None) -> tuple[bytes, pa.Table]:
 
 
 @pytest.mark.dask
-def test_dask_graph_carries_no_key_material(secret_dir: Path) -> None:
+def test_dask_graph_carries_no_key_material_by_default() -> None:
     import runners
 
-    blob, got = _dask(secret_dir)
+    blob, got = _dask("default")
     assert_no_keys(blob)
     assert got.equals(runners.normalise(expected()))
-    today, _ = _dask(None)
-    assert_has_a_key(today)
+    inline, got_inline = _dask("inline")
+    assert_has_a_key(inline)
+    assert got_inline.equals(got)
+
+
+@pytest.mark.dask
+def test_dask_graph_with_a_mounted_secret_directory(secret_dir: Path) -> None:
+    import runners
+
+    blob, got = _dask(SecretFileKeys(secret_dir))
+    assert_no_keys(blob)
+    assert got.equals(runners.normalise(expected()))
 
 
 # -- Spark --------------------------------------------------------------------------------------
 
 
-def _spark(
-    spark: Any, secret_dir: Path | None, monkeypatch: pytest.MonkeyPatch
-) -> tuple[bytes, pa.Table]:
+def _spark(spark: Any, worker_keys: Any, monkeypatch: pytest.MonkeyPatch) -> tuple[bytes, pa.Table]:
     import pyspark.core.rdd as rdd
 
     from cape_pipelines.spark import apply_policy, collect
@@ -162,9 +181,9 @@ def _spark(
         return out
 
     monkeypatch.setattr(rdd, "_prepare_for_python_RDD", capture)
-    provider = SecretFileKeys(secret_dir) if secret_dir else None
+    options: dict[str, Any] = {} if worker_keys == "default" else {"worker_keys": worker_keys}
     sdf = spark.createDataFrame(TABLE, schema=schema_to_spark(TABLE.schema))
-    out = apply_policy(sdf, POLICY, keys=KEYS, audit=MemorySink(), worker_keys=provider)
+    out = apply_policy(sdf, POLICY, keys=KEYS, audit=MemorySink(), **options)
     result = collect(out)
     monkeypatch.setattr(rdd, "_prepare_for_python_RDD", original)
     assert shipped, "no Python function was shipped: the capture missed it"
@@ -172,27 +191,29 @@ def _spark(
 
 
 @pytest.mark.spark
-def test_spark_closure_carries_no_key_material(
+def test_spark_closure_carries_no_key_material_by_default(
     spark: Any, secret_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    blob, got = _spark(spark, secret_dir, monkeypatch)
-    assert_no_keys(blob)
     want = expected()
-    assert got.sort_by("id").equals(want.cast(got.schema).sort_by("id"))
-    today, _ = _spark(spark, None, monkeypatch)
-    assert_has_a_key(today)
+    for setting in ("default", SecretFileKeys(secret_dir)):
+        blob, got = _spark(spark, setting, monkeypatch)
+        assert_no_keys(blob)
+        assert got.sort_by("id").equals(want.cast(got.schema).sort_by("id"))
+    inline, got_inline = _spark(spark, "inline", monkeypatch)
+    assert_has_a_key(inline)
+    assert got_inline.sort_by("id").equals(got.sort_by("id"))
 
 
 # -- Beam ---------------------------------------------------------------------------------------
 
 
-def _beam_proto(secret_dir: Path | None) -> bytes:
+def _beam_proto(worker_keys: Any) -> bytes:
     pytest.importorskip("apache_beam")
     import apache_beam as beam
 
     from cape_pipelines.beam import ApplyPolicy
 
-    provider = SecretFileKeys(secret_dir) if secret_dir else None
+    options: dict[str, Any] = {} if worker_keys == "default" else {"worker_keys": worker_keys}
     p = beam.Pipeline()
     rows = [dict(zip(TABLE.column_names, r.values(), strict=True)) for r in TABLE.to_pylist()]
     _ = (
@@ -203,7 +224,7 @@ def _beam_proto(secret_dir: Path | None) -> bytes:
             keys=KEYS,
             schema=TABLE.schema,
             audit=str(Path(tempfile.mkdtemp()) / "audit.jsonl"),
-            worker_keys=provider,
+            **options,
         )
     )
     # What a runner receives: the pipeline proto, DoFns pickled into their payloads.
@@ -241,13 +262,15 @@ def _dofn_pickles(proto: Any) -> list[bytes]:
 
 
 @pytest.mark.beam
-def test_beam_pipeline_proto_carries_no_key_material(secret_dir: Path) -> None:
-    assert_no_keys(_beam_proto(secret_dir))
-    assert_has_a_key(_beam_proto(None))
+def test_beam_pipeline_proto_carries_no_key_material_by_default(secret_dir: Path) -> None:
+    assert_no_keys(_beam_proto("default"))
+    assert_no_keys(_beam_proto(SecretFileKeys(secret_dir)))
+    assert_has_a_key(_beam_proto("inline"))
 
 
 @pytest.mark.beam
-def test_beam_output_unchanged_with_worker_keys(secret_dir: Path) -> None:
+@pytest.mark.parametrize("setting", ["default", "secret-dir"])
+def test_beam_output_unchanged_with_key_references(secret_dir: Path, setting: str) -> None:
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -257,6 +280,9 @@ def test_beam_output_unchanged_with_worker_keys(secret_dir: Path) -> None:
     got: list[dict[str, Any]] = []
     opts = PipelineOptions(["--direct_running_mode=multi_processing", "--direct_num_workers=2"])
     out_file = secret_dir.parent / "beam-out"
+    options: dict[str, Any] = (
+        {"worker_keys": SecretFileKeys(secret_dir)} if setting == "secret-dir" else {}
+    )
     with beam.Pipeline(options=opts) as p:
         _ = (
             p
@@ -266,7 +292,7 @@ def test_beam_output_unchanged_with_worker_keys(secret_dir: Path) -> None:
                 keys=KEYS,
                 schema=TABLE.schema,
                 audit=str(secret_dir.parent / "audit.jsonl"),
-                worker_keys=SecretFileKeys(secret_dir),
+                **options,
             )
             | beam.Map(repr)
             | beam.io.WriteToText(str(out_file))
@@ -276,3 +302,212 @@ def test_beam_output_unchanged_with_worker_keys(secret_dir: Path) -> None:
     want = expected().to_pylist()
     key = lambda r: r["id"]  # noqa: E731
     assert sorted(got, key=key) == sorted(want, key=key)
+
+
+# -- which reference each key gets, and what a remote cluster refuses ---------------------------
+
+LOCAL = Workers("spark", "spark master local[2]", local=True)
+REMOTE = Workers("spark", "spark master spark://10.0.0.7:7077", local=False)
+
+
+def _binding(policy: dict[str, Any], **options: Any) -> Any:
+    from cape_pipelines.seam import bind
+
+    return bind(policy, engine="spark", audit=MemorySink(), **options)
+
+
+def _shipped(binding: Any, workers: Workers) -> Any:
+    return binding.build(TABLE.schema, workers=workers)
+
+
+def test_keys_from_the_environment_ship_as_env_references_to_remote_workers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("CAPE_KEY_TOK", TOKEN_KEY.hex())
+    monkeypatch.setenv("CAPE_KEY_SIV", SIV_KEY.hex())
+    plan = _shipped(_binding(POLICY), REMOTE)
+    assert {type(p) for p in plan.keys.providers.values()} == {EnvKeys}
+    assert sorted(plan.keys.references.values()) == ["siv", "tok"]
+    assert_no_keys(pickle.dumps(plan))
+    # Local workers may have started before the variable was set: the run's directory.
+    local = _shipped(_binding(POLICY), LOCAL)
+    assert {type(p) for p in local.keys.providers.values()} == {RunSecrets}
+    assert_no_keys(pickle.dumps(local))
+
+
+def test_keys_from_a_mounted_secret_directory_ship_as_that_directory(
+    secret_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CAPE_KEYS_DIR", str(secret_dir))
+    for workers in (LOCAL, REMOTE):
+        plan = _shipped(_binding(POLICY), workers)
+        providers = set(map(repr, plan.keys.providers.values()))
+        assert providers == {repr(SecretFileKeys(str(secret_dir)))}
+        assert_no_keys(pickle.dumps(plan))
+        worker_copy = pickle.loads(pickle.dumps(plan))
+        assert apply_arrow_plan(worker_copy).equals(expected())
+
+
+def apply_arrow_plan(plan: Any) -> pa.Table:
+    from cape_pipelines.core import apply_batch
+
+    out, _, _ = apply_batch(plan, TABLE.to_batches()[0])
+    return pa.Table.from_batches([out])
+
+
+def test_bytes_given_in_process_are_refused_for_a_remote_cluster_with_the_fix() -> None:
+    with pytest.raises(KeyShippingError) as caught:
+        _shipped(_binding(POLICY, keys=KEYS), REMOTE)
+    text = str(caught.value)
+    assert "'tok'" in text and "10.0.0.7" in text
+    assert "CAPE_KEY_<NAME>" in text and "worker_keys='inline'" in text
+    for form in forms(TOKEN_KEY) + forms(SIV_KEY):
+        assert form.decode("latin-1") not in text
+    # The opt-in ships them (and says so only by the setting's name: no bytes in logs).
+    plan = _shipped(_binding(POLICY, keys=KEYS, worker_keys="inline"), REMOTE)
+    assert_has_a_key(pickle.dumps(plan))
+
+
+def test_a_policy_inline_key_and_a_run_key_never_ship() -> None:
+    inline = {
+        "label": "inline",
+        "rules": [
+            {
+                "match": {"name": "email"},
+                "actions": [
+                    {
+                        "transform": {
+                            "type": "tokenizer",
+                            "key": {
+                                "type": "secret",
+                                "value": base64.b64encode(TOKEN_KEY).decode(),
+                            },
+                        }
+                    }
+                ],
+            }
+        ],
+    }
+    plan = _shipped(_binding(inline), LOCAL)
+    blob = pickle.dumps(plan)
+    assert_no_keys(blob)  # not in the key store, nor in the policy's own copy in the step
+    assert apply_arrow_plan(pickle.loads(blob)).equals(
+        apply_arrow(inline, TABLE, audit=MemorySink())
+    )
+    with pytest.raises(KeyShippingError, match="inline in the policy"):
+        _shipped(_binding(inline), REMOTE)
+    noisy = {
+        "label": "noise",
+        "rules": [
+            {
+                "match": {"name": "id"},
+                "actions": [{"transform": {"type": "numeric-perturbation", "min": -1, "max": 1}}],
+            }
+        ],
+    }
+    binding = _binding(noisy)
+    plan = _shipped(binding, LOCAL)
+    run_key = binding.resolver.run_key()
+    assert run_key not in pickle.dumps(plan) and run_key.hex().encode() not in pickle.dumps(plan)
+    with pytest.raises(KeyShippingError, match="seed"):
+        _shipped(_binding(noisy), REMOTE)
+    seeded = {**noisy, "rules": [{**noisy["rules"][0]}]}
+    seeded["rules"][0]["actions"] = [
+        {"transform": {"type": "numeric-perturbation", "min": -1, "max": 1, "seed": 7}}
+    ]
+    plan = _shipped(_binding(seeded), REMOTE)  # re-derived from the seed on the worker
+    assert {type(p) for p in plan.keys.providers.values()} == {DerivedKeys}
+    assert apply_arrow_plan(pickle.loads(pickle.dumps(plan))).equals(
+        apply_arrow(seeded, TABLE, audit=MemorySink())
+    )
+
+
+def test_the_run_directory_is_private_and_removed_at_the_run_end() -> None:
+    binding = _binding(POLICY, keys=KEYS)
+    plan = _shipped(binding, LOCAL)
+    (secrets,) = {p for p in plan.keys.providers.values()}
+    directory = Path(secrets.directory)
+    assert directory.stat().st_mode & 0o777 == 0o700
+    files = list(directory.iterdir())
+    assert len(files) == 2 and all(f.stat().st_mode & 0o777 == 0o600 for f in files)
+    # A worker's copy is a plain reader: unpickling (and dropping) it removes nothing.
+    copy = pickle.loads(pickle.dumps(plan))
+    assert type(copy.keys.providers[next(iter(copy.keys.providers))]) is SecretFileKeys
+    del copy
+    assert directory.exists()
+    binding.close_run_secrets()
+    assert not directory.exists()
+    # A worker that comes later gets an error naming the key and the directory, no bytes.
+    fresh = pickle.loads(pickle.dumps(plan))
+    with pytest.raises(KeyMissingError, match=str(directory)):
+        apply_arrow_plan(fresh)
+
+
+def test_each_engine_says_where_its_workers_are() -> None:
+    from types import SimpleNamespace
+
+    from cape_pipelines._workers import beam_workers, dask_workers, spark_workers
+
+    def sdf(master: str) -> Any:
+        return SimpleNamespace(
+            sparkSession=SimpleNamespace(sparkContext=SimpleNamespace(master=master))
+        )
+
+    assert spark_workers(sdf("local[2]")).local
+    assert spark_workers(sdf("spark://127.0.0.1:7077")).local
+    assert not spark_workers(sdf("spark://10.0.0.7:7077")).local
+    assert not spark_workers(sdf("yarn")).local
+    assert not spark_workers(sdf("k8s://https://10.0.0.1:443")).local
+    assert dask_workers().local  # no distributed client: the local schedulers
+
+    class DataflowRunner:
+        pass
+
+    class DirectRunner:
+        pass
+
+    options = SimpleNamespace(view_as=lambda _: SimpleNamespace(environment_type=None))
+    assert not beam_workers(SimpleNamespace(runner=DataflowRunner(), options=options)).local
+    assert beam_workers(SimpleNamespace(runner=DirectRunner(), options=options)).local
+
+
+def test_worker_keys_takes_only_its_three_forms() -> None:
+    with pytest.raises(TypeError, match="worker_keys"):
+        _binding(POLICY, keys=KEYS, worker_keys="inlined")
+
+
+# -- cape apply --engine ------------------------------------------------------------------------
+
+
+@pytest.mark.dask
+@pytest.mark.parametrize("inline", [False, True])
+def test_cape_apply_engine_uses_the_default_and_removes_the_run_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, inline: bool
+) -> None:
+    import pyarrow.parquet as pq
+    import yaml
+
+    import cape_pipelines.seam as seam
+    from cape_pipelines.cli import main
+
+    made: list[RunSecrets] = []
+
+    class Recorded(RunSecrets):
+        def __init__(self) -> None:
+            super().__init__()
+            made.append(self)
+
+    monkeypatch.setattr(seam, "RunSecrets", Recorded)
+    src, out = tmp_path / "in.parquet", tmp_path / "out.parquet"
+    pq.write_table(TABLE, src)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(yaml.safe_dump(POLICY))
+    args = ["apply", "--policy", str(policy), "--input", str(src), "--output", str(out)]
+    args += ["--engine", "dask", "--no-progress", "--audit-file", str(tmp_path / "a.jsonl")]
+    args += ["--key", f"tok={TOKEN_KEY.hex()}", "--key", f"siv={SIV_KEY.hex()}"]
+    assert main(args + (["--inline-keys"] if inline else [])) == 0
+    if inline:
+        assert made == []
+    else:
+        assert made and all(not Path(m.directory).exists() for m in made)
+    assert pq.read_table(out).to_pylist() == expected().to_pylist()
