@@ -37,10 +37,10 @@ from pyflink.table.udf import udf
 from ..audit import AuditTarget
 from ..core import ColumnCounter, Counters, apply_batch
 from ..errors import PlanError, TransformError
-from ..keys import KeyResolver
+from ..keys import KeyResolver, Workers
 from ..plan import Plan
 from ..policy.load import PolicySource
-from ..seam import Binding, bind
+from ..seam import Binding, WorkerKeysSetting, bind
 
 ENGINE = "flink"
 KEEP = "__cape_keep"
@@ -265,12 +265,20 @@ class PolicyMapper:
         return arr.to_pandas()
 
 
+def flink_workers(t_env: Any) -> Workers:
+    """Where the job's Python workers run: on this host for the embedded mini-cluster
+    (``execution.target`` unset or ``local``), elsewhere for any other target."""
+    target = str(t_env.get_config().get("execution.target", "local") or "local")
+    return Workers("flink", f"execution.target {target}", local=target == "local")
+
+
 @dataclass
 class _Bound:
     binding: Binding
     plan: Plan
     mapped: Table
     t_env: Any
+    function: Any = None
 
 
 def _from_wire(mapped: Table, plan: Plan) -> Table:
@@ -304,12 +312,15 @@ def apply_policy(
     column_tags: Mapping[str, Sequence[str]] | None = None,
     resolver: KeyResolver | None = None,
     client: Any = None,
+    worker_keys: WorkerKeysSetting = None,
 ) -> Table:
     """Apply ``policy`` to a PyFlink Table; a Table comes back (lazy, like every Flink Table).
 
     Run it with :func:`collect` or :func:`execute_insert` for an audited run.
     With ``client=`` the policy is a label on the coordinator (see
-    :mod:`cape_pipelines.source`).
+    :mod:`cape_pipelines.source`). The UDF Flink ships to its Python workers
+    carries key references, never key bytes (``worker_keys="inline"`` is the
+    opt-in to ship the bytes; see docs/keys.md).
     """
     if not isinstance(table, Table):
         raise TypeError(
@@ -323,9 +334,10 @@ def apply_policy(
         column_tags=column_tags,
         resolver=resolver,
         client=client,
+        worker_keys=worker_keys,
     )
     # Built without a record, as before: the job has not started until collect().
-    plan = binding.build(schema_to_arrow(table))
+    plan = binding.build(schema_to_arrow(table), workers=flink_workers(table._t_env))
     out_type = DataTypes.ROW(
         [DataTypes.FIELD(f.name, wire_type(f.type, f.name)) for f in plan.output_schema]
         + [DataTypes.FIELD(KEEP, DataTypes.BOOLEAN())]
@@ -333,7 +345,8 @@ def apply_policy(
     mapper = udf(PolicyMapper(plan), result_type=out_type, func_type="pandas")
     mapped = _from_wire(table.map(mapper), plan)
     out = mapped.filter(col(KEEP)).drop_columns(col(KEEP))
-    out._cape_binding = _Bound(binding, plan, mapped, table._t_env)  # type: ignore[attr-defined]
+    bound = _Bound(binding, plan, mapped, table._t_env, mapper)
+    out._cape_binding = bound  # type: ignore[attr-defined]
     return out
 
 

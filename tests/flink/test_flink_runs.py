@@ -8,12 +8,14 @@ bounded DataStream: exact rows out and an audited run with exact counts.
 
 from __future__ import annotations
 
+import base64
 import csv
 import datetime as dt
 import glob
 import hashlib
 import hmac
 import io
+import os
 from pathlib import Path
 from typing import Any
 
@@ -225,3 +227,30 @@ def test_mapper_names_the_column_flink_cannot_read_back() -> None:
     bad = pd.DataFrame({"at": pd.Series([pd.Timestamp(-1, unit="ns")]), "other": [1]})
     with pytest.raises(TransformError, match=r"column 'at'.*before 1970"):
         PolicyMapper(plan)(bad)
+
+
+def shipped_payload(out: Any) -> bytes:
+    """The bytes PyFlink hands the JVM for the policy's UDF: what Flink ships to its workers."""
+    function = out._cape_binding.function._java_user_defined_function()
+    return bytes(function.getSerializedPythonFunction())
+
+
+def test_the_shipped_udf_holds_no_key_bytes(t_env: Any) -> None:
+    key = os.urandom(32)
+    forms = {
+        "raw": key,
+        "hex": key.hex().encode(),
+        "HEX": key.hex().upper().encode(),
+        "base64": base64.b64encode(key),
+        "base64url": base64.urlsafe_b64encode(key),
+    }
+    src = t_env.from_pandas(people().to_pandas(), row_type(people().schema))
+    out = apply_policy(src, POLICY, keys={"k": key}, audit=MemorySink())
+    payload = shipped_payload(out)
+    assert [name for name, form in forms.items() if form in payload] == []
+    # The workers resolve the key themselves: the tokens are the key's.
+    rows = {r["id"]: r["name"] for r in collect(out).to_pylist()}
+    assert rows[11] == hmac.new(key, b"p11", hashlib.sha256).hexdigest()
+    # The explicit opt-in ships the bytes: the check above can fail.
+    inline = apply_policy(src, POLICY, keys={"k": key}, audit=MemorySink(), worker_keys="inline")
+    assert forms["raw"] in shipped_payload(inline)
