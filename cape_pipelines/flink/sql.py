@@ -9,9 +9,14 @@ with the call's literal parameters, and comes back cast to the function's
 declared type, so a value equals the policy path's byte for byte.
 
 Keys are referenced by name, resolved when :func:`register_functions` runs
-(``keys=`` first, then the ``CAPE_KEY_*`` environment), and the resolved bytes
-travel inside the pickled UDF to Flink's Python workers, as on Spark. A key
-name no provider had is an error naming the key when the function runs.
+(``keys=`` first, then the ``CAPE_KEY_*`` environment). What travels inside the
+pickled UDF to Flink's Python workers is a reference per key, never its bytes
+(:class:`ShippedKeys`): on the embedded mini-cluster each key is written to the
+run's private key directory on this host (docs/keys.md); for a remote target,
+environment keys are read from each worker's own ``CAPE_KEY_*`` and keys given
+as bytes are refused with the fix named. ``worker_keys="inline"`` is the
+explicit opt-in to ship the bytes. A key name no provider had is an error
+naming the key when the function runs.
 
 Two things PyFlink decides before the function sees a value: a nullable integer
 column arrives as pandas ``float64`` (NaN for null), so the ``*_long`` functions
@@ -36,9 +41,22 @@ from pyflink.table import TableEnvironment
 from pyflink.table.types import DataType
 from pyflink.table.udf import udf
 
-from ..errors import TransformError
-from ..keys import KeyResolver, env_var_name, parse_key_ref
+from ..errors import KeyMissingError, TransformError
+from ..keys import (
+    INLINE,
+    EnvKeys,
+    KeyRef,
+    KeyResolver,
+    KeyShippingError,
+    RunSecrets,
+    WorkerKeyProvider,
+    Workers,
+    decode_key_text,
+    env_var_name,
+    parse_key_ref,
+)
 from ..policy.load import build_transformation
+from ..seam import WorkerKeysSetting
 from ..transforms.base import ColumnContext, ColumnTransformation, SqlFunction
 from ..transforms.registry import registered
 
@@ -119,6 +137,91 @@ def to_series(arr: pa.Array) -> pd.Series:
     return arr.to_pandas()
 
 
+class ShippedKeys:
+    """The SQL functions' keys as shipped to workers: a reference per key, never its bytes.
+
+    ``named``: a ``keys=`` name -> (provider, entry); ``by_env``: a ``CAPE_KEY_*``
+    variable -> (provider, entry), looked up after ``named``, as the driver's
+    resolver does. ``env_on_workers``: remote workers read ``CAPE_KEY_*`` from
+    their own environment. Resolved keys are cached per worker process.
+    """
+
+    def __init__(
+        self,
+        named: dict[str, tuple[WorkerKeyProvider, str]],
+        by_env: dict[str, tuple[WorkerKeyProvider, str]],
+        env_on_workers: bool,
+    ):
+        self.named = named
+        self.by_env = by_env
+        self.env_on_workers = env_on_workers
+        self._cache: dict[str, bytes] = {}
+
+    def __repr__(self) -> str:
+        return f"ShippedKeys({sorted(self.named)}, {sorted(self.by_env)})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_cache": {}}
+
+    def resolve(self, ref: KeyRef) -> bytes:
+        """The key bytes for a named ``ref``, read where the reference says."""
+        name = str(ref.secret)
+        cached = self._cache.get(name)
+        if cached is not None:
+            return cached
+        var = env_var_name(name)
+        found = self.named.get(name) or self.by_env.get(var)
+        value: bytes | None = None
+        if found is not None:
+            provider, entry = found
+            value = provider.fetch(entry)
+        elif self.env_on_workers:
+            value = EnvKeys().fetch(name)
+        if value is None:
+            raise KeyMissingError(name, ["keys=", var])
+        self._cache[name] = value
+        return value
+
+
+def ship_keys(
+    keys: Mapping[str, bytes | str] | None,
+    environ: Mapping[str, str],
+    workers: Workers,
+    worker_keys: WorkerKeysSetting,
+) -> KeyResolver | ShippedKeys:
+    """What the SQL functions carry to ``workers`` to find their keys (see the module doc)."""
+    resolver = KeyResolver(keys, environ=environ)
+    if worker_keys == INLINE:
+        return resolver
+    if worker_keys is not None:
+        raise TypeError("register_functions takes worker_keys=None or 'inline'")
+    secrets: RunSecrets | None = None
+
+    def on_this_host(value: bytes, what: str) -> tuple[WorkerKeyProvider, str]:
+        nonlocal secrets
+        if not workers.local:
+            raise KeyShippingError(
+                f"{what} exists only in this process, and Flink's workers ({workers.where}) "
+                "are not on this host: give the workers the key as CAPE_KEY_<NAME> or a "
+                "mounted secret directory, or pass worker_keys='inline' to ship the key "
+                "bytes in the job, which anyone who can read the job can then read"
+            )
+        if secrets is None:
+            secrets = RunSecrets()
+        return secrets, secrets.add(value)
+
+    named = {
+        name: on_this_host(resolver.resolve(parse_key_ref({"secret": name})), f"key {name!r}")
+        for name in (keys or {})
+    }
+    by_env: dict[str, tuple[WorkerKeyProvider, str]] = {}
+    if workers.local:
+        # Local workers may have started before a variable was set here: ship a reference.
+        for var, text in environ.items():
+            by_env[var] = on_this_host(decode_key_text(text, f"environment variable {var}"), var)
+    return ShippedKeys(named, by_env, env_on_workers=not workers.local)
+
+
 class FlinkFunction:
     """The Python side of one SQL function: literal arguments -> a core transformation.
 
@@ -127,7 +230,7 @@ class FlinkFunction:
     Python worker (never pickled).
     """
 
-    def __init__(self, spec: FunctionSpec, resolver: KeyResolver):
+    def __init__(self, spec: FunctionSpec, resolver: KeyResolver | ShippedKeys):
         self.spec = spec
         self.resolver = resolver
         self._built: dict[tuple[Any, ...], Built] = {}
@@ -200,27 +303,43 @@ class FlinkFunction:
         return to_series(out.cast(out_type))
 
 
+def functions(
+    t_env: TableEnvironment,
+    keys: Mapping[str, bytes | str] | None = None,
+    *,
+    prefix: str = "cape_",
+    worker_keys: WorkerKeysSetting = None,
+) -> dict[str, Any]:
+    """The ``cape_*`` SQL functions as PyFlink UDFs, by name (what :func:`register_functions`
+    registers; each is pickled and shipped to Flink's Python workers as it is)."""
+    from .apply import flink_workers
+
+    environ = {k: v for k, v in os.environ.items() if k.startswith(env_var_name(""))}
+    shipped = ship_keys(keys, environ, flink_workers(t_env), worker_keys)
+    out = {}
+    for spec in specs().values():
+        name = prefix + spec.name.removeprefix("cape_")
+        out[name] = udf(
+            FlinkFunction(spec, shipped),
+            result_type=result_type(spec.function.returns, name),
+            func_type="pandas",
+        )
+    return out
+
+
 def register_functions(
     t_env: TableEnvironment,
     keys: Mapping[str, bytes | str] | None = None,
     *,
     prefix: str = "cape_",
+    worker_keys: WorkerKeysSetting = None,
 ) -> list[str]:
     """Register the ``cape_*`` SQL functions on ``t_env``; returns their names.
 
     >>> register_functions(t_env, keys={"email-key": b"..."})  # doctest: +SKIP
     >>> t_env.sql_query("SELECT cape_tokenize(email, 'email-key') FROM t")  # doctest: +SKIP
     """
-    environ = {k: v for k, v in os.environ.items() if k.startswith(env_var_name(""))}
-    resolver = KeyResolver(keys, environ=environ)
-    names = []
-    for spec in specs().values():
-        name = prefix + spec.name.removeprefix("cape_")
-        fn = udf(
-            FlinkFunction(spec, resolver),
-            result_type=result_type(spec.function.returns, name),
-            func_type="pandas",
-        )
+    made = functions(t_env, keys, prefix=prefix, worker_keys=worker_keys)
+    for name, fn in made.items():
         t_env.create_temporary_system_function(name, fn)
-        names.append(name)
-    return names
+    return list(made)

@@ -15,7 +15,9 @@ integer column without nulls.
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import os
 from typing import Any
 
 import pytest
@@ -28,7 +30,8 @@ from cape_pipelines import apply_policy as apply_arrow
 from cape_pipelines.audit import MemorySink
 from cape_pipelines.flink import register_functions
 from cape_pipelines.flink.apply import row_type
-from cape_pipelines.flink.sql import specs
+from cape_pipelines.flink.sql import functions, specs
+from cape_pipelines.keys import KeyShippingError
 
 pytestmark = pytest.mark.flink
 
@@ -233,3 +236,29 @@ def test_reveal_functions_round_trip(sql_env: Any) -> None:
 def test_unknown_key_names_the_key(sql_env: Any) -> None:
     with pytest.raises(Exception, match="no-such-key"):
         sql_env.sql_query("SELECT cape_tokenize(name, 'no-such-key') FROM people").to_pandas()
+
+
+def payload(fn: Any) -> bytes:
+    """The bytes PyFlink hands the JVM for a UDF: what Flink ships to its Python workers."""
+    return bytes(fn._java_user_defined_function().getSerializedPythonFunction())
+
+
+def test_the_shipped_functions_hold_no_key_bytes(sql_env: Any) -> None:
+    key = os.urandom(32)
+    forms = [key, key.hex().encode(), key.hex().upper().encode(), base64.b64encode(key)]
+    made = functions(sql_env, {"k": key})
+    assert set(made) == set(specs())
+    for name, fn in made.items():
+        shipped = payload(fn)
+        assert not [f for f in forms if f in shipped], name
+    # The explicit opt-in ships the bytes: the check above can fail.
+    assert key in payload(functions(sql_env, {"k": key}, worker_keys="inline")["cape_tokenize"])
+
+
+def test_keys_given_as_bytes_are_refused_for_remote_workers() -> None:
+    from pyflink.table import EnvironmentSettings, TableEnvironment
+
+    env = TableEnvironment.create(EnvironmentSettings.in_batch_mode())
+    env.get_config().set("execution.target", "remote")
+    with pytest.raises(KeyShippingError, match="not on this host"):
+        functions(env, {"k": b"k" * 32})
