@@ -46,7 +46,11 @@ def on_this_host(host: str | None) -> bool:
 
 def spark_workers(sdf: Any) -> Workers:
     """Spark: ``local[...]`` masters, and clusters whose master is on this host, are local."""
-    session = sdf.sparkSession
+    return spark_session_workers(sdf.sparkSession)
+
+
+def spark_session_workers(session: Any) -> Workers:
+    """:func:`spark_workers` for a SparkSession."""
     master = None
     try:
         master = session.sparkContext.master
@@ -110,4 +114,11 @@ def this_host(engine: str) -> Workers:
     return Workers(engine, "worker processes on this host", local=True)
 
 
-__all__ = ["beam_workers", "dask_workers", "on_this_host", "spark_workers", "this_host"]
+__all__ = [
+    "beam_workers",
+    "dask_workers",
+    "on_this_host",
+    "spark_session_workers",
+    "spark_workers",
+    "this_host",
+]

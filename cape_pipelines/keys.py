@@ -547,3 +547,88 @@ def reference_for(
             minted[label] = make()
         return minted[label]
     return None
+
+
+class ShippedKeys:
+    """What a SQL function carries instead of a :class:`KeyResolver`: references by key name.
+
+    A SQL function names its key in the query, so which keys it will need is
+    known only on the worker. The driver therefore ships a reference for every
+    key it was given (``keys=``, ``CAPE_KEY_*``): for local workers the run's
+    private directory, for remote ones nothing for ``keys=`` (refused) and
+    ``CAPE_KEY_<NAME>`` in the worker's environment; then, for any name, the
+    ``fallbacks`` (a mounted secret directory). Never the bytes.
+    """
+
+    def __init__(
+        self,
+        named: Mapping[str, tuple[WorkerKeyProvider, str]],
+        by_env_var: Mapping[str, tuple[WorkerKeyProvider, str]],
+        fallbacks: list[WorkerKeyProvider],
+    ):
+        self._named = dict(named)
+        self._by_env_var = dict(by_env_var)
+        self._fallbacks = list(fallbacks)
+
+    def __repr__(self) -> str:
+        return f"ShippedKeys(names={sorted(self._named)}, providers={len(self._fallbacks)})"
+
+    def resolve(self, ref: KeyRef) -> bytes:
+        """``ref``'s key through its reference, once per process; errors name key and places."""
+        if ref.inline is not None:
+            return _long_enough(ref.inline.get_secret_value(), "the inline key")
+        name = ref.secret
+        assert name is not None
+        found = self._named.get(name) or self._by_env_var.get(env_var_name(name))
+        if found is not None:
+            return _long_enough(worker_key(*found), f"key {name!r}")
+        tried = [found_in.describe() for found_in in self._fallbacks]
+        for provider in self._fallbacks:
+            try:
+                return _long_enough(worker_key(provider, name), f"key {name!r}")
+            except KeyMissingError:
+                continue
+        raise KeyMissingError(name, ["keys=", env_var_name(name), *tried])
+
+
+def shipped_keys(
+    keys: Mapping[str, bytes | str] | None,
+    environ: Mapping[str, str],
+    workers: Workers,
+) -> ShippedKeys:
+    """The :class:`ShippedKeys` for ``keys`` and the ``CAPE_KEY_*`` variables in ``environ``.
+
+    Bytes go to a :class:`RunSecrets` directory for local workers; for remote
+    ones ``keys=`` raises :class:`KeyShippingError` (name it and give the
+    workers ``CAPE_KEY_<NAME>``, a mounted directory or a coordinator) and the
+    environment's keys are read from each worker's own environment.
+    """
+    resolver = KeyResolver(keys, environ=environ)
+    named: dict[str, tuple[WorkerKeyProvider, str]] = {}
+    by_env_var: dict[str, tuple[WorkerKeyProvider, str]] = {}
+    fallbacks: list[WorkerKeyProvider] = []
+    directory = environ.get(KEYS_DIR_ENV)
+    if keys and not workers.local:
+        raise KeyShippingError(
+            f"keys= given as bytes exist only in this process, and {workers.engine}'s workers "
+            f"at {workers.where} are not on this host: {shipping_fix('explicit')}"
+        )
+    secrets: RunSecrets | None = None
+    if workers.local:
+        for name in keys or {}:
+            secrets = secrets or RunSecrets()
+            named[name] = (secrets, secrets.add(resolver.resolve(KeyRef(secret=name))))
+        for var, text in environ.items():
+            if not var.startswith(_ENV_PREFIX) or var == KEYS_DIR_ENV:
+                continue
+            try:
+                key = decode_key_text(text, f"environment variable {var}")
+            except KeyFormatError:
+                continue  # not a key (or not one of ours): a worker asking for it gets "missing"
+            secrets = secrets or RunSecrets()
+            by_env_var[var] = (secrets, secrets.add(key))
+    else:
+        fallbacks.append(EnvKeys())
+    if directory:
+        fallbacks.append(SecretFileKeys(directory))
+    return ShippedKeys(named, by_env_var, fallbacks)

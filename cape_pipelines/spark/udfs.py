@@ -5,11 +5,15 @@ same core :class:`~cape_pipelines.transforms.base.Transformation` a policy
 would (from the registry, with the call's parameters) and applies it to the
 batch's Arrow array, so a value equals the policy path's byte for byte.
 
-Keys are referenced by name. The names are resolved on the driver, when
-:func:`register_udfs` runs, from ``keys=`` and the driver's ``CAPE_KEY_*``
-environment variables; the resolved bytes travel inside the UDF closure to
-the executors. Key material is never a SQL literal. A name no provider had is
-an error naming the key when the function runs.
+Keys are referenced by name. The keys the driver has when :func:`register_udfs`
+runs (``keys=``, its ``CAPE_KEY_*`` environment variables) reach the executors
+by reference, never as bytes in the UDF closure (see
+:func:`cape_pipelines.keys.shipped_keys` and docs/keys.md): on a local master
+through the run's private key directory; on a remote cluster each executor
+reads ``CAPE_KEY_<NAME>`` from its own environment (``keys=`` is refused
+there). ``CAPE_KEYS_DIR`` is read on the executors too. Key material is never
+a SQL literal. A name no provider had is an error naming the key when the
+function runs.
 
 A Spark UDF has one return type, so a transformation whose output type
 follows its input has one function per output type: ``cape_round`` (DOUBLE)
@@ -34,8 +38,9 @@ import pyarrow as pa
 from pyspark.sql import SparkSession
 from pyspark.sql import types as T
 
+from .._workers import spark_session_workers
 from ..errors import TransformError
-from ..keys import KeyResolver, env_var_name, parse_key_ref
+from ..keys import KEYS_DIR_ENV, ShippedKeys, env_var_name, parse_key_ref, shipped_keys
 from ..policy.load import build_transformation
 from ..transforms.base import ColumnContext, ColumnTransformation, SqlFunction
 from ..transforms.registry import registered
@@ -110,13 +115,13 @@ def _literal(spec: UdfSpec, index: int, array: pa.Array) -> Any:
 class UdfFunction:
     """The Python side of one SQL function: literal arguments -> a core transformation.
 
-    ``resolver`` holds the keys resolved on the driver; ``tz`` is the session
+    ``resolver`` holds references to the driver's keys; ``tz`` is the session
     time zone (timestamps are transformed in it, as on the policy path). The
     built transformation and its memo are kept per distinct argument tuple,
     per Python worker.
     """
 
-    def __init__(self, spec: UdfSpec, resolver: KeyResolver, tz: str):
+    def __init__(self, spec: UdfSpec, resolver: ShippedKeys, tz: str):
         self.spec = spec
         self.resolver = resolver
         self.tz = tz
@@ -198,7 +203,9 @@ def register_udfs(
     from pyspark.sql.functions import arrow_udf
 
     environ = {k: v for k, v in os.environ.items() if k.startswith(env_var_name(""))}
-    resolver = KeyResolver(keys, environ=environ)
+    if os.environ.get(KEYS_DIR_ENV):
+        environ[KEYS_DIR_ENV] = os.environ[KEYS_DIR_ENV]
+    resolver = shipped_keys(keys, environ, spark_session_workers(spark))
     tz = spark.conf.get("spark.sql.session.timeZone") or "UTC"
     names = []
     for spec in SPECS.values():

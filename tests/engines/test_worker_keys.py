@@ -511,3 +511,60 @@ def test_cape_apply_engine_uses_the_default_and_removes_the_run_directory(
     else:
         assert made and all(not Path(m.directory).exists() for m in made)
     assert pq.read_table(out).to_pylist() == expected().to_pylist()
+
+
+# -- Spark SQL functions ------------------------------------------------------------------------
+
+
+@pytest.mark.spark
+def test_spark_sql_functions_carry_no_key_material(
+    spark: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pyspark.core.rdd as rdd
+
+    from cape_pipelines.spark import register_udfs
+    from cape_pipelines.spark.convert import schema_to_spark
+
+    shipped: list[bytes] = []
+    original = rdd._prepare_for_python_RDD
+
+    def capture(sc: Any, command: Any) -> Any:
+        out = original(sc, command)
+        shipped.append(bytes(out[0]))
+        return out
+
+    monkeypatch.setattr(rdd, "_prepare_for_python_RDD", capture)
+    monkeypatch.setenv("CAPE_KEY_SIV", SIV_KEY.hex())  # the driver's environment: also by path
+    register_udfs(spark, keys={"tok": TOKEN_KEY})
+    spark.createDataFrame(TABLE, schema=schema_to_spark(TABLE.schema)).createOrReplaceTempView(
+        "people_worker_keys"
+    )
+    rows = spark.sql(
+        "SELECT id, cape_tokenize(email, 'tok') AS email, "
+        "cape_tokenize_reversible(name, 'siv') AS name FROM people_worker_keys"
+    ).toArrow()
+    monkeypatch.setattr(rdd, "_prepare_for_python_RDD", original)
+    assert shipped, "no Python function was shipped: the capture missed it"
+    assert_no_keys(b"".join(shipped))
+    want = expected()
+    got = rows.sort_by("id")
+    assert got.column("email").to_pylist() == want.sort_by("id").column("email").to_pylist()
+    assert got.column("name").to_pylist() == want.sort_by("id").column("name").to_pylist()
+
+
+def test_sql_functions_refuse_bytes_for_a_remote_cluster() -> None:
+    from cape_pipelines.keys import shipped_keys
+
+    with pytest.raises(KeyShippingError, match="CAPE_KEY_<NAME>"):
+        shipped_keys(KEYS, {}, REMOTE)
+    remote = shipped_keys(None, {"CAPE_KEY_TOK": TOKEN_KEY.hex()}, REMOTE)
+    assert_no_keys(pickle.dumps(remote))
+    local = shipped_keys(KEYS, {"CAPE_KEY_OTHER": "ab" * 16}, LOCAL)
+    assert_no_keys(pickle.dumps(local))
+    from cape_pipelines.keys import KeyRef
+
+    copy = pickle.loads(pickle.dumps(local))
+    assert copy.resolve(KeyRef(secret="tok")) == TOKEN_KEY
+    assert copy.resolve(KeyRef(secret="other")) == b"\xab" * 16
+    with pytest.raises(KeyMissingError, match="'nope'"):
+        copy.resolve(KeyRef(secret="nope"))
