@@ -9,10 +9,11 @@ with the call's literal parameters, and comes back cast to the function's
 declared type, so a value equals the policy path's byte for byte.
 
 Keys are referenced by name, resolved when :func:`register_functions` runs
-(``keys=`` first, then the ``CAPE_KEY_*`` environment). What travels inside the
-pickled UDF to Flink's Python workers is a reference per key, never its bytes
-(:class:`ShippedKeys`): on the embedded mini-cluster each key is written to the
-run's private key directory on this host (docs/keys.md); for a remote target,
+(``keys=`` first, then the ``CAPE_KEY_*`` environment). What travels inside
+the pickled UDF to Flink's Python workers is a reference per key, never its
+bytes (:func:`cape_pipelines.keys.shipped_keys`, as for Spark's SQL
+functions): on the embedded mini-cluster each key is written to the run's
+private key directory on this host (docs/keys.md); for a remote target,
 environment keys are read from each worker's own ``CAPE_KEY_*`` and keys given
 as bytes are refused with the fix named. ``worker_keys="inline"`` is the
 explicit opt-in to ship the bytes. A key name no provider had is an error
@@ -41,19 +42,15 @@ from pyflink.table import TableEnvironment
 from pyflink.table.types import DataType
 from pyflink.table.udf import udf
 
-from ..errors import KeyMissingError, TransformError
+from ..errors import TransformError
 from ..keys import (
     INLINE,
-    EnvKeys,
-    KeyRef,
+    KEYS_DIR_ENV,
     KeyResolver,
-    KeyShippingError,
-    RunSecrets,
-    WorkerKeyProvider,
-    Workers,
-    decode_key_text,
+    ShippedKeys,
     env_var_name,
     parse_key_ref,
+    shipped_keys,
 )
 from ..policy.load import build_transformation
 from ..seam import WorkerKeysSetting
@@ -135,91 +132,6 @@ def to_series(arr: pa.Array) -> pd.Series:
     if pa.types.is_date(arr.type):
         return pd.Series(arr.to_pylist(), dtype=object)
     return arr.to_pandas()
-
-
-class ShippedKeys:
-    """The SQL functions' keys as shipped to workers: a reference per key, never its bytes.
-
-    ``named``: a ``keys=`` name -> (provider, entry); ``by_env``: a ``CAPE_KEY_*``
-    variable -> (provider, entry), looked up after ``named``, as the driver's
-    resolver does. ``env_on_workers``: remote workers read ``CAPE_KEY_*`` from
-    their own environment. Resolved keys are cached per worker process.
-    """
-
-    def __init__(
-        self,
-        named: dict[str, tuple[WorkerKeyProvider, str]],
-        by_env: dict[str, tuple[WorkerKeyProvider, str]],
-        env_on_workers: bool,
-    ):
-        self.named = named
-        self.by_env = by_env
-        self.env_on_workers = env_on_workers
-        self._cache: dict[str, bytes] = {}
-
-    def __repr__(self) -> str:
-        return f"ShippedKeys({sorted(self.named)}, {sorted(self.by_env)})"
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_cache": {}}
-
-    def resolve(self, ref: KeyRef) -> bytes:
-        """The key bytes for a named ``ref``, read where the reference says."""
-        name = str(ref.secret)
-        cached = self._cache.get(name)
-        if cached is not None:
-            return cached
-        var = env_var_name(name)
-        found = self.named.get(name) or self.by_env.get(var)
-        value: bytes | None = None
-        if found is not None:
-            provider, entry = found
-            value = provider.fetch(entry)
-        elif self.env_on_workers:
-            value = EnvKeys().fetch(name)
-        if value is None:
-            raise KeyMissingError(name, ["keys=", var])
-        self._cache[name] = value
-        return value
-
-
-def ship_keys(
-    keys: Mapping[str, bytes | str] | None,
-    environ: Mapping[str, str],
-    workers: Workers,
-    worker_keys: WorkerKeysSetting,
-) -> KeyResolver | ShippedKeys:
-    """What the SQL functions carry to ``workers`` to find their keys (see the module doc)."""
-    resolver = KeyResolver(keys, environ=environ)
-    if worker_keys == INLINE:
-        return resolver
-    if worker_keys is not None:
-        raise TypeError("register_functions takes worker_keys=None or 'inline'")
-    secrets: RunSecrets | None = None
-
-    def on_this_host(value: bytes, what: str) -> tuple[WorkerKeyProvider, str]:
-        nonlocal secrets
-        if not workers.local:
-            raise KeyShippingError(
-                f"{what} exists only in this process, and Flink's workers ({workers.where}) "
-                "are not on this host: give the workers the key as CAPE_KEY_<NAME> or a "
-                "mounted secret directory, or pass worker_keys='inline' to ship the key "
-                "bytes in the job, which anyone who can read the job can then read"
-            )
-        if secrets is None:
-            secrets = RunSecrets()
-        return secrets, secrets.add(value)
-
-    named = {
-        name: on_this_host(resolver.resolve(parse_key_ref({"secret": name})), f"key {name!r}")
-        for name in (keys or {})
-    }
-    by_env: dict[str, tuple[WorkerKeyProvider, str]] = {}
-    if workers.local:
-        # Local workers may have started before a variable was set here: ship a reference.
-        for var, text in environ.items():
-            by_env[var] = on_this_host(decode_key_text(text, f"environment variable {var}"), var)
-    return ShippedKeys(named, by_env, env_on_workers=not workers.local)
 
 
 class FlinkFunction:
@@ -315,7 +227,15 @@ def functions(
     from .apply import flink_workers
 
     environ = {k: v for k, v in os.environ.items() if k.startswith(env_var_name(""))}
-    shipped = ship_keys(keys, environ, flink_workers(t_env), worker_keys)
+    if os.environ.get(KEYS_DIR_ENV):
+        environ[KEYS_DIR_ENV] = os.environ[KEYS_DIR_ENV]
+    shipped: KeyResolver | ShippedKeys
+    if worker_keys == INLINE:
+        shipped = KeyResolver(keys, environ=environ)
+    elif worker_keys is None:
+        shipped = shipped_keys(keys, environ, flink_workers(t_env))
+    else:
+        raise TypeError("register_functions takes worker_keys=None or 'inline'")
     out = {}
     for spec in specs().values():
         name = prefix + spec.name.removeprefix("cape_")
