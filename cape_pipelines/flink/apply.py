@@ -399,6 +399,28 @@ def _read_counts(directory: str) -> list[int]:
     return [int(v) for v in rows[0].split(",")]
 
 
+def _insert_statements(out: Table, bound: _Bound, target: str, counts: str, overwrite: bool) -> Any:
+    """The one job of :func:`execute_insert`: the rows into ``target``, the counts into
+    ``counts`` (rows in, rows kept, then per transformed column the kept non-null values),
+    both over the same mapped table, which Flink plans once (a reused sub-plan)."""
+    keep = col(KEEP)
+    bigint = DataTypes.BIGINT()
+    aggregates = [
+        keep.count.cast(bigint),
+        if_then_else(keep, 1, 0).sum0.cast(bigint),
+        *(
+            if_then_else(keep & col(c).is_not_null, 1, 0).sum0.cast(bigint)
+            for c in bound.plan.transformed_columns
+        ),
+    ]
+    statements = bound.t_env.create_statement_set()
+    statements.add_insert(target, out, overwrite)
+    statements.add_insert(
+        counts, bound.mapped.select(*(e.alias(f"c{i}") for i, e in enumerate(aggregates)))
+    )
+    return statements
+
+
 def execute_insert(out: Table, target: str, *, overwrite: bool = False) -> Counters:
     """Write the protected rows into the registered table ``target``: one audited run.
 
@@ -423,26 +445,15 @@ def execute_insert(out: Table, target: str, *, overwrite: bool = False) -> Count
             f"TableEnvironment runs in {mode!r} mode (see docs/engines/flink.md, streams)"
         )
     columns = list(bound.plan.transformed_columns)
-    keep = col(KEEP)
-    bigint = DataTypes.BIGINT()
-    aggregates = [
-        keep.count.cast(bigint),
-        if_then_else(keep, 1, 0).sum0.cast(bigint),
-        *(if_then_else(keep & col(c).is_not_null, 1, 0).sum0.cast(bigint) for c in columns),
-    ]
     counts = f"cape_counts_{uuid.uuid4().hex}"
     with bound.binding.run(bound.plan) as run, tempfile.TemporaryDirectory() as tmp:
-        fields = ", ".join(f"c{i} BIGINT" for i in range(len(aggregates)))
+        fields = ", ".join(f"c{i} BIGINT" for i in range(2 + len(columns)))
         t_env.execute_sql(
             f"CREATE TEMPORARY TABLE {counts} ({fields}) WITH "
             f"('connector' = 'filesystem', 'path' = '{Path(tmp).as_uri()}', 'format' = 'csv')"
         )
         try:
-            statements = t_env.create_statement_set()
-            statements.add_insert(target, out, overwrite)
-            statements.add_insert(
-                counts, bound.mapped.select(*(e.alias(f"c{i}") for i, e in enumerate(aggregates)))
-            )
+            statements = _insert_statements(out, bound, target, counts, overwrite)
             statements.execute().wait()
             values = _read_counts(tmp)
         finally:

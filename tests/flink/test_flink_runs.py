@@ -254,3 +254,17 @@ def test_the_shipped_udf_holds_no_key_bytes(t_env: Any) -> None:
     # The explicit opt-in ships the bytes: the check above can fail.
     inline = apply_policy(src, POLICY, keys={"k": key}, audit=MemorySink(), worker_keys="inline")
     assert forms["raw"] in shipped_payload(inline)
+
+
+def test_the_write_and_its_counts_run_the_policy_once(t_env: Any, tmp_path: Path) -> None:
+    from cape_pipelines.flink.apply import _insert_statements
+
+    src = t_env.from_pandas(people().to_pandas(), row_type(people().schema))
+    out = apply_policy(src, POLICY, keys={"k": KEY}, audit=MemorySink())
+    sink_table(t_env, "plan_target", tmp_path / "out", "id BIGINT, name STRING")
+    sink_table(t_env, "plan_counts", tmp_path / "counts", "c0 BIGINT, c1 BIGINT, c2 BIGINT")
+    plan = _insert_statements(out, out._cape_binding, "plan_target", "plan_counts", False)
+    executed = plan.explain().split("== Optimized Execution Plan ==")[-1]
+    # One Python function over the source, its result reused by both inserts.
+    assert executed.count("PythonScalarFunction") == 1, executed
+    assert executed.count("Reused(") == 2, executed
