@@ -189,6 +189,13 @@ class Binding:
                         f"cannot get a worker provider from {origin[len('provider:') :]} "
                         f"({type(exc).__name__}: {exc})"
                     ) from None
+                log.warning(
+                    "no worker provider from %s (%s); local workers get key %r through the "
+                    "run's private key directory",
+                    origin,
+                    type(exc).__name__,
+                    name,
+                )
                 provider = None
             if provider is not None:
                 return provider, name
