@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .console import mount_console
 from .coordinator import Coordinator
 from .errors import ApiError
+from .metrics import CoordinatorMetrics
 from .routers import ROUTERS
 from .schemas import ErrorBody
 
@@ -205,6 +206,7 @@ def create_app(coordinator: Coordinator) -> FastAPI:
         openapi_url="/openapi.json" if coordinator.settings.api_docs else None,
     )
     app.state.coordinator = coordinator
+    app.state.metrics = CoordinatorMetrics(coordinator)
     _install_error_handlers(app)
     app.add_middleware(BodyLimit, limit=coordinator.settings.max_body_bytes)
     # Added last, so it runs first: no body is read for a request without a valid token.

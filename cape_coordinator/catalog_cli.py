@@ -51,6 +51,12 @@ def register(
     p.add_argument("--sample", type=int, default=10_000, help="rows to read (default 10000)")
     p.add_argument("--threshold", type=float, default=0.8, help="least confidence to propose")
     p.add_argument("--min-evidence", type=int, default=5, help="least confirmed values")
+    p.add_argument(
+        "--phone-region",
+        default="US",
+        metavar="CC",
+        help="country whose format national phone numbers (no +) are read in (default US)",
+    )
     p.add_argument("--delimiter", default=",", help="CSV delimiter")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_scan)
@@ -152,17 +158,24 @@ def cmd_scan(args: argparse.Namespace) -> int:
                 sample=args.sample,
                 threshold=args.threshold,
                 min_evidence=args.min_evidence,
+                phone_region=args.phone_region,
             )
         except ValueError as exc:
             raise UsageError(str(exc)) from None
     else:
-        result = scan_path(
-            Path(args.path),
-            sample=args.sample,
-            threshold=args.threshold,
-            min_evidence=args.min_evidence,
-            csv_options=CsvOptions(delimiter=args.delimiter),
-        )
+        try:
+            result = scan_path(
+                Path(args.path),
+                sample=args.sample,
+                threshold=args.threshold,
+                min_evidence=args.min_evidence,
+                csv_options=CsvOptions(delimiter=args.delimiter),
+                phone_region=args.phone_region,
+            )
+        except ValueError as exc:
+            if "phone_region" not in str(exc):
+                raise
+            raise UsageError(str(exc).replace("phone_region", "--phone-region")) from None
     proposals = [p.to_dict() for p in result.proposals]
     stored: list[dict[str, Any]] = []
     if args.dataset:

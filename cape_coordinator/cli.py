@@ -71,6 +71,11 @@ def _settings_flags(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="serve /docs and /openapi.json (off by default)",
     )
+    parser.add_argument(
+        "--metrics-bind",
+        metavar="HOST:PORT",
+        help="serve GET /metrics alone on this address (not on the API's port)",
+    )
 
 
 def register(

@@ -38,6 +38,8 @@ def _with_flags(settings: Any, args: argparse.Namespace) -> Any:
         data["max_body_bytes"] = args.max_body_bytes
     if getattr(args, "api_docs", None):
         data["api_docs"] = True
+    if getattr(args, "metrics_bind", None):
+        data["metrics_bind"] = args.metrics_bind
     return Settings.from_dict(data)
 
 
@@ -73,11 +75,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from .app import create_app
     from .coordinator import Coordinator
+    from .crypto import CoordinatorSetupError
     from .logs import uvicorn_log_config
 
     paths, settings = _paths_and_settings(args)
     coord = Coordinator.open(paths, settings, upgrade=True)
     app = create_app(coord)
+    metrics_server = None
+    if settings.metrics_bind:
+        from .metrics import metrics_token_hash, serve_metrics
+
+        token_hash = metrics_token_hash(settings.metrics_token_sha256)
+        try:
+            metrics_server, _ = serve_metrics(app.state.metrics, settings.metrics_bind, token_hash)
+        except (ValueError, OSError) as exc:
+            coord.close()
+            raise CoordinatorSetupError(
+                f"cannot serve metrics on {settings.metrics_bind}: {exc}"
+            ) from None
+        print(f"metrics on http://{settings.metrics_bind}/metrics", file=sys.stderr, flush=True)
     print(
         f"cape coordinator on http://{args.host}:{args.port} (signing key {coord.public_key_text})",
         file=sys.stderr,
@@ -94,6 +110,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             server_header=False,
         )
     finally:
+        if metrics_server is not None:
+            metrics_server.shutdown()
+            metrics_server.server_close()
         coord.close()
     return 0
 

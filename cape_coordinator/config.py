@@ -42,6 +42,11 @@ class Settings(BaseModel):
     console_absolute_seconds: int = Field(default=12 * 3600, ge=60)
     # /docs, /redoc and /openapi.json: off unless asked for (they map the whole API).
     api_docs: bool = False
+    # GET /metrics: the SHA-256 (hex) of the metrics bearer token (the token itself is
+    # never stored; CAPE_COORDINATOR_METRICS_TOKEN may give it instead), and/or HOST:PORT of
+    # a separate listener serving /metrics alone. Neither set: /metrics answers 404.
+    metrics_token_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    metrics_bind: str | None = Field(default=None, pattern=r"^[A-Za-z0-9.-]+:[0-9]{1,5}$")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Settings:

@@ -174,6 +174,22 @@ def _apply_files_from(
         progress=False if args.no_progress else None,
         run_id=args.run_id,
         worker_keys="inline" if args.inline_keys else None,
+        lineage=_lineage(args),
+    )
+
+
+def _lineage(args: argparse.Namespace) -> Any:
+    if not args.lineage:
+        if args.lineage_job or args.lineage_namespace:
+            raise CapeError("--lineage-job and --lineage-namespace go with --lineage")
+        return None
+    from .lineage import Lineage, lineage_option
+
+    lineage_option(True)  # a clear error now if the client is not installed
+    return Lineage(
+        job_name=args.lineage_job,
+        namespace=args.lineage_namespace,
+        catalog_dataset=args.dataset,
     )
 
 
@@ -303,6 +319,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="Parquet timestamp unit for nanosecond columns (default us: Spark-readable)",
     )
     p.add_argument("--run-id", metavar="ID", help="the audit run id (default: a new UUID)")
+    p.add_argument(
+        "--lineage",
+        action="store_true",
+        help="send OpenLineage START/COMPLETE events (transport from openlineage.yml, "
+        "OPENLINEAGE_CONFIG, OPENLINEAGE__TRANSPORT__* or OPENLINEAGE_URL)",
+    )
+    p.add_argument("--lineage-job", metavar="NAME", help="the job name (default cape.<label>)")
+    p.add_argument(
+        "--lineage-namespace",
+        metavar="NS",
+        help="the job namespace (default $OPENLINEAGE_NAMESPACE or cape)",
+    )
     p.set_defaults(func=_cmd_apply)
 
     p = sub.add_parser(

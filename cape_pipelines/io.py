@@ -44,6 +44,7 @@ from .inputs import (
 )
 from .inputs import first_line as _first_line
 from .keys import KeyResolver
+from .lineage import LineageOption, file_lineage
 from .plan import Plan
 from .policy.load import PolicySource
 from .progress import Progress, ProgressFn
@@ -164,6 +165,7 @@ def apply_files(
     policy_source: str | None = None,
     column_tags: Mapping[str, Sequence[str]] | None = None,
     worker_keys: WorkerKeysSetting = None,
+    lineage: LineageOption = None,
 ) -> ApplyResult:
     """Apply ``policy`` to a CSV/Parquet file or directory and write one output file.
 
@@ -175,6 +177,8 @@ def apply_files(
     ``worker_keys``: how the beam/dask/spark engines give their workers keys
     (default: references, never bytes; ``"inline"`` ships the bytes; see
     docs/keys.md). Any per-run key directory is removed when the run ends.
+    ``lineage``: also send OpenLineage run events naming ``input`` and ``output`` (see
+    :mod:`cape_pipelines.lineage`).
     """
     src = Path(input)
     dst = Path(output)
@@ -191,6 +195,7 @@ def apply_files(
         record_failure=True,
         run_id=run_id,
         worker_keys=worker_keys,
+        lineage=file_lineage(lineage, src, dst),
     )
     with binding.run(run_id=run_id) as run, _closing_run_secrets(binding):
         if batch_size < 1:

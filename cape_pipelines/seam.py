@@ -27,6 +27,9 @@ on the driver. A plan built for an engine's workers (``workers=`` given to
 each key goes by a provider matching where the driver found it (see
 :meth:`Binding.ship` and docs/keys.md); ``worker_keys="inline"`` is the
 explicit opt-in to ship the bytes, for quick local runs.
+
+Lineage: a binding with ``lineage=`` sends an OpenLineage event as each :class:`Run`
+starts and ends (see :mod:`cape_pipelines.lineage`).
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ from .keys import (
     reference_for,
     shipping_fix,
 )
+from .lineage import Lineage, LineageOption, lineage_option
 from .plan import ColumnStep, Plan, build_plan
 from .policy.load import PolicySource
 from .policy.models import Policy
@@ -102,6 +106,8 @@ class Binding:
     # None: plans for workers ship a reference per key (see ship); "inline": the bytes
     # (opt-in); a provider: that provider for every named key.
     worker_keys: WorkerKeysSetting = None
+    # Set: each run also sends OpenLineage START and COMPLETE/FAIL events (never fails it).
+    lineage: Lineage | None = None
     # Providers made once per binding (a coordinator's worker token, minted once per run).
     _minted: dict[str, WorkerKeyProvider] = field(default_factory=dict, repr=False)
     _run_secrets: list[RunSecrets] = field(default_factory=list, repr=False)
@@ -257,7 +263,7 @@ class Binding:
     def silent(self) -> Binding:
         """This binding with its records switched off: for an engine's adapter run inside a
         job that records the run itself (``cape apply --engine dask``)."""
-        return replace(self, audit=NullSink(), source=None)
+        return replace(self, audit=NullSink(), source=None, lineage=None)
 
     def context(self, *, run_id: str | None = None, principal: str | None = None) -> RunContext:
         """The record builder for one run of this binding (the policy named in every record)."""
@@ -278,7 +284,8 @@ class BindOptions(TypedDict, total=False):
     ``worker_keys``: how plans shipped to workers carry keys: None (default:
     a reference per key, see :meth:`Binding.ship`), ``"inline"`` (the bytes;
     the opt-in for quick local runs) or one worker-side provider for every
-    named key.
+    named key; ``lineage``: OpenLineage run events (True, a client config
+    mapping or a :class:`~cape_pipelines.lineage.Lineage`).
     """
 
     keys: Mapping[str, bytes | str] | None
@@ -287,6 +294,7 @@ class BindOptions(TypedDict, total=False):
     resolver: KeyResolver | None
     client: CoordinatorClient | None
     worker_keys: WorkerKeysSetting
+    lineage: LineageOption
 
 
 def bind(
@@ -348,6 +356,7 @@ def bind(
         column_tags=dict(options.get("column_tags") or {}),
         source=src.source if src.source is not None else source,
         worker_keys=options.get("worker_keys"),
+        lineage=lineage_option(options.get("lineage")),
     )
 
 
@@ -410,6 +419,8 @@ class Run:
         self.context.started()
         if self.binding.source is not None:
             self.context.policy_fetched(self.binding.source)
+        if self.binding.lineage is not None:
+            self.binding.lineage.started(self)
         return self
 
     def __exit__(
@@ -420,10 +431,17 @@ class Run:
     ) -> None:
         if exc is not None:
             self.context.failed(exc, self.counters)
+            self._lineage_finished(exc)
             return
         if self.counters is None:
             self.counters = Counters.empty_for(self.plan) if self.plan is not None else Counters()
         self.context.completed(self.counters)
+        self._lineage_finished(None)
+
+    def _lineage_finished(self, exc: BaseException | None) -> None:
+        # After the audit record: lineage is a side channel and never fails the run.
+        if self.binding.lineage is not None:
+            self.binding.lineage.finished(self, exc)
 
 
 # Record ids derived from the run id make a record emitted twice (a retried

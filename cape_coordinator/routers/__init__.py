@@ -3,7 +3,7 @@ them in :data:`ROUTERS` order."""
 
 from __future__ import annotations
 
-from . import audit, catalog, keys, meta, policies, runs, tokens, workflow
+from . import audit, catalog, keys, meta, metrics, policies, runs, tokens, workflow
 
 ROUTERS = (
     meta.router,
@@ -14,6 +14,7 @@ ROUTERS = (
     audit.router,
     runs.router,
     catalog.router,
+    metrics.router,
 )
 
 __all__ = ["ROUTERS"]

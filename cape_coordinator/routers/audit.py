@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request
 
 from ..errors import ApiError
+from ..metrics import CoordinatorMetrics
 from ..schemas import (
     MAX_INT,
     AuditAccepted,
@@ -50,16 +52,27 @@ async def post_audit(
     403, an id its sender stored with other content a 409 (ids are per sender: another
     token's record with the same id is its own). Answered only after the transaction
     holding the batch has committed. The body is read only after the token is checked."""
+    metrics: CoordinatorMetrics | None = getattr(request.app.state, "metrics", None)
+    started = time.perf_counter()
     raw = await request.body()
     try:
-        data = json.loads(raw)
-    except (ValueError, RecursionError):
-        raise ApiError(400, "malformed_json", "request body is not valid JSON") from None
-    records = check_records(data, coord.settings.max_batch_records)
-    # Preparing the batch is CPU work (no I/O): it stays on the loop, and the commit
-    # is awaited without holding a thread.
-    done = coord.ingest.submit(p, records)
-    return AuditAccepted(**await asyncio.wrap_future(done))
+        try:
+            data = json.loads(raw)
+        except (ValueError, RecursionError):
+            raise ApiError(400, "malformed_json", "request body is not valid JSON") from None
+        records = check_records(data, coord.settings.max_batch_records)
+        # Preparing the batch is CPU work (no I/O): it stays on the loop, and the commit
+        # is awaited without holding a thread.
+        done = coord.ingest.submit(p, records)
+        result = await asyncio.wrap_future(done)
+    except ApiError as exc:
+        if metrics is not None:
+            metrics.batches_refused.labels(exc.code).inc()
+        raise
+    if metrics is not None:
+        metrics.ingest_seconds.observe(time.perf_counter() - started)
+        metrics.records_ingested.inc(len(records))
+    return AuditAccepted(**result)
 
 
 @router.get("")
@@ -96,6 +109,7 @@ def anchor(coord: Coord, _p: Auditors) -> AuditAnchor:
 
 @router.get("/verify")
 def verify(
+    request: Request,
     coord: Coord,
     _p: Auditors,
     expect_seq: Annotated[int | None, Query(ge=1, le=MAX_INT)] = None,
@@ -106,4 +120,7 @@ def verify(
         raise ApiError(422, "invalid_request", "give both expect_seq and expect_hash")
     expect = (expect_seq, expect_hash) if expect_seq is not None else None
     result = coord.verify_audit(expect)  # type: ignore[arg-type]
+    metrics: CoordinatorMetrics | None = getattr(request.app.state, "metrics", None)
+    if metrics is not None:
+        metrics.observe_verify(result.intact)
     return VerifyOut(**result.__dict__)

@@ -127,6 +127,9 @@ BUILTIN_TAGS: dict[str, str] = {
     "financial.card_number": "a payment card number",
     "financial.iban": "an international bank account number",
     "quasi_identifier.*": "a quasi-identifier (age, postcode, gender ...): any tag below it",
+    "pii.national_id.*": (
+        "a national identity number (pii.national_id.fr_nir, .es_dni ...): any tag below it"
+    ),
 }
 TAG_RE = re.compile(r"[a-z][a-z0-9_]{0,63}(?:\.[a-z0-9_]{1,63}){1,3}")
 FAMILY_RE = re.compile(r"[a-z][a-z0-9_]{0,63}(?:\.[a-z0-9_]{1,63}){0,2}\.\*")

@@ -108,6 +108,10 @@ class ApplyPolicy(beam.PTransform):
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, not {batch_size}")
         binding = bind(policy, engine="beam", **options)
+        if binding.lineage is not None:
+            # Beam runs are delimited on workers (RemoteRun), where no lineage event is sent
+            # yet: refuse rather than let a job believe its lineage is reported.
+            raise ValueError("lineage= is not supported on Beam yet (see docs/lineage.md)")
         self._policy = binding.policy
         sink = _worker_sink(binding.audit)
         self._audit = RemoteRun(binding, sink, binding.context().principal)

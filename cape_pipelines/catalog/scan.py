@@ -1,12 +1,17 @@
 """``cape catalog scan``: sample a dataset and propose catalog tags, with confidence and evidence.
 
 A column is proposed for a tag when most of its sampled values pass a
-*validating* detector, not a pattern alone: the detectors are the ones
-``text-scrub`` uses (:mod:`cape_pipelines.transforms.text_scrub`: Luhn for card
-numbers, ISO 13616 mod 97 for IBANs, SSN area/group/serial rules, ``ipaddress``
-for IPv4/IPv6, E.164 or 3-3-4 phone numbers that are not dates), applied to the
-*whole* value. Names, birth dates, postal addresses and quasi-identifiers carry
-no checksum; they are proposed from column-name hints, confirmed by the share
+*validating* detector, not a pattern alone: a value must have the whole shape of
+the ``text-scrub`` pattern (:mod:`cape_pipelines.transforms.text_scrub`) and then
+pass the identifier's real rules, checked through maintained libraries where they
+fit (:mod:`cape_pipelines.catalog.validators`: ``python-stdnum`` for Luhn, IBANs
+with their country formats, US SSNs and other countries' national identity
+numbers; ``phonenumbers`` for phone numbers; ``email-validator`` for e-mail syntax,
+no DNS; ``ipaddress`` for IPv4/IPv6), falling back to the built-in checks when a
+library is not installed. National identity numbers (tags
+``pii.national_id.<country>_<id>``) are tried on a column only when its first
+values pass. Names, birth dates, postal addresses and quasi-identifiers carry no
+checksum; they are proposed from column-name hints, confirmed by the share
 of values that look the part (letters only for names, a plausible past date
 for birth dates), and get a lower confidence. ``confidence`` is the share of
 non-null sampled values a detector confirmed (times 0.9 for name hints);
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..inputs import CsvOptions, open_inputs
-from ..transforms.text_scrub import _DETECTORS
+from .validators import national_id_checks, value_checks
 
 __all__ = [
     "DETECTOR_TAGS",
@@ -181,38 +187,75 @@ def _texts(array: pa.Array | pa.ChunkedArray) -> list[str]:
     return [v.strip() for v in array.drop_null().to_pylist() if v.strip()]
 
 
-def _value_detector(entity: str) -> Callable[[str], bool]:
-    pattern, validator = _DETECTORS[entity]
-
-    def check(value: str) -> bool:
-        return pattern.fullmatch(value) is not None and (validator is None or validator(value))
-
-    return check
+_VALUE_CHECKS: dict[str, Callable[[str], bool]] = value_checks()
+_NATIONAL_CHECKS: dict[str, Callable[[str], bool]] = national_id_checks()
+# A national-id check runs on a whole column only if this many of its first values pass
+# half of them (a cheap gate: two dozen checks per value would dominate the scan).
+NATIONAL_ID_PROBE = 50
 
 
-_VALUE_CHECKS: dict[str, Callable[[str], bool]] = {e: _value_detector(e) for e in DETECTOR_TAGS}
+def _count(
+    values: Counter[str], checks: list[tuple[str, Callable[[str], bool]]], allowed: float
+) -> tuple[int, set[str]] | None:
+    """(values some check accepts, names of the checks that accepted any), or None once more
+    than ``allowed`` values were refused by all of them. Each distinct value is checked
+    once and counted as often as it occurs."""
+    hits = misses = 0
+    matched: set[str] = set()
+    for v, times in values.items():
+        for name, check in checks:
+            if check(v):
+                hits += times
+                matched.add(name)
+                break
+        else:
+            misses += times
+            if misses > allowed:
+                return None
+    return hits, matched
 
 
 def _column_proposals(
-    column: str, values: list[str], threshold: float, min_evidence: int
+    column: str,
+    values: list[str],
+    threshold: float,
+    min_evidence: int,
+    checks: dict[str, Callable[[str], bool]] | None = None,
 ) -> list[Proposal]:
     n = len(values)
     if n == 0:
         return []
     need = min(min_evidence, n)
     out: list[Proposal] = []
-    by_tag: dict[str, tuple[int, list[str]]] = {}
+    # More misses than this and the confidence cannot reach the threshold (rounded to three
+    # places): the count stops there, which keeps the library checks off most columns.
+    allowed = n - n * (threshold - 0.0005)
+    distinct = Counter(values)
+    checks = checks if checks is not None else _VALUE_CHECKS
+    by_tag: dict[str, list[str]] = {}
     for entity, tag in DETECTOR_TAGS.items():
-        check = _VALUE_CHECKS[entity]
-        hits = sum(1 for v in values if check(v))
-        if hits:
-            count, names = by_tag.get(tag, (0, []))
-            by_tag[tag] = (count + hits, [*names, entity])
-    for tag, (hits, names) in by_tag.items():
-        hits = min(hits, n)  # ipv4 and ipv6 never both match one value; bound it anyway
+        by_tag.setdefault(tag, []).append(entity)
+    for tag, entities in by_tag.items():
+        counted = _count(distinct, [(e, checks[e]) for e in entities], allowed)
+        if counted is None:
+            continue
+        hits, matched = counted
         confidence = round(hits / n, 3)
         if confidence >= threshold and hits >= need:
-            out.append(Proposal(column, tag, confidence, hits, n, "+".join(names)))
+            names = "+".join(e for e in entities if e in matched)
+            out.append(Proposal(column, tag, confidence, hits, n, names))
+    probe = values[:NATIONAL_ID_PROBE]
+    for tag, check in _NATIONAL_CHECKS.items():
+        if sum(1 for v in probe if check(v)) * 2 < len(probe):
+            continue
+        name = tag.rsplit(".", 1)[1]
+        counted = _count(distinct, [(name, check)], allowed)
+        if counted is None:
+            continue
+        hits = counted[0]
+        confidence = round(hits / n, 3)
+        if confidence >= threshold and hits >= need:
+            out.append(Proposal(column, tag, confidence, hits, n, name))
     key = _normalise(column)
     for tag, (hinted, check) in NAME_HINTS.items():
         if key not in hinted:
@@ -224,13 +267,23 @@ def _column_proposals(
     return out
 
 
-def scan_table(table: pa.Table, *, threshold: float = 0.8, min_evidence: int = 5) -> list[Proposal]:
-    """Proposals for the columns of an Arrow table (already sampled)."""
+def scan_table(
+    table: pa.Table,
+    *,
+    threshold: float = 0.8,
+    min_evidence: int = 5,
+    phone_region: str = "US",
+) -> list[Proposal]:
+    """Proposals for the columns of an Arrow table (already sampled). ``phone_region``: the
+    ISO 3166 country national phone numbers (no ``+``) are read in."""
     if not 0.0 < threshold <= 1.0:
         raise ValueError("threshold must be in (0, 1]")
+    if not re.fullmatch(r"[A-Z]{2}", phone_region):
+        raise ValueError("phone_region must be a two-letter country code such as US")
+    checks = None if phone_region == "US" else value_checks(phone_region)
     out: list[Proposal] = []
     for name in table.column_names:
-        out.extend(_column_proposals(name, _texts(table[name]), threshold, min_evidence))
+        out.extend(_column_proposals(name, _texts(table[name]), threshold, min_evidence, checks))
     return out
 
 
@@ -252,6 +305,7 @@ def scan_path(
     threshold: float = 0.8,
     min_evidence: int = 5,
     csv_options: CsvOptions | None = None,
+    phone_region: str = "US",
 ) -> ScanResult:
     """Scan the first ``sample`` rows of a CSV/Parquet file or directory.
 
@@ -269,7 +323,9 @@ def scan_path(
     return ScanResult(
         schema={f.name: str(f.type) for f in schema},
         rows=table.num_rows,
-        proposals=scan_table(table, threshold=threshold, min_evidence=min_evidence),
+        proposals=scan_table(
+            table, threshold=threshold, min_evidence=min_evidence, phone_region=phone_region
+        ),
     )
 
 
@@ -287,6 +343,7 @@ def scan_spark_table(
     sample: int = 10_000,
     threshold: float = 0.8,
     min_evidence: int = 5,
+    phone_region: str = "US",
 ) -> ScanResult:
     """Scan the first ``sample`` rows of a Spark table (``db.table``, a temporary view, or
     ``parquet.`/path```), collected to the driver as Arrow."""
@@ -299,5 +356,7 @@ def scan_spark_table(
     return ScanResult(
         schema={f.name: str(f.type) for f in arrow.schema},
         rows=arrow.num_rows,
-        proposals=scan_table(arrow, threshold=threshold, min_evidence=min_evidence),
+        proposals=scan_table(
+            arrow, threshold=threshold, min_evidence=min_evidence, phone_region=phone_region
+        ),
     )

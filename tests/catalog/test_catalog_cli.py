@@ -174,3 +174,15 @@ def test_apply_resolves_tag_rules_through_the_catalog(live, sample, tmp_path, en
 def _header(path: Path) -> list[str]:
     with path.open(encoding="utf-8", newline="") as f:
         return next(csv.reader(f))
+
+
+def test_scan_reads_national_phone_numbers_in_the_region_given(tmp_path):
+    pytest.importorskip("phonenumbers")
+    path = tmp_path / "uk.csv"
+    path.write_text("tel\n" + "020 7946 0958\n0161 496 0000\n" * 5)
+    found = json.loads(cape(None, None, "catalog", "scan", str(path), "--json"))["proposals"]
+    assert found == []
+    out = cape(None, None, "catalog", "scan", str(path), "--json", "--phone-region", "GB")
+    assert [(p["column"], p["tag"]) for p in json.loads(out)["proposals"]] == [("tel", "pii.phone")]
+    err = cape(None, None, "catalog", "scan", str(path), "--phone-region", "uk", ok=False)
+    assert "--phone-region" in err
