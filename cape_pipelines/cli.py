@@ -228,6 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", metavar="FILE")
     p.add_argument("--data", required=True, metavar="PATH", help="CSV/Parquet file or directory")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument(
+        "--sample",
+        type=int,
+        metavar="N",
+        help="with a risk: section, measure the risk figure on the first N rows (default: all)",
+    )
     p.add_argument("--keys-file", metavar="FILE", help="check these keys are available")
     p.add_argument("--key", action="append", default=[], metavar="NAME=VALUE")
     p.add_argument("--csv-type", action="append", default=[], metavar="COLUMN=TYPE")

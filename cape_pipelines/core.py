@@ -32,13 +32,40 @@ class ColumnCounter:
         return {"transform": self.transform, "values": self.values, "nulls": self.nulls}
 
 
+def counted_names(plan: Plan) -> dict[str, list[str]]:
+    """Per column, the transformation-provided count names of ``plan`` (``"text-scrub.email"``).
+
+    A name is ``<transformation type>.<count name>``; two steps of one type on
+    one column add into the same name.
+    """
+    out: dict[str, list[str]] = {}
+    for s in plan.steps:
+        if isinstance(s, ColumnStep):
+            for n in s.transform.count_names():
+                names = out.setdefault(s.column, [])
+                full = f"{s.transform.type_name}.{n}"
+                if full not in names:
+                    names.append(full)
+    return out
+
+
 @dataclass
 class Counters:
-    """Row and per-column counts of one batch, or of a whole run once merged."""
+    """Row and per-column counts of one batch, or of a whole run once merged.
+
+    ``counts`` holds what transformations count themselves (``text-scrub``'s
+    findings per entity type), per column: ``{"note": {"text-scrub.email": 3}}``;
+    plain sums, so they merge exactly however the rows were split. ``risk`` is
+    the re-identification figure of the whole output (see
+    :mod:`cape_pipelines.transforms.risk`); it is global, so it is set once on
+    a run's totals, never summed.
+    """
 
     rows_in: int = 0
     rows_out: int = 0
     columns: dict[str, ColumnCounter] = field(default_factory=dict)
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    risk: dict[str, Any] | None = None
 
     @property
     def rows_redacted(self) -> int:
@@ -56,16 +83,27 @@ class Counters:
             else:
                 mine.values += c.values
                 mine.nulls += c.nulls
+        for column, named in other.counts.items():
+            into = self.counts.setdefault(column, {})
+            for name, n in named.items():
+                into[name] = into.get(name, 0) + n
+        if other.risk is not None:
+            self.risk = other.risk
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        """The audit record's counting fields."""
-        return {
+        """The audit record's counting fields (``counts`` and ``risk`` only where set)."""
+        out: dict[str, Any] = {
             "rows_in": self.rows_in,
             "rows_out": self.rows_out,
             "rows_redacted": self.rows_redacted,
             "columns": {k: v.to_dict() for k, v in sorted(self.columns.items())},
         }
+        if self.counts:
+            out["counts"] = {c: dict(sorted(v.items())) for c, v in sorted(self.counts.items())}
+        if self.risk is not None:
+            out["risk"] = dict(self.risk)
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Counters:
@@ -77,6 +115,11 @@ class Counters:
                 k: ColumnCounter(v["transform"], int(v["values"]), int(v["nulls"]))
                 for k, v in data.get("columns", {}).items()
             },
+            counts={
+                c: {n: int(v) for n, v in named.items()}
+                for c, named in data.get("counts", {}).items()
+            },
+            risk=dict(data["risk"]) if data.get("risk") is not None else None,
         )
 
     @classmethod
@@ -86,33 +129,51 @@ class Counters:
 
     @classmethod
     def of_counts(
-        cls, plan: Plan, *, rows_in: int, rows_out: int, values: Mapping[str, int]
+        cls,
+        plan: Plan,
+        *,
+        rows_in: int,
+        rows_out: int,
+        values: Mapping[str, int],
+        counts: Mapping[str, Mapping[str, int]] | None = None,
     ) -> Counters:
         """Counters from counts measured elsewhere (an engine's aggregation).
 
         ``values`` holds the non-null values written per transformed column
         (missing: none); nulls are the rest of ``rows_out``. Every
         :class:`Counters` of a plan is built here, so every engine counts the
-        same way.
+        same way. ``counts``: transformation-provided counts (missing: zero;
+        every name the plan counts is present).
         """
         columns = {
             c: ColumnCounter(t, values.get(c, 0), rows_out - values.get(c, 0))
             for c, t in plan.transformed_columns.items()
         }
-        return cls(rows_in=rows_in, rows_out=rows_out, columns=columns)
+        given = counts or {}
+        named = {
+            c: {n: int(given.get(c, {}).get(n, 0)) for n in names}
+            for c, names in counted_names(plan).items()
+        }
+        return cls(rows_in=rows_in, rows_out=rows_out, columns=columns, counts=named)
 
     @classmethod
     def of_batch(
-        cls, plan: Plan, batch: pa.RecordBatch | pa.Table, *, rows_in: int | None = None
+        cls,
+        plan: Plan,
+        batch: pa.RecordBatch | pa.Table,
+        *,
+        rows_in: int | None = None,
+        counts: Mapping[str, Mapping[str, int]] | None = None,
     ) -> Counters:
         """The counts of one output ``batch`` of ``plan`` (``rows_in``: the rows read for it;
-        default: as many as were written)."""
+        default: as many as were written; ``counts``: what its transformations counted)."""
         values = {c: batch.num_rows - batch.column(c).null_count for c in plan.transformed_columns}
         return cls.of_counts(
             plan,
             rows_in=batch.num_rows if rows_in is None else rows_in,
             rows_out=batch.num_rows,
             values=values,
+            counts=counts,
         )
 
 
@@ -159,6 +220,7 @@ def apply_batch(
     names = list(batch.schema.names)
     arrays: dict[str, pa.Array] = dict(zip(names, batch.columns, strict=True))
     indices: pa.Array | None = None
+    provided: dict[str, dict[str, int]] = {}
     for i, step in enumerate(plan.steps):
         if isinstance(step, ColumnStep):
             current = pa.RecordBatch.from_arrays(list(arrays.values()), names=list(arrays))
@@ -169,7 +231,14 @@ def apply_batch(
                 state=plan.step_state(i),
             )
             try:
-                out = step.transform.apply(arrays[step.column], ctx)
+                if step.transform.count_names():
+                    out, found = step.transform.apply_counted(arrays[step.column], ctx)
+                    into = provided.setdefault(step.column, {})
+                    for name, v in found.items():
+                        full = f"{step.transform.type_name}.{name}"
+                        into[full] = into.get(full, 0) + int(v)
+                else:
+                    out = step.transform.apply(arrays[step.column], ctx)
             except TransformError as exc:
                 raise TransformError(f"{step.location}, column {step.column!r}: {exc}") from None
             if not out.type.equals(step.output_type):
@@ -188,7 +257,7 @@ def apply_batch(
     out_batch = pa.RecordBatch.from_arrays(
         [arrays[f.name] for f in plan.output_schema], schema=plan.output_schema
     )
-    counters = Counters.of_batch(plan, out_batch, rows_in=rows_in)
+    counters = Counters.of_batch(plan, out_batch, rows_in=rows_in, counts=provided)
     if with_indices and indices is None:
         indices = pa.array(np.arange(rows_in, dtype=np.int64))
     return out_batch, counters, indices if with_indices else None

@@ -220,8 +220,16 @@ def apply_files(
             atomic_path(dst, overwrite=overwrite) as tmp,
             open_writer(fmt, tmp, plan.output_schema, metadata, timestamp_unit, delimiter) as out,
         ):
-            for batch in run_engine(FileJob(plan, inputs, batch_size, counters, bar, binding)):
-                out.write(batch)
+            produced = run_engine(FileJob(plan, inputs, batch_size, counters, bar, binding))
+            if plan.risk is None:
+                for batch in produced:
+                    out.write(batch)
+            else:
+                from .risk_run import stream_with_risk
+
+                counters = run.counters = stream_with_risk(
+                    plan, produced, out.write, counters, tmp.parent
+                )
     return ApplyResult(output=dst, run_id=run.run_id, counters=counters, plan=plan)
 
 

@@ -18,8 +18,9 @@ import pyarrow.compute as pc
 from .errors import CapeError, KeyFormatError, KeyMissingError, PlanError
 from .keys import KeyResolver, KeyStore
 from .policy.load import PolicySource, load_policy
-from .policy.models import Policy, ResolvedRule
+from .policy.models import Policy, ResolvedRule, RiskSection
 from .transforms.base import ColumnDrop, ColumnTransformation, RowFilter
+from .transforms.risk import RiskCheck
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,8 @@ class Plan:
     dropped: list[str]
     used_columns: list[str]
     _state: dict[int, dict[str, Any]] = field(default_factory=dict, repr=False)
+    # The policy's risk: section bound to the output (None: no risk measured).
+    risk: RiskCheck | None = None
 
     def __repr__(self) -> str:
         return (
@@ -278,6 +281,8 @@ def build_plan(
     if not current:
         raise PlanError("the policy drops every column; nothing would be written")
 
+    risk = _bind_risk(pol.risk, pol.on_missing_column, schema, current) if pol.risk else None
+
     out_fields = []
     for name, typ in current.items():
         if name in schema.names:
@@ -297,4 +302,56 @@ def build_plan(
         untouched=[c for c in current if c not in actions],
         dropped=dropped,
         used_columns=[c for c in schema.names if c in used],
+        risk=risk,
+    )
+
+
+def _bind_risk(
+    section: RiskSection,
+    default_missing: str,
+    schema: pa.Schema,
+    output: Mapping[str, pa.DataType],
+) -> RiskCheck | None:
+    """The ``risk:`` section over the output columns; an absent column is an error naming it,
+    or (``on_missing_column: skip``) left out of the measurement."""
+    on_missing = section.on_missing_column or default_missing
+
+    def present(column: str, where: str) -> bool:
+        if column in output:
+            typ = output[column]
+            if pa.types.is_nested(typ) or pa.types.is_null(typ):
+                raise PlanError(
+                    f"{where}: column {column!r} is {typ} in the output, whose values cannot "
+                    "form equivalence classes; name a scalar column"
+                )
+            return True
+        if column in schema.names:
+            raise PlanError(
+                f"{where}: column {column!r} is removed by the policy; risk is measured on "
+                f"the output (columns: {', '.join(output)})"
+            )
+        if on_missing == "error":
+            raise PlanError(
+                f"{where}: column {column!r} is not in the data (columns: "
+                f"{', '.join(schema.names)}); set on_missing_column: skip to allow this"
+            )
+        return False
+
+    qis = tuple(
+        c
+        for i, c in enumerate(section.quasi_identifiers)
+        if present(c, f"risk.quasi_identifiers[{i}]")
+    )
+    sensitive = section.sensitive
+    if sensitive is not None and not present(sensitive, "risk.sensitive"):
+        sensitive = None
+    if not qis:
+        # on_missing_column: skip, and none of the quasi-identifiers is here: nothing to measure.
+        return None
+    return RiskCheck(
+        quasi_identifiers=qis,
+        sensitive=sensitive,
+        k=section.k,
+        l=section.l if sensitive is not None else None,
+        action=section.action,
     )

@@ -111,6 +111,8 @@ class Binding:
     # Providers made once per binding (a coordinator's worker token, minted once per run).
     _minted: dict[str, WorkerKeyProvider] = field(default_factory=dict, repr=False)
     _run_secrets: list[RunSecrets] = field(default_factory=list, repr=False)
+    # False: plans leave the policy's risk: section out (the job measures it itself).
+    measure_risk: bool = True
 
     def __repr__(self) -> str:
         return (
@@ -127,6 +129,8 @@ class Binding:
         (:meth:`ship`).
         """
         plan = build_plan(self.policy, schema, resolver=self.resolver, column_tags=self.column_tags)
+        if not self.measure_risk:
+            plan.risk = None
         return plan if workers is None else self.ship(plan, workers)
 
     def ship(self, plan: Plan, workers: Workers) -> Plan:
@@ -262,8 +266,9 @@ class Binding:
 
     def silent(self) -> Binding:
         """This binding with its records switched off: for an engine's adapter run inside a
-        job that records the run itself (``cape apply --engine dask``)."""
-        return replace(self, audit=NullSink(), source=None, lineage=None)
+        job that records the run itself (``cape apply --engine dask``), which also measures
+        the policy's ``risk:`` section itself, over everything the engine produced."""
+        return replace(self, audit=NullSink(), source=None, lineage=None, measure_risk=False)
 
     def context(self, *, run_id: str | None = None, principal: str | None = None) -> RunContext:
         """The record builder for one run of this binding (the policy named in every record)."""

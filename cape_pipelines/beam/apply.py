@@ -31,7 +31,15 @@ from ..policy.load import PolicySource
 from ..seam import Binding, BindOptions, RemoteRun, bind
 from . import coders
 from .convert import arrow_schema_from_row_type, row_type_from_arrow_schema, row_type_of
-from .dofns import COUNTERS_TAG, ApplyPlanFn, FinishRunFn, StartRunFn, element_weight
+from .dofns import (
+    COUNTERS_TAG,
+    ApplyPlanFn,
+    FinishRunFn,
+    MergeClassesFn,
+    StartRunFn,
+    SuppressFn,
+    element_weight,
+)
 
 DEFAULT_BATCH_SIZE = 10_000
 
@@ -237,8 +245,21 @@ class ApplyPolicy(beam.PTransform):
         if not isinstance(counts.windowing.windowfn, GlobalWindows):
             counts = counts | "GlobalWindow" >> beam.WindowInto(GlobalWindows())
         empty = Counters.empty_for(plan).to_dict()
-        _ = run_id | "FinishRun" >> beam.ParDo(FinishRunFn(audit, empty), AsList(counts))
-        return results.data
+        data = results.data
+        side = [AsList(counts)]
+        if plan.risk is not None and plan.risk.suppress:
+            # The global class counts, complete before SuppressFn sees any row (a singleton).
+            classes = counts | "RiskClasses" >> beam.CombineGlobally(MergeClassesFn(plan))
+            suppressed = data | "Suppress" >> beam.ParDo(
+                SuppressFn(plan), AsSingleton(classes)
+            ).with_output_types(output_type).with_outputs(COUNTERS_TAG, main="data")
+            removed = suppressed[COUNTERS_TAG]
+            if not isinstance(removed.windowing.windowfn, GlobalWindows):
+                removed = removed | "RemovedGlobalWindow" >> beam.WindowInto(GlobalWindows())
+            side.append(AsList(removed))
+            data = suppressed.data
+        _ = run_id | "FinishRun" >> beam.ParDo(FinishRunFn(audit, empty, plan), *side)
+        return data
 
 
 __all__ = ["DEFAULT_BATCH_SIZE", "ApplyPolicy"]

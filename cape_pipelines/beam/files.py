@@ -22,6 +22,7 @@ counts the rows it emits and a global combine sums them. pyproject.toml names it
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -40,6 +41,7 @@ import pyarrow.parquet as pq
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from .._engine_files import conform, count_output, first_line
+from ..core import Counters
 from ..errors import CapeError, DataError
 from ..inputs import InputSet
 from ..io import FileJob
@@ -52,6 +54,8 @@ FILE_SHIFT = 40
 
 _ROWS_IN_TAG = "rows_in"
 _ROWS_IN_FILE = "rows_in.json"
+# The adapter's own records, kept only for what the transformations counted (text-scrub).
+_RECORDS_FILE = "records.jsonl"
 
 
 @dataclass(frozen=True)
@@ -146,8 +150,12 @@ def run_pipeline(
     options: list[str] | None = None,
 ) -> None:
     """Run the Beam pipeline that reads ``inputs``, applies the policy and fills ``directory``."""
+    records = os.path.join(directory, _RECORDS_FILE)
     step = ApplyPolicy(
-        policy.silent(), schema=inputs.schema, batch_size=batch_size, _carry_column=ROW_ID
+        dataclasses.replace(policy.silent(), audit=records),
+        schema=inputs.schema,
+        batch_size=batch_size,
+        _carry_column=ROW_ID,
     )
     with beam.Pipeline(options=PipelineOptions(options or [])) as p:
         read = (
@@ -164,6 +172,19 @@ def run_pipeline(
             | "CountRows" >> beam.CombineGlobally(sum)
             | "WriteCount" >> beam.ParDo(WriteCountFn(directory))
         )
+
+
+def _provided_counts(directory: str) -> dict[str, dict[str, int]]:
+    """What the transformations counted, from the adapter's ``run.completed`` in ``directory``."""
+    path = os.path.join(directory, _RECORDS_FILE)
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            record = json.loads(line)
+            if record.get("event") == "run.completed":
+                return dict(record.get("counts", {}))
+    return {}
 
 
 def _read_back(directory: str) -> Iterator[pa.Table]:
@@ -224,6 +245,7 @@ def apply_files_beam(job: FileJob) -> Iterator[pa.RecordBatch]:
             raise _cape_error(cause) from None
         with open(os.path.join(directory, _ROWS_IN_FILE), encoding="utf-8") as fh:
             rows_in = int(json.load(fh)["rows_in"])
+        counters.merge(Counters(counts=_provided_counts(directory)))
         for table in _read_back(directory):
             for produced in table.to_batches(max_chunksize=job.batch_size):
                 batch = conform(plan, produced)

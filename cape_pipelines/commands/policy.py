@@ -2,7 +2,13 @@
 
 ``plan`` reads only the data's schema, so a missing key is reported as
 missing instead of refusing (see :class:`_PlanResolver`); with ``--dataset``
-it resolves tag rules through the coordinator catalog.
+it resolves tag rules through the coordinator catalog. A policy with a
+``risk:`` section is also applied to the data (all of it, or the first
+``--sample`` rows) and the figure a run would report is shown, so a reviewer
+sees it before approving. Keyed transformations run with the keys given; a
+missing key is a placeholder, which leaves the classes of tokens unchanged
+(a token is a one-to-one function of its value under any key) but not those
+of keyed perturbations (the output says so).
 """
 
 from __future__ import annotations
@@ -13,11 +19,15 @@ import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import CapeError, KeyMissingError
 from ..keys import KeyRef, KeyResolver
 from .common import EXIT_OK, _csv_options, load_keys
+
+if TYPE_CHECKING:
+    from ..inputs import InputSet
+    from ..plan import Plan
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -64,6 +74,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     tags = _catalog_tags(args) if args.dataset else {}
     plan = build_plan(pol, inputs.schema, resolver=resolver, column_tags=tags)
     rows = plan.describe()
+    risk = _risk_preview(plan, inputs, args.sample) if plan.risk is not None else None
+    if risk is not None:
+        # Measured with placeholder bytes for these: token classes are unchanged, noise is not.
+        risk["placeholder_keys"] = list(resolver.missing)
     coverage = None
     if args.dataset:
         from ..coverage import coverage_report
@@ -77,6 +91,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         }
         if coverage is not None:
             doc["coverage"] = {"dataset": args.dataset, **coverage.to_dict()}
+        if risk is not None:
+            doc["risk"] = risk
         json.dump(doc, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return EXIT_OK
@@ -98,11 +114,75 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         print("  ".join([*cells, row[4]]).rstrip())
     if resolver.missing:
         print(f"keys not available here (needed to apply): {', '.join(resolver.missing)}")
+    if risk is not None:
+        for line in _risk_lines(risk):
+            print(line)
     if coverage is not None:
         print(f"coverage against the catalog's tags of dataset {args.dataset}:")
         for line in coverage.lines():
             print(f"  {line}")
     return EXIT_OK
+
+
+_PREVIEW_BATCH = 65_536
+
+
+def _risk_preview(plan: Plan, inputs: InputSet, sample: int | None) -> dict[str, Any]:
+    """The ``risk`` figure a run would record, on the first ``sample`` rows (None: all)."""
+    from ..core import apply_batch
+    from ..risk_run import risk_of
+
+    check = plan.risk
+    assert check is not None
+    if sample is not None and sample < 1:
+        raise CapeError("--sample must be at least 1")
+    total = check.empty_counts()
+    parts = []
+    rows = 0
+    complete = True
+    for _, batch in inputs.batches(_PREVIEW_BATCH):
+        if sample is not None and rows + batch.num_rows > sample:
+            batch = batch.slice(0, sample - rows)
+            complete = False
+        rows += batch.num_rows
+        out, _, _ = apply_batch(plan, batch)
+        parts.append(check.counts_of(out.select(check.columns)))
+        if sample is not None and rows >= sample:
+            break
+    total.merge(*parts)
+    return {**risk_of(plan, total), "sample_rows": rows, "whole_file": complete}
+
+
+def _risk_lines(risk: dict[str, Any]) -> list[str]:
+    """The figure for people: what a run would report."""
+    on = (
+        f"all {risk['sample_rows']} rows"
+        if risk["whole_file"]
+        else (f"the first {risk['sample_rows']} rows")
+    )
+    qis = ", ".join(risk["quasi_identifiers"])
+    lines = [
+        f"k-anonymity over {qis} (k={risk['k']}) on {on}: smallest class "
+        f"{risk['smallest_class']}, {risk['classes']} classes, {risk['rows_below_k']} rows in "
+        f"{risk['classes_below_k']} classes below k"
+    ]
+    if risk["action"] == "suppress":
+        lines.append(
+            f"  suppress: {risk['rows_suppressed']} rows in {risk['classes_suppressed']} classes "
+            "would be removed (figures above: after removal)"
+        )
+    if risk["sensitive"] is not None:
+        target = f" (target l={risk['l']})" if risk["l"] is not None else ""
+        lines.append(
+            f"  l-diversity (distinct values) of {risk['sensitive']}: {risk['l_diversity']}{target}"
+        )
+    if risk["placeholder_keys"]:
+        lines.append(
+            "  measured with placeholder keys for "
+            + ", ".join(risk["placeholder_keys"])
+            + ": token classes are exact, classes of keyed perturbations are not"
+        )
+    return lines
 
 
 def _catalog_tags(args: argparse.Namespace) -> dict[str, list[str]]:

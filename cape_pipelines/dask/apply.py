@@ -13,6 +13,16 @@ carries its :class:`~cape_pipelines.core.Counters` in
 with a small reduction over those counters in one pass, so the audit totals
 are what the tasks actually returned (a retried task replaces its result, it
 is never counted twice).
+
+A policy with a ``risk:`` section adds two steps to the graph: each output
+partition's equivalence classes, merged into the global counts by one
+reduction task (the groupby of the classes, done on Arrow); and, for
+``action: suppress``, a second ``map_partitions`` over the same output
+partitions that removes the rows whose global class is below ``k`` (the
+counts enter each partition task as a Delayed argument). The counts come from
+the very partition results that are then filtered and written, inside the one
+graph :func:`run` computes; Dask keeps those partitions in memory until the
+reduction is done.
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ from ..pandas.apply import apply_frame
 from ..plan import ColumnStep, Plan
 from ..policy.load import PolicySource
 from ..seam import Binding, BindOptions, Tracked, bind
+from ..transforms.risk import ClassCounts
 from .convert import dask_schema, new_string_dtype
 
 COUNTERS_ATTR = "cape_pipelines.counters"
@@ -80,6 +91,8 @@ class _Bound:
 
     binding: Binding
     plan: Plan
+    # The global class counts of the output (a Delayed), when the policy has a risk: section.
+    classes: Any = None
 
 
 _FRAMES: Tracked[_Bound] = Tracked(
@@ -107,6 +120,71 @@ def _apply_partition(part: pd.DataFrame, task: PlanTask) -> pd.DataFrame:
     out, counters = apply_frame(_warm_plan(task), part, task.new_strings)
     out.attrs = {**out.attrs, COUNTERS_ATTR: counters.to_dict()}
     return out
+
+
+def _partition_classes(part: pd.DataFrame, task: PlanTask) -> pd.Series:
+    from ..risk_run import frame_counts
+
+    return pd.Series([frame_counts(task.plan, part)], dtype=object)
+
+
+def _merge_classes(parts: pd.Series | pd.DataFrame, task: PlanTask) -> pd.Series:
+    from ..risk_run import merge_counts
+
+    # Dask hands a reduction step its inputs concatenated, as a Series or a frame.
+    found = [c for c in parts.to_numpy().ravel() if isinstance(c, ClassCounts)]
+    return pd.Series([merge_counts(task.plan, found)], dtype=object)
+
+
+def _only(parts: pd.Series) -> ClassCounts:
+    found: ClassCounts = parts.iloc[0]
+    return found
+
+
+def _suppress_partition(part: pd.DataFrame, task: PlanTask, classes: ClassCounts) -> pd.DataFrame:
+    from ..risk_run import subtract_rows, suppress_frame
+
+    counted = part.attrs.get(COUNTERS_ATTR)
+    kept, removed = suppress_frame(task.plan, part, classes)
+    kept = kept.copy(deep=False)
+    if counted is not None:
+        counters = subtract_rows(task.plan, Counters.from_dict(counted), removed)
+        kept.attrs = {**part.attrs, COUNTERS_ATTR: counters.to_dict()}
+    return kept
+
+
+def _with_risk(out: dd.DataFrame, task: PlanTask, meta: pd.DataFrame) -> tuple[dd.DataFrame, Any]:
+    """``out`` with the risk section's steps (see the module docstring), and the global counts."""
+    risk = task.plan.risk
+    assert risk is not None
+    partial = out.map_partitions(
+        _partition_classes,
+        task,
+        meta=pd.Series([], dtype=object),
+        enforce_metadata=False,
+        token=f"cape-classes-{tokenize(task.fingerprint, out._name)}",
+    )
+    # A tree reduction: partial counts merged in groups, then once more (Dask Scalar).
+    classes = partial.reduction(
+        _merge_classes,
+        aggregate=lambda parts: _only(_merge_classes(parts, task)),
+        chunk_kwargs={"task": task},
+        combine_kwargs={"task": task},
+        combine=_merge_classes,
+        meta=object,
+    )
+    if risk.suppress:
+        out = out.map_partitions(
+            _suppress_partition,
+            task,
+            classes,
+            meta=meta,
+            enforce_metadata=False,
+            transform_divisions=False,
+            align_dataframes=False,
+            token=f"cape-suppress-{tokenize(task.fingerprint, out._name)}",
+        )
+    return out, classes
 
 
 def _partition_counters(part: pd.DataFrame) -> pd.Series:
@@ -157,7 +235,10 @@ def apply_policy(
         transform_divisions=False,
         align_dataframes=False,
     )
-    _FRAMES.remember(out, _Bound(binding, plan))
+    classes = None
+    if plan.risk is not None:
+        out, classes = _with_risk(out, task, meta)
+    _FRAMES.remember(out, _Bound(binding, plan, classes))
     return out
 
 
@@ -179,8 +260,14 @@ def run(frame: dd.DataFrame, *targets: Any, **compute_kwargs: Any) -> tuple[Any,
         token="cape-counters",  # noqa: S106  (a task-name prefix, not a secret)
     )
     with bound.binding.run(bound.plan) as audited:
-        per_partition, *results = dask.compute(counts, *(targets or (frame,)), **compute_kwargs)
+        per_partition, classes, *results = dask.compute(
+            counts, bound.classes, *(targets or (frame,)), **compute_kwargs
+        )
         audited.counters = _totals(bound.plan, per_partition)
+        if bound.plan.risk is not None:
+            from ..risk_run import risk_of
+
+            audited.counters.risk = risk_of(bound.plan, classes)
     for r in results:
         if isinstance(r, pd.DataFrame):
             r.attrs.pop(COUNTERS_ATTR, None)

@@ -25,6 +25,7 @@ import pandas as pd
 import pyarrow as pa
 
 from .._engine_files import conform, count_output
+from ..core import Counters
 from ..inputs import InputSet
 from ..io import FileJob
 from .apply import COUNTERS_ATTR, apply_policy
@@ -88,6 +89,8 @@ def _output(job: FileJob, part: Any) -> Iterator[pa.RecordBatch]:
         raise RuntimeError("a Dask partition came back without its counters")
     rows_in = int(produced["rows_in"])
     job.counters.rows_in += rows_in
+    # What the transformations counted themselves (text-scrub findings) only the adapter knows.
+    job.counters.merge(Counters(counts=Counters.from_dict(produced).counts))
     job.progress(rows_in)
     if len(part) == 0:
         return

@@ -32,9 +32,10 @@ import pyarrow as pa
 import pyarrow.flight as flight
 
 from ..core import Counters, apply_batch
-from ..errors import CapeError
+from ..errors import CapeError, PlanError
 from ..inputs import CsvOptions, InputSet, open_inputs
 from ..plan import Plan
+from ..risk_run import StreamRisk
 from ..seam import Binding, Run, bind
 from .access import Access, Grant, flight_error
 
@@ -217,6 +218,7 @@ class CapeFlightServer(flight.FlightServerBase):
                 'cape: a ticket is what get_flight_info returned: JSON {"dataset": NAME}'
             ) from None
         _, binding, inputs, plan = self._dataset_plan(context, str(name))
+        _refuse_suppress(binding, plan)
         run = binding.run(plan, counters=Counters.empty_for(plan))
         return flight.GeneratorStream(plan.output_schema, self._serve(run, plan, inputs))
 
@@ -225,12 +227,15 @@ class CapeFlightServer(flight.FlightServerBase):
         closed = ConnectionAbortedError("the client closed the stream early")
         try:
             with run:
+                risk = StreamRisk(plan)
                 try:
                     for _, batch in inputs.batches(self.batch_rows):
                         out, c, _ = apply_batch(plan, batch)
                         run.add(c)
+                        risk.add(out)
                         if out.num_rows:
                             yield out
+                    risk.finish(run.counters)
                 except GeneratorExit:
                     # Recorded by the run as the client's doing; the generator then just ends.
                     raise closed from None
@@ -250,8 +255,10 @@ class CapeFlightServer(flight.FlightServerBase):
         label = _descriptor_name(descriptor)
         binding = self._bind(self._grant(context, label))
         plan = self._plan(binding, reader.schema, label)
+        _refuse_suppress(binding, plan)
         try:
             with binding.run(plan, counters=Counters.empty_for(plan)) as run:
+                risk = StreamRisk(plan)
                 writer.begin(plan.output_schema)
                 for chunk in reader:
                     if chunk.data is None:
@@ -259,7 +266,9 @@ class CapeFlightServer(flight.FlightServerBase):
                     for piece in self._slices(chunk.data):
                         out, c, _ = apply_batch(plan, piece)
                         run.add(c)
+                        risk.add(out)
                         writer.write_batch(out)
+                risk.finish(run.counters)
         except flight.FlightError:
             raise
         except Exception as exc:
@@ -268,6 +277,15 @@ class CapeFlightServer(flight.FlightServerBase):
     def shutdown(self) -> None:
         super().shutdown()
         self.access.close()
+
+
+def _refuse_suppress(binding: Binding, plan: Plan) -> None:
+    """A policy that suppresses cannot stream: recorded as a failed run, refused to the caller."""
+    try:
+        StreamRisk.refuse_suppress(plan, "an Arrow Flight stream")
+    except PlanError as exc:
+        binding.run(plan).record_failure(exc)
+        raise flight.FlightServerError(f"cape: {exc}") from None
 
 
 def _descriptor_name(descriptor: flight.FlightDescriptor) -> str:

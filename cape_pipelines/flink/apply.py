@@ -384,7 +384,14 @@ def collect(out: Any) -> pa.Table:
             rows_in = len(df)
             kept = df[df[KEEP].astype(bool)].drop(columns=[KEEP]).reset_index(drop=True)
             table = pa.Table.from_pandas(kept, schema=schema, preserve_index=False)
-        run.counters = counters_from_table(bound.plan, table, rows_in)
+        counters = counters_from_table(bound.plan, table, rows_in)
+        if bound.plan.risk is not None:
+            # The policy's risk: section over the whole output, here on the client, where
+            # collect holds it: measured, small classes suppressed if asked.
+            from ..risk_run import finish_table
+
+            table, counters = finish_table(bound.plan, table, counters)
+        run.counters = counters
     return table
 
 
@@ -436,6 +443,12 @@ def execute_insert(out: Table, target: str, *, overwrite: bool = False) -> Count
     if bound is None:
         raise TypeError(
             "execute_insert() takes the Table returned by cape_pipelines.flink.apply_policy"
+        )
+    if bound.plan.risk is not None:
+        raise PlanError(
+            "a policy with a risk: section runs on Flink through collect() only: the "
+            "suppression needs the whole output's class counts before any row is written, "
+            "which a Flink sink write does not give (see docs/engines/flink.md)"
         )
     t_env = bound.t_env
     mode = t_env.get_config().get("execution.runtime-mode", "batch")

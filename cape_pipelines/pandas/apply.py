@@ -124,8 +124,24 @@ def apply_policy(
                 f"not {type(data).__name__}; for Beam, Dask and Spark use cape_pipelines.beam, "
                 ".dask or .spark"
             )
+        if run.plan.risk is not None:
+            result, counters = _finish_risk(run.plan, result, counters)
         run.counters = counters
     return result
+
+
+def _finish_risk(plan: Plan, result: Any, counters: Counters) -> tuple[Any, Counters]:
+    """The policy's ``risk:`` section over the whole output (see :mod:`cape_pipelines.risk_run`)."""
+    from ..risk_run import finish_frame, finish_table
+
+    if isinstance(result, pd.DataFrame):
+        return finish_frame(plan, result, counters)
+    if isinstance(result, pa.RecordBatch):
+        table, counters = finish_table(plan, pa.Table.from_batches([result]), counters)
+        return table.combine_chunks().to_batches()[0] if table.num_rows else result.slice(
+            0, 0
+        ), counters
+    return finish_table(plan, result, counters)
 
 
 __all__ = ["apply_frame", "apply_policy"]

@@ -301,6 +301,7 @@ def load_policy(source: PolicySource) -> Policy:
         on_missing_column=doc.on_missing_column,
         unmatched_columns=doc.unmatched_columns,
         rules=rules,
+        risk=doc.risk,
     )
     policy._document = dict(raw)
     policy._sha256 = document_sha256(policy._document)

@@ -117,6 +117,39 @@ class Rule(_Model):
         return value
 
 
+class RiskSection(_Model):
+    """``risk:``: measure re-identification risk of the output, optionally suppress small classes.
+
+    Rows equal on every quasi-identifier form an equivalence class; a class
+    of fewer than ``k`` rows is reported (``action: report``) or removed
+    (``action: suppress``). ``sensitive`` adds the (distinct) l-diversity of
+    that column; ``l`` is its target. Columns are named as they are in the
+    output (after every rule), which is where the figure is measured.
+    """
+
+    quasi_identifiers: list[str] = Field(min_length=1)
+    sensitive: str | None = None
+    k: int = Field(ge=2)
+    l: int | None = Field(default=None, ge=2)  # noqa: E741  (the name the literature uses)
+    action: Literal["report", "suppress"] = "report"
+    on_missing_column: OnMissing | None = None
+
+    @model_validator(mode="after")
+    def _columns(self) -> RiskSection:
+        seen: set[str] = set()
+        for i, c in enumerate(self.quasi_identifiers):
+            if not c:
+                raise ValueError(f"quasi_identifiers[{i}] is empty")
+            if c in seen:
+                raise ValueError(f"quasi_identifiers[{i}]: column {c!r} is listed twice")
+            seen.add(c)
+        if self.sensitive is not None and self.sensitive in seen:
+            raise ValueError(f"sensitive column {self.sensitive!r} is also a quasi-identifier")
+        if self.l is not None and self.sensitive is None:
+            raise ValueError("l needs a sensitive column")
+        return self
+
+
 class PolicyDocument(_Model):
     """The structure of a policy file, before transformation parameters are checked."""
 
@@ -128,6 +161,7 @@ class PolicyDocument(_Model):
     unmatched_columns: Unmatched = "keep"
     transformations: list[NamedTransformation] = Field(default_factory=list)
     rules: list[Rule] = Field(min_length=1)
+    risk: RiskSection | None = None
 
     @field_validator("label")
     @classmethod
@@ -173,6 +207,7 @@ class Policy(BaseModel):
     on_missing_column: OnMissing
     unmatched_columns: Unmatched
     rules: list[ResolvedRule]
+    risk: RiskSection | None = None
     _document: dict[str, Any] = PrivateAttr(default_factory=dict)
     _sha256: str = PrivateAttr(default="")
 

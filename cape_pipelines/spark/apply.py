@@ -22,12 +22,30 @@ partition in any stage), so a retried task or a speculative copy is not
 counted twice. Where Spark does not report the metrics, or the session asked
 for the legacy all-attempts metrics, the written files are read back and
 counted instead. See docs/engines/spark.md for the evidence.
+
+Counts a transformation provides itself (``text-scrub``'s findings per
+entity type) exist only inside ``mapInArrow``; when the plan has any, the
+audited action runs one more job over the source that applies the plan and
+returns just those counts (one row per partition), summed on the driver.
+
+A policy's ``risk:`` section: the report groups the policy's output by the
+quasi-identifiers (and the sensitive column) with ``groupBy`` in a job of its
+own, and the driver turns the grouped rows into the figure. ``action:
+suppress`` is part of the lazy DataFrame :func:`apply_policy` returns: the
+output anti-joined (null-safe) with its own classes below ``k``. Both sides
+of that join, and the report, are computed from the same source by the same
+deterministic policy, so they describe the same rows; a source that can
+change between two scans (a table being appended to) should be cached or
+checkpointed first. As with any Spark join, the output's row order is not
+defined.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import reduce
 from typing import Any
 
 import pyarrow as pa
@@ -36,10 +54,11 @@ from pyspark.sql import functions as F
 from typing_extensions import Unpack
 
 from .._workers import spark_workers
-from ..core import Counters, apply_batch
+from ..core import Counters, apply_batch, counted_names
 from ..plan import ColumnStep, FilterStep, Plan
 from ..policy.load import PolicySource
 from ..seam import Binding, BindOptions, Tracked, bind
+from ..transforms.risk import ClassCounts, RiskCheck
 from .convert import cast_batch, schema_to_arrow, schema_to_spark, wire_schema
 
 ENGINE = "spark"
@@ -70,6 +89,75 @@ class PolicyFunction:
                 yield cast_batch(out, self.wire_out)
 
 
+class CountFunction:
+    """A ``mapInArrow`` function that applies the plan and yields only what its
+    transformations counted: one JSON row per partition."""
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+
+    def __repr__(self) -> str:
+        return f"CountFunction({self.plan!r})"
+
+    def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        total = Counters()
+        for batch in batches:
+            if batch.num_rows == 0:
+                continue
+            _, counters, _ = apply_batch(self.plan, cast_batch(batch, self.plan.input_schema))
+            total.merge(Counters(counts=counters.counts))
+        yield pa.RecordBatch.from_pydict({"counts": [json.dumps(total.counts)]})
+
+
+def provided_counts(plan: Plan, source: DataFrame) -> dict[str, dict[str, int]]:
+    """The transformation-provided counts of applying ``plan`` to ``source`` (a job of its
+    own; nothing to run when the plan's transformations count nothing)."""
+    if not counted_names(plan):
+        return {}
+    from pyspark.sql import types as T
+
+    schema = T.StructType([T.StructField("counts", T.StringType())])
+    total = Counters()
+    for row in source.mapInArrow(CountFunction(plan), schema).collect():
+        total.merge(Counters(counts=json.loads(row["counts"])))
+    return total.counts
+
+
+def _risk_classes(check: RiskCheck, produced: DataFrame) -> ClassCounts:
+    """The global class counts of ``produced`` (the output before suppression): a groupBy."""
+    grouped = produced.groupBy(*[F.col(_quoted(c)) for c in check.columns]).agg(
+        F.count(F.lit(1)).alias("__cape_rows")
+    )
+    table = grouped.toArrow()
+    return ClassCounts.of_grouped(table, check.quasi_identifiers, check.sensitive, "__cape_rows")
+
+
+def _suppressed(check: RiskCheck, produced: DataFrame) -> DataFrame:
+    """``produced`` without the rows in classes below ``k``: a null-safe anti-join with them."""
+    qis = check.quasi_identifiers
+    small = (
+        produced.groupBy(*[F.col(_quoted(q)) for q in qis])
+        .agg(F.count(F.lit(1)).alias("__cape_rows"))
+        .filter(F.col("__cape_rows") < check.k)
+        .select(*[F.col(_quoted(q)).alias(f"__cape_qi{i}") for i, q in enumerate(qis)])
+    )
+    same = [F.col(_quoted(q)).eqNullSafe(F.col(f"__cape_qi{i}")) for i, q in enumerate(qis)]
+    return produced.join(small, on=reduce(lambda a, b: a & b, same), how="left_anti")
+
+
+def _finish_counters(bound: _Bound, counters: Counters) -> Counters:
+    """Add the transformation counts and the risk figure (each a job of its own) to ``counters``."""
+    provided = provided_counts(bound.plan, bound.source)
+    if provided:
+        counters.merge(Counters(counts=provided))
+    check = bound.plan.risk
+    if check is not None:
+        from ..risk_run import risk_of
+
+        counters.risk = risk_of(bound.plan, _risk_classes(check, bound.produced))
+    return counters
+
+
 @dataclass(frozen=True)
 class _Bound:
     """What an audited action needs to know about a DataFrame made by :func:`apply_policy`."""
@@ -77,6 +165,8 @@ class _Bound:
     binding: Binding
     plan: Plan
     source: DataFrame
+    # The policy's output before a risk suppression (the DataFrame itself without one).
+    produced: DataFrame
 
 
 # Keyed by the returned DataFrame object; an entry lives as long as that object.
@@ -112,8 +202,11 @@ def apply_policy(
     plan = binding.plan(
         lambda: schema_to_arrow(sdf.schema, session_time_zone(sdf)), workers=spark_workers(sdf)
     )
-    out = _policy_frame(plan, sdf)
-    _BINDINGS.remember(out, _Bound(binding, plan, sdf))
+    produced = _policy_frame(plan, sdf)
+    out = produced
+    if plan.risk is not None and plan.risk.suppress:
+        out = _suppressed(plan.risk, produced)
+    _BINDINGS.remember(out, _Bound(binding, plan, sdf, produced))
     return out
 
 
@@ -160,7 +253,10 @@ class _Observed:
         self.frame = out
         if not trusted:
             return
-        if self.plan.filters_rows and not getattr(out, "is_cached", False):
+        self.suppress = self.plan.risk is not None and self.plan.risk.suppress
+        # Under a suppression the source is scanned twice (both sides of the join): an
+        # observation there would see it twice, so rows in are counted on their own.
+        if self.plan.filters_rows and not self.suppress and not getattr(out, "is_cached", False):
             self.into = Observation()
             observed_in = self.source.observe(self.into, F.count(F.lit(1)).alias("rows"))
             self.frame = _policy_frame(self.plan, observed_in)
@@ -171,7 +267,7 @@ class _Observed:
 
     def rows_in(self, rows_out: int) -> int:
         """Rows read: ``rows_out`` unless the plan removes rows, then observed (or counted)."""
-        if not self.plan.filters_rows:
+        if not self.plan.filters_rows and not self.suppress:
             return rows_out
         seen = _metrics(self.into, ["rows"]) if self.into is not None else None
         return seen["rows"] if seen is not None else int(self.source.count())
@@ -246,7 +342,7 @@ def collect(out: DataFrame) -> pa.Table:
         table = _to_arrow(observed.frame).cast(bound.plan.output_schema)
         counters = Counters.of_batch(bound.plan, table, rows_in=0)
         counters.rows_in = observed.rows_in(counters.rows_out)
-        run.counters = counters
+        run.counters = _finish_counters(bound, counters)
     return table
 
 
@@ -298,5 +394,5 @@ def write(
                 produced = out
             counters = counters_from_dataframe(bound.plan, produced)
         counters.rows_in = observed.rows_in(counters.rows_out)
-        run.counters = counters
+        run.counters = counters = _finish_counters(bound, counters)
     return counters

@@ -53,10 +53,11 @@ from pyspark.sql import types as T
 
 from .. import errors
 from .._engine_files import conform, count_output, first_line
+from ..core import Counters
 from ..errors import CapeError, DataError
 from ..inputs import InputSet
 from ..io import FileJob
-from .apply import apply_policy
+from .apply import apply_policy, plan_of, provided_counts
 from .convert import to_spark
 
 NANOS_AS_LONG = "spark.sql.legacy.parquet.nanosAsLong"
@@ -297,6 +298,7 @@ def apply_files_spark(job: FileJob) -> Iterator[pa.RecordBatch]:
                         job.progress(batch.num_rows)
                         yield batch
             rows_in = int(source.count()) if plan.filters_rows else counters.rows_out
+            counters.merge(Counters(counts=provided_counts(plan_of(out), source)))
         except (PySparkException, Py4JJavaError) as exc:
             raise _cape_error(exc) from None
     counters.rows_in += rows_in

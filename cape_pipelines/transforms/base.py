@@ -139,6 +139,23 @@ class ColumnTransformation(Transformation):
         """Transform one column of one batch. Nulls pass through unless the class says so."""
         raise NotImplementedError
 
+    def count_names(self) -> tuple[str, ...]:
+        """Names of the counts :meth:`apply_counted` reports (``text-scrub``: its entity types).
+
+        Empty for a transformation that reports none. Every name is counted
+        (zero included) in the run's ``counts``, so the record's shape depends
+        on the policy only, never on the data.
+        """
+        return ()
+
+    def apply_counted(self, array: pa.Array, ctx: ColumnContext) -> tuple[pa.Array, dict[str, int]]:
+        """:meth:`apply`, plus counts by name (:meth:`count_names`) over the rows of this batch.
+
+        The counts are returned, not stored, so concurrent batches cannot mix
+        them; the core adds them to the batch's counters.
+        """
+        return self.apply(array, ctx), {}
+
     def refuse(self, column: str, input_type: pa.DataType, wanted: str) -> PlanError:
         """The error for an input type this transformation cannot take."""
         return PlanError(

@@ -12,9 +12,12 @@ values in any class); :func:`below_k` marks the rows whose *global* class is
 smaller than ``k``, which is what a suppression removes.
 
 A null quasi-identifier is a value of its own: all rows with a null there
-(and equal other quasi-identifiers) share one class. This is the measurement
-only: wiring it into the run's ``run.completed`` record and a ``suppress``
-action across engines belongs to the engine seam.
+(and equal other quasi-identifiers) share one class; so is a null sensitive
+value. The l-diversity computed is *distinct* l-diversity: the fewest
+distinct sensitive values in any class. :class:`RiskCheck` is a policy's
+``risk:`` section bound to an output schema, and :func:`risk_record` the
+figure every engine puts in ``run.completed``: the same function over the
+same merged counts, so the same numbers on every engine.
 
 >>> import pyarrow as pa
 >>> t = pa.table({"zip": ["021", "021", "941"], "sex": ["f", "f", "m"], "dx": ["a", "b", "a"]})
@@ -34,6 +37,38 @@ import pyarrow.compute as pc
 from ..errors import PlanError
 
 ClassKey = tuple[Any, ...]
+
+DIVERSITY = "distinct"
+"""Which l-diversity is computed: distinct values of the sensitive column per class."""
+
+
+@dataclass(frozen=True)
+class RiskCheck:
+    """A policy's ``risk:`` section bound to a plan's output: the columns that exist there."""
+
+    quasi_identifiers: tuple[str, ...]
+    sensitive: str | None
+    k: int
+    l: int | None  # noqa: E741  (the name the literature uses)
+    action: str
+
+    @property
+    def columns(self) -> list[str]:
+        """The output columns the measurement reads."""
+        return [*self.quasi_identifiers, *([self.sensitive] if self.sensitive else [])]
+
+    @property
+    def suppress(self) -> bool:
+        """Whether rows in classes below ``k`` are removed."""
+        return self.action == "suppress"
+
+    def counts_of(self, table: pa.Table | pa.RecordBatch) -> ClassCounts:
+        """The class counts of some output rows."""
+        return ClassCounts.of_table(table, self.quasi_identifiers, self.sensitive)
+
+    def empty_counts(self) -> ClassCounts:
+        """Class counts of no rows."""
+        return ClassCounts(self.quasi_identifiers, self.sensitive)
 
 
 @dataclass(frozen=True)
@@ -134,6 +169,58 @@ class ClassCounts:
             self.pairs = pairs[0]
         return self
 
+    @classmethod
+    def of_grouped(
+        cls,
+        grouped: pa.Table,
+        quasi_identifiers: Sequence[str],
+        sensitive: str | None,
+        count: str = "count",
+    ) -> ClassCounts:
+        """Class counts from an engine's own aggregation: one row per distinct
+        (quasi-identifiers, sensitive value) with its number of rows in ``count``
+        (a Spark ``groupBy(...).count()``), nulls grouped as values."""
+        qis = list(quasi_identifiers)
+        counted = grouped.set_column(
+            grouped.schema.get_field_index(count), count, pc.cast(grouped.column(count), pa.int64())
+        )
+        sizes = (
+            counted.select([*qis, count])
+            .group_by(qis, use_threads=False)
+            .aggregate([(count, "sum")])
+            .rename_columns([*qis, "class_size"])
+        )
+        pairs = None
+        if sensitive is not None:
+            pairs = counted.select([*qis, sensitive])
+        return cls(tuple(qis), sensitive, sizes, pairs)
+
+    def without_small(self, k: int) -> ClassCounts:
+        """These counts with the classes below ``k`` left out: what a suppression keeps."""
+        if self.sizes is None:
+            return self
+        kept = self.sizes.filter(pc.greater_equal(self.sizes.column("class_size"), k))
+        if kept.num_rows == self.sizes.num_rows:
+            return self
+        pairs = self.pairs
+        if pairs is not None:
+            qis = list(self.quasi_identifiers)
+            index = "__cape_row__"
+            left = _join_keys(pairs, qis).append_column(
+                index, pa.array(range(pairs.num_rows), pa.int64())
+            )
+            right = _join_keys(kept, qis)
+            hit = left.join(right, keys=list(right.column_names), join_type="left semi")
+            pairs = pairs.take(hit.column(index))
+        return ClassCounts(self.quasi_identifiers, self.sensitive, kept, pairs)
+
+    def any_below(self, k: int) -> bool:
+        """Whether some class has fewer than ``k`` rows (nothing to suppress otherwise)."""
+        if self.sizes is None or self.sizes.num_rows == 0:
+            return False
+        smallest = pc.min(self.sizes.column("class_size")).as_py()
+        return smallest is not None and smallest < k
+
     def class_sizes(self) -> dict[ClassKey, int]:
         """Each class (a tuple of quasi-identifier values) and its number of rows."""
         if self.sizes is None:
@@ -214,3 +301,31 @@ def below_k(table: pa.Table, counts: ClassCounts, k: int) -> pa.Array:
     if size.null_count:
         raise ValueError("a row's class is missing from the counts (counts over other rows?)")
     return pc.less(size, k).combine_chunks()
+
+
+def risk_record(check: RiskCheck, counts: ClassCounts) -> dict[str, Any]:
+    """The ``risk`` field of ``run.completed``: the figures of the output as written.
+
+    ``counts`` are the global class counts of the output *before* any
+    suppression. With ``action: suppress`` the figures are those of the rows
+    kept (so ``rows_below_k`` is 0) and ``rows_suppressed`` /
+    ``classes_suppressed`` say what was removed; with ``report`` those are 0.
+    """
+    before = counts.report(check.k)
+    after = counts.without_small(check.k).report(check.k) if check.suppress else before
+    record: dict[str, Any] = {
+        "quasi_identifiers": list(check.quasi_identifiers),
+        "sensitive": check.sensitive,
+        "action": check.action,
+        "l_diversity_kind": DIVERSITY,
+        "k": check.k,
+        "l": check.l,
+        **{f: v for f, v in after.to_dict().items() if f != "k"},
+        "rows_suppressed": before.rows_below_k if check.suppress else 0,
+        "classes_suppressed": before.classes_below_k if check.suppress else 0,
+    }
+    record["k_anonymous"] = after.rows == 0 or after.smallest_class >= check.k
+    record["l_diverse"] = (
+        None if check.l is None else (after.l_diversity is None or after.l_diversity >= check.l)
+    )
+    return record

@@ -813,5 +813,68 @@ TRANSFORM_FAMILY_CASES = [
 
 CASES.extend(TRANSFORM_FAMILY_CASES)
 
+
+# -- re-identification risk (issue 13 item 5) ------------------------------------------------
+# Classes of the output over (zip, age): (021, 30-39) x3, (941, 40-49) x3, (100, 50-59) x1,
+# (null, 20-29) x2. With k = 3 the suppression removes the last two classes (a null
+# quasi-identifier is a value of its own), and nothing else moves.
+
+PATIENTS = pa.table(
+    {
+        "id": pa.array([1, 2, 3, 4, 5, 6, 7, 8, 9], pa.int64()),
+        "zip": pa.array(
+            ["02139", "02134", "02139", "94110", "94117", "94110", "10001", None, None]
+        ),
+        "age": pa.array([34, 36, 38, 41, 45, 47, 52, 29, 25], pa.int64()),
+        "dx": pa.array(["flu", "cold", "flu", "asthma", "flu", "flu", "cold", "flu", "cold"]),
+    }
+)
+_RISK_RULES = (
+    on("zip", {"type": "generalize", "prefix": 3}),
+    on("age", {"type": "bucket", "width": 10}),
+)
+
+
+def _patients_out(keep: list[int]) -> pa.Table:
+    zips = ["021", "021", "021", "941", "941", "941", "100", None, None]
+    ages = ["30-39", "30-39", "30-39", "40-49", "40-49", "40-49", "50-59", "20-29", "20-29"]
+    return pa.table(
+        {
+            "id": pa.array([PATIENTS["id"][i].as_py() for i in keep], pa.int64()),
+            "zip": pa.array([zips[i] for i in keep], pa.string()),
+            "age": pa.array([ages[i] for i in keep], pa.string()),
+            "dx": pa.array([PATIENTS["dx"][i].as_py() for i in keep], pa.string()),
+        }
+    )
+
+
+RISK_CASES = [
+    Case(
+        "risk-report",
+        PATIENTS,
+        policy(
+            *_RISK_RULES,
+            risk={"quasi_identifiers": ["zip", "age"], "sensitive": "dx", "k": 3},
+        ),
+        _patients_out(list(range(9))),
+    ),
+    Case(
+        "risk-suppress",
+        PATIENTS,
+        policy(
+            *_RISK_RULES,
+            risk={
+                "quasi_identifiers": ["zip", "age"],
+                "sensitive": "dx",
+                "k": 3,
+                "action": "suppress",
+            },
+        ),
+        _patients_out([0, 1, 2, 3, 4, 5]),
+    ),
+]
+
+CASES.extend(RISK_CASES)
+
 CASES_BY_NAME = {c.name: c for c in CASES}
 assert len(CASES_BY_NAME) == len(CASES), "case names must be unique"

@@ -268,3 +268,16 @@ def test_the_write_and_its_counts_run_the_policy_once(t_env: Any, tmp_path: Path
     # One Python function over the source, its result reused by both inserts.
     assert executed.count("PythonScalarFunction") == 1, executed
     assert executed.count("Reused(") == 2, executed
+
+
+def test_execute_insert_refuses_a_risk_section(t_env: Any) -> None:
+    policy = {
+        **POLICY,
+        "risk": {"quasi_identifiers": ["id"], "k": 2, "action": "suppress"},
+    }
+    sink = MemorySink()
+    src = t_env.from_pandas(people().to_pandas(), row_type(people().schema))
+    out = apply_policy(src, policy, keys={"k": KEY}, audit=sink)
+    with pytest.raises(PlanError, match="risk"):
+        execute_insert(out, "anything")
+    assert sink.records == []
