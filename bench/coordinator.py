@@ -5,10 +5,18 @@ directory (127.0.0.1, an ephemeral port) — or, with ``--postgres``, one or
 more replicas on one database of a throwaway PostgreSQL cluster, measured one
 replica count after the other in the same run — and runs N client threads that
 each post batches of run records for D seconds, round-robin over the replicas.
-It reports records/s, request latency p50/p99, and checks that the chain holds
+It reports records/s, request latency p50/p99 against the p99 target of issue
+14 (under 250 ms with 20 concurrent posters), and checks that the chain holds
 exactly the records sent (none lost, none duplicated) and verifies. It also prints the
 server's CPU use and the machine's load average, since on a shared machine the
 numbers depend on what else runs.
+
+By default, on a machine with two CPUs or more, the server side (the
+coordinator processes, and the PostgreSQL cluster with ``--postgres``) is
+pinned to CPU 0 and the posting clients (this process) to CPU 1, with
+``sched_setaffinity`` (what ``taskset -c`` does), so that the clients' own
+work is not counted in the server's latency; ``--server-cpus``/``--client-cpus``
+change the split, ``--no-pin`` turns it off. The split is printed with the results.
 
     python bench/coordinator.py --clients 20 --seconds 30 --batch 100
     python bench/coordinator.py --sqlite-synchronous NORMAL   # the weaker setting
@@ -50,6 +58,59 @@ def _env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT)
     return env
+
+
+def _cpus(spec: str) -> set[int]:
+    """CPU numbers from ``taskset -c`` syntax: ``0``, ``0,2`` or ``0-1``."""
+    cpus: set[int] = set()
+    for part in spec.split(","):
+        lo, _, hi = part.strip().partition("-")
+        cpus.update(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
+class Pinning:
+    """Where the server side and the clients run: CPU sets, or None to leave both unpinned.
+
+    Child processes inherit the CPU affinity of the process that starts them,
+    so :meth:`server` pins this process to the server's CPUs while servers
+    (or the PostgreSQL cluster) start, and :meth:`clients` pins it to the
+    clients' CPUs while they post.
+    """
+
+    def __init__(self, server: set[int] | None, clients: set[int] | None):
+        self.server_cpus = server
+        self.client_cpus = clients
+        self._all = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+
+    def _pin(self, cpus: set[int] | None) -> None:
+        if cpus is not None and self._all is not None:
+            os.sched_setaffinity(0, cpus)
+
+    def server(self) -> None:
+        """Pin this process (and so what it starts next) to the server's CPUs."""
+        self._pin(self.server_cpus)
+
+    def clients(self) -> None:
+        """Pin this process (the posting threads) to the clients' CPUs."""
+        self._pin(self.client_cpus)
+
+    def release(self) -> None:
+        """Back to every CPU this process started with."""
+        self._pin(self._all)
+
+    def describe(self) -> str:
+        if self.server_cpus is None or self._all is None:
+            return "not pinned (server and clients share every CPU)"
+        return (
+            f"server side on CPU {_spec(self.server_cpus)} (taskset -c {_spec(self.server_cpus)}), "
+            f"clients on CPU {_spec(self.client_cpus or set())} "
+            f"(taskset -c {_spec(self.client_cpus or set())})"
+        )
+
+
+def _spec(cpus: set[int]) -> str:
+    return ",".join(str(c) for c in sorted(cpus))
 
 
 def _start(db: str, port: int, extra: list[str]) -> subprocess.Popen[bytes]:
@@ -138,8 +199,11 @@ def _client_loop(
     sent.append(count)
 
 
-def _run(args: argparse.Namespace, db: str, extra: list[str], replicas: int) -> dict[str, object]:
+def _run(
+    args: argparse.Namespace, db: str, extra: list[str], replicas: int, pin: Pinning
+) -> dict[str, object]:
     """One measured run against ``replicas`` serving processes on one database."""
+    pin.server()
     init = subprocess.run(
         [sys.executable, "-m", "cape_coordinator", "coordinator", "init", "--db", db, *extra],
         capture_output=True,
@@ -158,6 +222,7 @@ def _run(args: argparse.Namespace, db: str, extra: list[str], replicas: int) -> 
         latencies: list[float] = []
         sent: list[int] = []
         errors: list[str] = []
+        pin.clients()
         load_before = os.getloadavg()[0]
         cpu_before = [_cpu_seconds(p.pid) for p in procs]
         start = time.monotonic()
@@ -198,6 +263,7 @@ def _run(args: argparse.Namespace, db: str, extra: list[str], replicas: int) -> 
             after = page[-1]["seq"]
         distinct = len(seen)
     finally:
+        pin.release()
         for p in procs:
             p.terminate()
         for p in procs:
@@ -303,9 +369,25 @@ def main() -> int:
         action="store_true",
         help="instead: /healthz latency while unauthenticated 4 MiB bodies arrive",
     )
+    parser.add_argument("--server-cpus", default="0", help="CPUs of the server side (taskset -c)")
+    parser.add_argument("--client-cpus", default="1", help="CPUs of the posting clients")
+    parser.add_argument(
+        "--no-pin", action="store_true", help="leave server and clients on every CPU"
+    )
+    parser.add_argument(
+        "--p99-target", type=float, default=250.0, help="the p99 latency target in ms"
+    )
     args = parser.parse_args()
     if args.flood:
         return flood(args)
+    usable = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
+    server_cpus, client_cpus = _cpus(args.server_cpus), _cpus(args.client_cpus)
+    if args.no_pin or len(usable) < 2:
+        pin = Pinning(None, None)
+    elif not (server_cpus | client_cpus) <= usable or server_cpus & client_cpus:
+        parser.error(f"--server-cpus and --client-cpus must be disjoint CPUs of {sorted(usable)}")
+    else:
+        pin = Pinning(server_cpus, client_cpus)
     counts = [int(x) for x in args.replicas.split(",")]
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -317,7 +399,7 @@ def main() -> int:
             extra: list[str] = []
             if args.sqlite_synchronous:
                 config.write_text(json.dumps({"sqlite_synchronous": args.sqlite_synchronous}))
-            results.append(_run(args, str(db), extra, 1))
+            results.append(_run(args, str(db), extra, 1, pin))
             backend = f"sqlite (synchronous {args.sqlite_synchronous or 'FULL'})"
         else:
             sys.path.insert(0, str(ROOT / "tests" / "coordinator"))
@@ -327,7 +409,12 @@ def main() -> int:
             if bin_dir is None:
                 parser.error("no initdb/pg_ctl found (apt-get install postgresql)")
             cluster = Cluster(bin_dir)
-            cluster.start()
+            # The database belongs to the server side: its processes inherit this pinning.
+            pin.server()
+            try:
+                cluster.start()
+            finally:
+                pin.release()
             try:
                 for i, n in enumerate(counts):
                     extra = [
@@ -336,13 +423,16 @@ def main() -> int:
                         "--config",
                         str(Path(tmp) / f"c{i}.json"),
                     ]
-                    results.append(_run(args, cluster.new_database("bench"), extra, n))
+                    results.append(_run(args, cluster.new_database("bench"), extra, n, pin))
             finally:
                 cluster.stop()
             backend = "postgresql (throwaway cluster, fsync off)"
 
     print(f"backend {backend}; clients {args.clients}, batch {args.batch} records")
-    print(f"machine: {os.cpu_count()} CPUs")
+    print(
+        f"machine: {os.cpu_count()} CPUs; {pin.describe()}; "
+        f"load average {os.getloadavg()[0]:.1f} at the end"
+    )
     print("replicas  records/s  p50 ms  p99 ms  requests errors  sent/stored/distinct  chain  CPU")
     ok = True
     for r in results:
@@ -357,6 +447,13 @@ def main() -> int:
         for e in r["errors"][:5]:  # type: ignore[index]
             print(f"error: {e}")
         ok = ok and r["sent"] == r["stored"] == r["distinct"] and not r["errors"] and r["intact"]
+    for r in results:
+        p99 = float(r["p99"])  # type: ignore[arg-type]
+        met = "met" if p99 < args.p99_target else "missed"
+        print(
+            f"target: p99 < {args.p99_target:.0f} ms with {args.clients} posters, "
+            f"{r['replicas']} replica(s): {p99:.1f} ms, {met}"
+        )
     print("OK: every record stored exactly once" if ok else "FAILED")
     return 0 if ok else 1
 

@@ -108,11 +108,11 @@ class Binding:
     worker_keys: WorkerKeysSetting = None
     # Set: each run also sends OpenLineage START and COMPLETE/FAIL events (never fails it).
     lineage: Lineage | None = None
+    # False: plans leave the policy's risk: section out (the job measures it itself).
+    measure_risk: bool = True
     # Providers made once per binding (a coordinator's worker token, minted once per run).
     _minted: dict[str, WorkerKeyProvider] = field(default_factory=dict, repr=False)
     _run_secrets: list[RunSecrets] = field(default_factory=list, repr=False)
-    # False: plans leave the policy's risk: section out (the job measures it itself).
-    measure_risk: bool = True
 
     def __repr__(self) -> str:
         return (
@@ -289,8 +289,8 @@ class BindOptions(TypedDict, total=False):
     ``worker_keys``: how plans shipped to workers carry keys: None (default:
     a reference per key, see :meth:`Binding.ship`), ``"inline"`` (the bytes;
     the opt-in for quick local runs) or one worker-side provider for every
-    named key; ``lineage``: OpenLineage run events (True, a client config
-    mapping or a :class:`~cape_pipelines.lineage.Lineage`).
+    named key; ``lineage``: OpenLineage run events (True, a client config mapping or a
+    :class:`~cape_pipelines.lineage.Lineage`).
     """
 
     keys: Mapping[str, bytes | str] | None
