@@ -12,6 +12,8 @@ request and response models in :mod:`cape_coordinator.schemas`.
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -196,7 +198,21 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 def create_app(coordinator: Coordinator) -> FastAPI:
     """The ASGI app serving ``coordinator`` (size limit and error handling included)."""
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        # The audit sinks deliver and the orchestrator poller polls while the app serves
+        # (their threads never block a request; docs/monitoring/sinks.md, docs/orchestrators.md).
+        coordinator.delivery.start()
+        coordinator.orchestrators.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(coordinator.orchestrators.stop)
+            await run_in_threadpool(coordinator.delivery.stop)
+
     app = FastAPI(
+        lifespan=lifespan,
         title="Cape coordinator",
         version="1",
         description="Reviewed, signed policies; keys; one tamper-evident audit trail per run.",

@@ -507,6 +507,7 @@ def cmd_runs_list(args: argparse.Namespace) -> int:
                 "rows_out",
                 "started_at",
                 "ended_at",
+                "running_on",
             ],
         )
     return 0

@@ -5,19 +5,26 @@
 live ``cape.db.key`` (the master key, mode 0600) and ``cape.db.config.json``
 (these settings); with a URL both paths are given explicitly (``--key-file``,
 ``--config``) or the master key comes from ``CAPE_COORDINATOR_MASTER_KEY``.
+Audit sinks (:mod:`cape_coordinator.sinks`) are configured in the settings
+(``audit_sinks``), in a JSON or YAML file they name (``audit_sinks_file``) and in
+the ``CAPE_COORDINATOR_AUDIT_SINKS`` environment variable (a JSON list); see
+:func:`resolve_sinks` and ``docs/monitoring/sinks.md``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .crypto import CoordinatorSetupError
+from .services.orchestrators import Endpoint
+from .sinks.config import SinkConfig, parse_sinks
 
 
 class Settings(BaseModel):
@@ -42,11 +49,25 @@ class Settings(BaseModel):
     console_absolute_seconds: int = Field(default=12 * 3600, ge=60)
     # /docs, /redoc and /openapi.json: off unless asked for (they map the whole API).
     api_docs: bool = False
+    # Where the audit trail is copied to besides the database (docs/monitoring/sinks.md).
+    audit_sinks: list[SinkConfig] = Field(default_factory=list)
+    audit_sinks_file: str | None = None
     # GET /metrics: the SHA-256 (hex) of the metrics bearer token (the token itself is
     # never stored; CAPE_COORDINATOR_METRICS_TOKEN may give it instead), and/or HOST:PORT of
     # a separate listener serving /metrics alone. Neither set: /metrics answers 404.
     metrics_token_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     metrics_bind: str | None = Field(default=None, pattern=r"^[A-Za-z0-9.-]+:[0-9]{1,5}$")
+    # Spark, YARN and Airflow endpoints polled for the runs' jobs (docs/orchestrators.md).
+    orchestrators: list[Endpoint] = Field(default_factory=list, max_length=100)
+
+    @field_validator("orchestrators")
+    @classmethod
+    def _unique_endpoints(cls, value: list[Endpoint]) -> list[Endpoint]:
+        names = [ep.name for ep in value]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"endpoint names must be unique: {', '.join(twice)}")
+        return value
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Settings:
@@ -106,9 +127,52 @@ def load_settings(path: Path | None) -> Settings:
 
 
 def save_settings(path: Path, settings: Settings) -> None:
-    """Write the config file (mode 0600: it names file paths of the deployment)."""
+    """Write the config file (mode 0600: it names file paths of the deployment, and a
+    webhook sink may hold its secret inline)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        json.dump(settings.model_dump(), fh, indent=2, sort_keys=True)
+        json.dump(
+            settings.model_dump(mode="json", context={"reveal": True}), fh, indent=2, sort_keys=True
+        )
         fh.write("\n")
+
+
+SINKS_ENV = "CAPE_COORDINATOR_AUDIT_SINKS"
+SINKS_FILE_ENV = "CAPE_COORDINATOR_AUDIT_SINKS_FILE"
+
+
+def resolve_sinks(settings: Settings, environ: Mapping[str, str] | None = None) -> list[SinkConfig]:
+    """Every configured audit sink: the settings' ``audit_sinks``, then those of the file
+    ``audit_sinks_file`` (or ``$CAPE_COORDINATOR_AUDIT_SINKS_FILE``) names, then those of
+    ``$CAPE_COORDINATOR_AUDIT_SINKS``. Names must be unique across all three; an invalid
+    entry is a setup error naming where it came from and which field is wrong."""
+    env = os.environ if environ is None else environ
+    sinks = list(settings.audit_sinks)
+    sources = ["config"] * len(sinks)
+    file_name = settings.audit_sinks_file or env.get(SINKS_FILE_ENV)
+    if file_name:
+        path = Path(file_name)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise CoordinatorSetupError(
+                f"cannot read audit sinks file {path}: {exc.strerror}"
+            ) from None
+        found = parse_sinks(
+            text, f"audit sinks file {path}", yaml_ok=path.suffix in (".yaml", ".yml")
+        )
+        sinks += found
+        sources += [str(path)] * len(found)
+    if env.get(SINKS_ENV):
+        found = parse_sinks(env[SINKS_ENV], f"${SINKS_ENV}", yaml_ok=False)
+        sinks += found
+        sources += [f"${SINKS_ENV}"] * len(found)
+    seen: dict[str, str] = {}
+    for sink, source in zip(sinks, sources, strict=True):
+        if sink.name in seen:
+            raise CoordinatorSetupError(
+                f"audit sink name {sink.name!r} is used twice ({seen[sink.name]} and {source})"
+            )
+        seen[sink.name] = source
+    return sinks

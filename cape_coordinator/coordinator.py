@@ -7,9 +7,10 @@ authentication), :class:`~.services.policies.PolicyService` (policies and
 review), :class:`~.services.secrets.SecretService` (keys),
 :class:`~.services.chain.AuditChain` (the hash chain every write extends),
 :class:`~.services.ingest.AuditIngest` (run records, group commit),
-:class:`~.services.runs.RunService` (the runs view) and
+:class:`~.services.runs.RunService` (the runs view),
 :class:`~.services.workflow.WorkflowService` (requests, reviewers, approvals,
-comments). The HTTP routers and the offline CLI reach the services through it; its
+comments) and :class:`~.services.delivery.DeliveryService` (the audit sinks'
+dispatchers). The HTTP routers and the offline CLI reach the services through it; its
 few methods of its own are the set-up, the shutdown, and short forms the CLI and
 tests use.
 """
@@ -25,7 +26,7 @@ from typing import Any
 from sqlalchemy import Engine, insert, inspect, select
 
 from . import db, migrate
-from .config import Paths, Settings, save_settings
+from .config import Paths, Settings, resolve_sinks, save_settings
 from .crypto import (
     CoordinatorSetupError,
     MasterKey,
@@ -40,7 +41,9 @@ from .crypto import (
 from .services.base import Principal
 from .services.catalog import CatalogService
 from .services.chain import GENESIS, AuditChain, Copies, VerifyResult, anchor_message
+from .services.delivery import DeliveryService
 from .services.ingest import AuditIngest
+from .services.orchestrators import OrchestratorService
 from .services.policies import PolicyService
 from .services.runs import RunService
 from .services.secrets import SecretService
@@ -72,8 +75,15 @@ class Coordinator:
         self.ingest = AuditIngest(self.chain, self.runs)
         self.workflow = WorkflowService(self.chain, self.policies)
         self.catalog = CatalogService(self.chain)
+        self.orchestrators = OrchestratorService(engine, self.chain, list(settings.orchestrators))
         self.policies.review_gate = self._with_coverage(self.policies.review_gate)
         self.workflow.coverage = self.catalog.label_coverage
+        # Audit sinks: their dispatchers start with the app (create_app's lifespan), and
+        # every chain commit wakes them.
+        self.delivery = DeliveryService(
+            engine, resolve_sinks(settings), write_lock=self.chain.write_lock
+        )
+        self.chain.listeners.append(self.delivery.notify)
 
     def _with_coverage(self, gate: Any) -> Any:
         """The approval gate preceded by the catalog's coverage check (a refusal stores
@@ -166,8 +176,11 @@ class Coordinator:
         return coord, token
 
     def close(self) -> None:
-        """Commit queued audit batches, stop the audit writer and release connections."""
+        """Stop the orchestrator poller, commit queued audit batches, stop the audit writer
+        and the sinks' dispatchers, and release connections."""
+        self.orchestrators.stop()
         self.ingest.close()
+        self.delivery.stop()
         self.chain.checkpoint()
         self.engine.dispose()
 

@@ -215,6 +215,24 @@ class VerifyOut(BaseModel):
     problems: list[str]
 
 
+class RunApp(BaseModel):
+    """An orchestrator application a run is linked to (docs/orchestrators.md)."""
+
+    endpoint: str
+    kind: str
+    app_id: str
+    name: str | None
+    state: str
+    ended: bool
+    final_status: str | None
+    started_at: str | None
+    ended_at: str | None
+    duration_ms: int | None
+    executors: int | None
+    cores: int | None
+    summary: str
+
+
 class RunInfo(BaseModel):
     run_id: str
     status: Literal["running", "succeeded", "failed", "lost"]
@@ -235,3 +253,9 @@ class RunInfo(BaseModel):
         default=None, description="the pipeline's own start time (started_at is the receipt)"
     )
     client_ended_at: str | None = None
+    orchestrator: list[RunApp] = Field(
+        default_factory=list, description="the orchestrator applications linked to the run"
+    )
+    running_on: str | None = Field(
+        default=None, description='e.g. "running on Spark app X (RUNNING, 2m 03s, 2 executors)"'
+    )

@@ -59,6 +59,7 @@ from .keys import (
     shipping_fix,
 )
 from .lineage import Lineage, LineageOption, lineage_option
+from .orchestrator import started_fields
 from .plan import ColumnStep, Plan, build_plan
 from .policy.load import PolicySource
 from .policy.models import Policy
@@ -421,7 +422,7 @@ class Run:
         self.__exit__(type(exc), exc, exc.__traceback__)
 
     def __enter__(self) -> Run:
-        self.context.started()
+        self.context.emit("run.started", **started_fields())
         if self.binding.source is not None:
             self.context.policy_fetched(self.binding.source)
         if self.binding.lineage is not None:
@@ -478,6 +479,8 @@ class RemoteRun:
         self.sha256 = binding.policy.sha256
         self.principal = principal
         self.source = binding.source
+        # Read on the driver, where the job's orchestrator is visible; workers only carry it.
+        self.orchestrator = started_fields()
 
     def __repr__(self) -> str:
         return f"RemoteRun(policy={self.label!r}, engine={self.engine!r})"
@@ -492,7 +495,7 @@ class RemoteRun:
     def started(self, run_id: str) -> None:
         """Emit ``run.started`` (and ``policy.fetched`` for a policy from a coordinator)."""
         ctx = self._context(run_id)
-        ctx.emit("run.started", record_id=record_id(run_id, "run.started"))
+        ctx.emit("run.started", record_id=record_id(run_id, "run.started"), **self.orchestrator)
         if self.source is not None:
             ctx.emit(
                 "policy.fetched",

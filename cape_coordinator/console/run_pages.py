@@ -55,6 +55,7 @@ def install(con: Console, get: Route, post: Route, call: Any) -> None:
             engines = sorted({r["engine"] for r in every if r["engine"]})
             labels = sorted({r["label"] for r in every if r["label"]})
             rows = _filter_runs(rows, filters)
+            coord.orchestrators.attach(rows[:200])
             return {
                 "rows": rows[:200],
                 "total": len(rows),
@@ -220,6 +221,7 @@ def _run(coord: Coordinator, run_id: str) -> dict[str, Any] | None:
     )
     if item["status"] == "running" and item["last_seen"] < cutoff:
         item["status"] = "lost"
+    coord.orchestrators.attach([item])
     return item
 
 

@@ -15,11 +15,13 @@ import hashlib
 import hmac
 import json
 import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Column, String, Table, Text, delete, insert, select, update
+from sqlalchemy import Column, Connection, String, Table, Text, delete, insert, select, update
 
 from .. import db
 from ..coordinator import Coordinator
@@ -77,12 +79,22 @@ class SessionStore:
         self.idle = timedelta(seconds=idle_seconds)
         self.absolute = timedelta(seconds=absolute_seconds)
 
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        """A write transaction that takes SQLite's write lock at BEGIN: one begun deferred
+        that reads the session and then updates it fails ("database is locked") whenever
+        ingest or the orchestrator poller commits in between, instead of waiting."""
+        with self.coord.engine.connect() as conn:
+            conn.execution_options(cape_write=True)
+            with conn.begin():
+                yield conn
+
     def create(self, principal: Principal) -> str:
         """A new session for ``principal``; returns the id for the cookie (shown only here)."""
         session_id = secrets.token_urlsafe(32)
         now = datetime.now(UTC)
         stamp = db.format_time(now)
-        with self.coord.engine.begin() as conn:
+        with self._write() as conn:
             # Sessions that can no longer be used are dropped here, so the table stays small.
             conn.execute(
                 delete(sessions_table).where(
@@ -107,7 +119,7 @@ class SessionStore:
         if not session_id:
             raise SessionEnded("")
         id_hash = _hash(session_id)
-        with self.coord.engine.begin() as conn:
+        with self._write() as conn:
             row = (
                 conn.execute(
                     select(sessions_table, db.tokens)
@@ -150,7 +162,7 @@ class SessionStore:
 
     def flash(self, session: Session, message: str) -> None:
         """A message shown once, on the next page."""
-        with self.coord.engine.begin() as conn:
+        with self._write() as conn:
             conn.execute(
                 update(sessions_table)
                 .where(sessions_table.c.id_hash == session.id_hash)
@@ -159,7 +171,7 @@ class SessionStore:
 
     def end(self, session: Session) -> None:
         """Sign out: the session id is worthless from now on."""
-        with self.coord.engine.begin() as conn:
+        with self._write() as conn:
             conn.execute(delete(sessions_table).where(sessions_table.c.id_hash == session.id_hash))
 
 

@@ -3,7 +3,7 @@ them in :data:`ROUTERS` order."""
 
 from __future__ import annotations
 
-from . import audit, catalog, keys, meta, metrics, policies, runs, tokens, workflow
+from . import audit, catalog, keys, meta, metrics, orchestrators, policies, runs, tokens, workflow
 
 ROUTERS = (
     meta.router,
@@ -15,6 +15,7 @@ ROUTERS = (
     runs.router,
     catalog.router,
     metrics.router,
+    orchestrators.router,
 )
 
 __all__ = ["ROUTERS"]

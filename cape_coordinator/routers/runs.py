@@ -21,5 +21,7 @@ def list_runs(
     label: Annotated[str | None, Query(max_length=128, pattern=PlainText)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> list[RunInfo]:
-    """Pipeline runs, newest activity first."""
-    return [RunInfo(**r) for r in coord.runs.list(status=status, label=label, limit=limit)]
+    """Pipeline runs, newest activity first, each with the orchestrator applications
+    (Spark, YARN, Airflow) it was linked to."""
+    rows = coord.orchestrators.attach(coord.runs.list(status=status, label=label, limit=limit))
+    return [RunInfo(**r) for r in rows]

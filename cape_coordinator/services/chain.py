@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,6 +176,9 @@ class AuditChain:
         self._copies = copies
         self._lock = threading.Lock()
         self._checkpointed = time.monotonic()
+        # Called (without arguments, must not block) after a commit that appended entries:
+        # the audit sinks' dispatchers wake up on it instead of waiting for their next poll.
+        self.listeners: list[Callable[[], None]] = []
 
     @contextmanager
     def write(self) -> Iterator[tuple[Connection, list[dict[str, Any]]]]:
@@ -192,6 +195,12 @@ class AuditChain:
                         self.anchor(conn)
                     yield conn, appended
             self._copies.write(appended)
+            if appended:
+                for listener in self.listeners:
+                    try:
+                        listener()
+                    except Exception as exc:  # the write has committed: never fail it now
+                        log.error("audit chain listener failed: %s", type(exc).__name__)
             if (
                 self.sqlite
                 and appended
@@ -199,6 +208,11 @@ class AuditChain:
             ):
                 self._checkpointed = time.monotonic()
                 self.checkpoint()
+
+    @property
+    def write_lock(self) -> threading.Lock:
+        """The process lock every chain write holds (other short writers may queue on it)."""
+        return self._lock
 
     def anchor(self, conn: Connection) -> tuple[int, str]:
         """(count, last hash) of the chain; on PostgreSQL this takes the chain's row lock."""

@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, bindparam, insert, select, update
 
 from .. import db
+from .orchestrators import APP_ENDED, store_claims
 
 _UPDATE_RUN = update(db.runs).where(db.runs.c.run_id == bindparam("key"))
 
@@ -36,6 +37,15 @@ def merge_run(run: dict[str, Any], rec: Mapping[str, Any], received: str) -> Non
     if run["started_at"] is None or received < run["started_at"]:
         run["started_at"] = received
     event = rec["event"]
+    # A run the coordinator failed because its job ended may still deliver its own end
+    # (a spool flushing late): the pipeline's own word wins, whichever it is.
+    late = (
+        event in ("run.completed", "run.failed")
+        and run["status"] == "failed"
+        and run["error_type"] == APP_ENDED
+    )
+    if late:
+        run["status"], run["error_type"] = "running", None
     if event in ("run.completed", "run.failed") and run["status"] == "running":
         run["status"] = "succeeded" if event == "run.completed" else "failed"
         run["ended_at"] = received
@@ -90,6 +100,7 @@ class RunService:
             ).mappings()
         }
         inserts, updates = [], []
+        started: list[tuple[dict[str, Any], dict[str, Any]]] = []
         for run_id, recs in by_run.items():
             run = existing.get(run_id)
             if run is None:
@@ -103,10 +114,14 @@ class RunService:
             if run["sender"] is None and senders:
                 run["sender"] = senders.get(run_id)
             run["last_seen"] = max(stamp for _, stamp in recs)
+            started.extend((rec, run) for rec, _ in recs if rec["event"] == "run.started")
         if inserts:
             conn.execute(insert(db.runs), inserts)
         if updates:
             conn.execute(_UPDATE_RUN, [{"key": r["run_id"], **r} for r in updates])
+        if started:
+            # What the run says about its orchestrator, bound to its sender and label.
+            store_claims(conn, started)
 
     def list(
         self,

@@ -149,6 +149,8 @@ class SparkStandalone:
         self.processes = Processes(root)
         self.workers: list[subprocess.Popen[bytes]] = []
         self.url = ""
+        # The master's web UI (its /json/ status is what the coordinator's poller reads).
+        self.webui_url = ""
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -169,6 +171,7 @@ class SparkStandalone:
     def start(self) -> str:
         spark_class = os.path.join(spark_home(), "bin", "spark-class")
         port = free_port()
+        webui = free_port()
         master, log = self.processes.start(
             "master",
             [
@@ -179,12 +182,13 @@ class SparkStandalone:
                 "--port",
                 str(port),
                 "--webui-port",
-                str(free_port()),
+                str(webui),
             ],
             self.env(),
         )
         wait_for_port(port, master, log, timeout=90)
         self.url = f"spark://{LOOPBACK}:{port}"
+        self.webui_url = f"http://{LOOPBACK}:{webui}"
         for i in range(self.n_workers):
             self.add_worker(i)
         return self.url

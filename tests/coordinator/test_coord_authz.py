@@ -39,6 +39,7 @@ MATRIX: list[tuple[str, str, object, set[str]]] = [
     ("GET", "/v1/audit/verify", None, AUDITORS),
     ("GET", "/v1/audit/anchor", None, AUDITORS),
     ("GET", "/v1/runs", None, AUDITORS),
+    ("GET", "/v1/orchestrators", None, AUDITORS),
     # The request -> review workflow (tests/console covers its behaviour).
     ("POST", "/v1/requests", {}, {"requester"}),
     ("GET", "/v1/requests", None, READERS | {"requester"}),

@@ -106,7 +106,13 @@ def test_the_cycle_check_sees_a_function_level_cycle() -> None:
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
 
 
-_OPTIONAL = {"beam": "apache_beam", "dask": "dask", "spark": "pyspark", "flink": "pyflink"}
+_OPTIONAL = {
+    "beam": "apache_beam",
+    "dask": "dask",
+    "spark": "pyspark",
+    "flink": "pyflink",
+    "airflow": "airflow",
+}
 
 
 @pytest.mark.parametrize("module", MODULES)
