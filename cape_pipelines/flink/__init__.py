@@ -7,6 +7,7 @@ docs/engines/flink.md). Import :mod:`cape_pipelines.flink.apply` members from he
 
 from __future__ import annotations
 
-from .apply import apply_policy, apply_to_stream, collect, register_functions
+from .apply import apply_policy, apply_to_stream, collect, execute_insert
+from .sql import register_functions
 
-__all__ = ["apply_policy", "apply_to_stream", "collect", "register_functions"]
+__all__ = ["apply_policy", "apply_to_stream", "collect", "execute_insert", "register_functions"]
