@@ -611,6 +611,27 @@ def test_beam_refuses_a_lineage_client_object_it_cannot_ship() -> None:
         )
 
 
+@pytest.mark.beam
+def test_a_file_job_on_beam_sends_one_pair_of_events(tmp_path: Path) -> None:
+    # The outer file job sends them; the Beam stages of its inner (silent) run do not.
+    pytest.importorskip("apache_beam")
+    src = tmp_path / "in.parquet"
+    pq.write_table(pa.Table.from_pandas(frame(), preserve_index=False), src)
+    events_file = tmp_path / "e.jsonl"
+    result = apply_files(
+        POLICY,
+        src,
+        tmp_path / "out.parquet",
+        keys={"k": KEY_HEX},
+        audit=MemorySink(),
+        engine="beam",
+        lineage=file_config(events_file),
+    )
+    events = read_events(events_file)
+    assert [e["eventType"] for e in events] == ["START", "COMPLETE"]
+    assert events[1]["run"]["facets"]["cape"]["runId"] == result.run_id
+
+
 @pytest.mark.dask
 def test_a_file_job_on_another_engine_sends_one_pair_of_events(tmp_path: Path) -> None:
     pytest.importorskip("dask.dataframe")
