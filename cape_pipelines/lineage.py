@@ -40,6 +40,7 @@ from urllib.parse import urlsplit
 import pyarrow as pa
 
 if TYPE_CHECKING:
+    from .core import Counters
     from .plan import Plan
     from .seam import Run
 
@@ -91,6 +92,21 @@ def dataset_ref(value: str | os.PathLike[str] | DatasetRef) -> DatasetRef:
             raise LineageError(f"dataset URI {text!r} has no host or bucket")
         return DatasetRef(f"{parts.scheme}://{parts.netloc}", parts.path or "/")
     return DatasetRef("file", str(Path(text).expanduser().resolve()))
+
+
+@dataclass(frozen=True)
+class RemoteRunInfo:
+    """What a worker knows of a run it reports (engines whose runs end on workers, Beam):
+    the Cape run id, the engine, the policy's identity, and the plan and counters when the
+    stage that reports has them. Stands in for the driver's ``seam.Run`` in an event."""
+
+    run_id: str
+    engine: str
+    label: str
+    version: int
+    sha256: str
+    plan: Plan | None = None
+    counters: Counters | None = None
 
 
 @dataclass
@@ -176,7 +192,15 @@ class Lineage:
         if last:
             self.close()
 
-    def _send(self, run: Run, state: str, exc: BaseException | None) -> None:
+    def send_remote(self, run: RemoteRunInfo, state: str, exc: BaseException | None = None) -> None:
+        """Send ``state`` (START, COMPLETE, FAIL) for a run reported by a worker stage, then
+        close the client made from the configuration: a worker stage sends one event and
+        keeps no state between stages (never raises). A failure is logged on the worker and
+        counted in the worker's copy of :attr:`failures`."""
+        self._send(run, state, exc)
+        self.close()
+
+    def _send(self, run: Run | RemoteRunInfo, state: str, exc: BaseException | None) -> None:
         try:
             event = build_event(self, run, state, exc)
             self._client().emit(event)
@@ -423,7 +447,9 @@ def _cape_version() -> str:
         return "0+unknown"
 
 
-def build_event(lineage: Lineage, run: Run, state: str, exc: BaseException | None) -> Any:
+def build_event(
+    lineage: Lineage, run: Run | RemoteRunInfo, state: str, exc: BaseException | None
+) -> Any:
     """The OpenLineage ``RunEvent`` of ``run`` in ``state`` (START, COMPLETE, FAIL)."""
     from openlineage.client.event_v2 import InputDataset, Job, OutputDataset, RunEvent, RunState
     from openlineage.client.event_v2 import Run as OLRun
@@ -435,11 +461,19 @@ def build_event(lineage: Lineage, run: Run, state: str, exc: BaseException | Non
         symlinks_dataset,
     )
 
-    binding = run.binding
-    policy = binding.policy
+    if isinstance(run, RemoteRunInfo):
+        engine, label, version, sha256 = run.engine, run.label, run.version, run.sha256
+    else:
+        policy = run.binding.policy
+        engine, label, version, sha256 = (
+            run.binding.engine,
+            policy.label,
+            policy.version,
+            policy.sha256,
+        )
     plan = run.plan
     namespace = lineage.namespace or os.environ.get("OPENLINEAGE_NAMESPACE") or DEFAULT_NAMESPACE
-    job_name = lineage.job_name or f"cape.{policy.label}"
+    job_name = lineage.job_name or f"cape.{label}"
     _, cape_run = _facet_classes()
     run_facets: dict[str, Any] = {
         "processing_engine": processing_engine_run.ProcessingEngineRunFacet(
@@ -447,8 +481,8 @@ def build_event(lineage: Lineage, run: Run, state: str, exc: BaseException | Non
         ),
         "cape": cape_run(
             runId=run.run_id,
-            engine=binding.engine,
-            policy={"label": policy.label, "version": policy.version, "sha256": policy.sha256},
+            engine=engine,
+            policy={"label": label, "version": version, "sha256": sha256},
             producer=PRODUCER,
         ),
     }
@@ -527,6 +561,7 @@ __all__ = [
     "Lineage",
     "LineageError",
     "LineageOption",
+    "RemoteRunInfo",
     "build_event",
     "column_treatment",
     "dataset_ref",

@@ -58,7 +58,7 @@ from .keys import (
     reference_for,
     shipping_fix,
 )
-from .lineage import Lineage, LineageOption, lineage_option
+from .lineage import Lineage, LineageOption, RemoteRunInfo, lineage_option
 from .orchestrator import started_fields
 from .plan import ColumnStep, Plan, build_plan
 from .policy.load import PolicySource
@@ -469,6 +469,11 @@ class RemoteRun:
     and call :meth:`started`, :meth:`completed` or :meth:`failed` with the run
     id the first stage made. Record ids are derived from the run id, so a
     record emitted twice by a retried bundle is one record.
+
+    With ``lineage=``, each of those stages also sends the run's OpenLineage event
+    (START, COMPLETE, FAIL) from the worker, after its audit record; the
+    :class:`~cape_pipelines.lineage.Lineage` travels with this object (its configuration,
+    never a client object).
     """
 
     def __init__(self, binding: Binding, sink: Sink, principal: str):
@@ -481,6 +486,7 @@ class RemoteRun:
         self.source = binding.source
         # Read on the driver, where the job's orchestrator is visible; workers only carry it.
         self.orchestrator = started_fields()
+        self.lineage = binding.lineage
 
     def __repr__(self) -> str:
         return f"RemoteRun(policy={self.label!r}, engine={self.engine!r})"
@@ -502,18 +508,48 @@ class RemoteRun:
                 record_id=record_id(run_id, "policy.fetched"),
                 source=self.source,
             )
+        self._lineage(run_id, "START")
 
-    def completed(self, run_id: str, counters: Counters) -> dict[str, Any]:
-        """Emit ``run.completed`` with the run's merged counters; returns the record."""
+    def completed(
+        self, run_id: str, counters: Counters, plan: Plan | None = None
+    ) -> dict[str, Any]:
+        """Emit ``run.completed`` with the run's merged counters; returns the record.
+        ``plan``: the run's plan, for the schemas and column lineage of its lineage event."""
         ctx = self._context(run_id)
-        return ctx.emit(
+        record = ctx.emit(
             "run.completed", record_id=record_id(run_id, "run.completed"), **counters.to_dict()
         )
+        self._lineage(run_id, "COMPLETE", plan=plan, counters=counters)
+        return record
 
-    def failed(self, run_id: str, exc: BaseException) -> None:
+    def failed(self, run_id: str, exc: BaseException, plan: Plan | None = None) -> None:
         """Emit ``run.failed`` naming the error (never values or keys)."""
         ctx = self._context(run_id)
         ctx.emit("run.failed", record_id=record_id(run_id, "run.failed"), error=error_info(exc))
+        self._lineage(run_id, "FAIL", exc, plan=plan)
+
+    def _lineage(
+        self,
+        run_id: str,
+        state: str,
+        exc: BaseException | None = None,
+        *,
+        plan: Plan | None = None,
+        counters: Counters | None = None,
+    ) -> None:
+        # After the audit record: lineage is a side channel and never fails the stage.
+        if self.lineage is None:
+            return
+        info = RemoteRunInfo(
+            run_id=run_id,
+            engine=self.engine,
+            label=self.label,
+            version=self.version,
+            sha256=self.sha256,
+            plan=plan,
+            counters=counters,
+        )
+        self.lineage.send_remote(info, state, exc)
 
 
 T = TypeVar("T")

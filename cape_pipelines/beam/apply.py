@@ -26,6 +26,7 @@ from .._workers import beam_workers
 from ..audit import AuditTarget, MemorySink, Sink, resolve_sink
 from ..core import Counters
 from ..errors import PlanError
+from ..lineage import LineageError
 from ..plan import Plan
 from ..policy.load import PolicySource
 from ..seam import Binding, BindOptions, RemoteRun, bind
@@ -116,10 +117,14 @@ class ApplyPolicy(beam.PTransform):
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, not {batch_size}")
         binding = bind(policy, engine="beam", **options)
-        if binding.lineage is not None:
-            # Beam runs are delimited on workers (RemoteRun), where no lineage event is sent
-            # yet: refuse rather than let a job believe its lineage is reported.
-            raise ValueError("lineage= is not supported on Beam yet (see docs/lineage.md)")
+        if binding.lineage is not None and binding.lineage.client is not None:
+            # Beam's stages send the lineage events from the workers, which get a pickled
+            # copy of the Lineage without its client: refuse rather than send elsewhere.
+            raise LineageError(
+                "lineage= on Beam takes True, a client config mapping or a Lineage with "
+                "config=, not a Lineage with client=: the workers send the events and "
+                "build their own client from the configuration"
+            )
         self._policy = binding.policy
         sink = _worker_sink(binding.audit)
         self._audit = RemoteRun(binding, sink, binding.context().principal)

@@ -161,7 +161,7 @@ class ApplyPlanFn(beam.DoFn):
             self._pending = []
 
     def _fail(self, exc: CapeError) -> NoReturn:
-        self.audit.failed(self._run_id, exc)
+        self.audit.failed(self._run_id, exc, self.plan)
         raise exc
 
     def _arrow(self, element: pa.Table | pa.RecordBatch, total: Counters) -> Iterator[Any]:
@@ -353,7 +353,7 @@ class FinishRunFn(beam.DoFn):
                 total.columns[col].nulls -= c.nulls
         if self.plan is not None and self.plan.risk is not None:
             total.risk = risk_record(self.plan.risk, merged_classes(self.plan, counts))
-        yield self.audit.completed(run_id, total)
+        yield self.audit.completed(run_id, total, self.plan)
 
 
 __all__ = [

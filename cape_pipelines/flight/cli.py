@@ -54,6 +54,12 @@ def register(sub: Any) -> None:
     p.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate chain")
     p.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
     p.add_argument("--batch-rows", type=int, default=65_536, help="rows per batch (65536)")
+    p.add_argument(
+        "--lineage",
+        action="store_true",
+        help="send OpenLineage events per stream (transport from openlineage.yml, "
+        "OPENLINEAGE__TRANSPORT__* or OPENLINEAGE_URL; see docs/lineage.md)",
+    )
     p.set_defaults(func=_cmd_serve)
 
 
@@ -110,6 +116,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         _access(args),
         tls_certificates=tls,
         batch_rows=args.batch_rows,
+        lineage=args.lineage,
     )
 
     def stop(signum: int, frame: Any) -> None:

@@ -17,6 +17,11 @@ the batches it produced, ``run.failed`` if the stream breaks. Memory per
 stream is bounded: a batch is read, transformed and handed to gRPC, which
 pulls the next only when the client has taken the previous one (flow
 control), so a slow client holds one batch in the server, not the dataset.
+
+With ``lineage=`` each of those runs also sends its OpenLineage events (START,
+COMPLETE/FAIL with the column lineage): a ``do_get`` reads the dataset's files and
+writes the Flight stream ``<scheme>://host:port`` / ``<dataset>``; a ``do_exchange``
+reads and writes the caller's stream, ``exchange/<label>/input`` and ``/output``.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import pyarrow.flight as flight
 from ..core import Counters, apply_batch
 from ..errors import CapeError, PlanError
 from ..inputs import CsvOptions, InputSet, open_inputs
+from ..lineage import DatasetRef, Lineage, LineageOption, lineage_option
 from ..plan import Plan
 from ..risk_run import StreamRisk
 from ..seam import Binding, Run, bind
@@ -86,7 +92,9 @@ class CapeFlightServer(flight.FlightServerBase):
     ``location``: ``grpc://127.0.0.1:0`` picks a free port (see :attr:`port`);
     ``grpc+tls://...`` with ``tls_certificates`` (PEM ``(cert, key)`` pairs)
     serves TLS. ``batch_rows`` bounds each batch read from a file and each
-    slice of a caller's batch that is transformed at once.
+    slice of a caller's batch that is transformed at once. ``lineage``: OpenLineage
+    run events per stream (True, a client config mapping or a
+    :class:`~cape_pipelines.lineage.Lineage`, whose datasets are added to the stream's).
     """
 
     def __init__(
@@ -97,9 +105,12 @@ class CapeFlightServer(flight.FlightServerBase):
         *,
         tls_certificates: list[tuple[bytes, bytes]] | None = None,
         batch_rows: int = DEFAULT_BATCH_ROWS,
+        lineage: LineageOption = None,
     ) -> None:
         if batch_rows < 1:
             raise ValueError("batch_rows must be at least 1")
+        # Checked before the port is taken: a bad option is an error, not a silent server.
+        self.lineage: Lineage | None = lineage_option(lineage)
         certs = [flight.CertKeyPair(cert=c, key=k) for c, k in (tls_certificates or [])]
         super().__init__(
             location,
@@ -136,15 +147,27 @@ class CapeFlightServer(flight.FlightServerBase):
         except (CapeError, flight.FlightError) as exc:
             raise flight_error(exc, label) from None
 
-    @staticmethod
-    def _bind(grant: Grant) -> Binding:
+    def _stream(self, name: str) -> DatasetRef:
+        """The lineage dataset of one of this server's Flight streams."""
+        return DatasetRef(f"{self.scheme}://{self.host}:{self.port}", name)
+
+    def _bind(
+        self,
+        grant: Grant,
+        inputs: list[DatasetRef | Path] | None = None,
+        outputs: list[DatasetRef] | None = None,
+    ) -> Binding:
         # The grant's policy is verified already; the seam only carries it into the run.
+        lineage = None
+        if self.lineage is not None and inputs is not None:
+            lineage = self.lineage.with_datasets(inputs, outputs or [])
         return bind(
             grant.policy,
             engine=ENGINE,
             source=grant.source,
             resolver=grant.resolver,
             audit=grant.audit,
+            lineage=lineage,
         )
 
     def _plan(self, binding: Binding, schema: pa.Schema, label: str) -> Plan:
@@ -158,7 +181,7 @@ class CapeFlightServer(flight.FlightServerBase):
         self, context: flight.ServerCallContext, name: str
     ) -> tuple[Dataset, Binding, InputSet, Plan]:
         ds = self._dataset(name)
-        binding = self._bind(self._grant(context, ds.label))
+        binding = self._bind(self._grant(context, ds.label), [ds.path], [self._stream(ds.name)])
         try:
             inputs = ds.inputs()
             schema = inputs.schema
@@ -253,7 +276,12 @@ class CapeFlightServer(flight.FlightServerBase):
     ) -> None:
         """Protect the caller's batches with ``label``'s policy (descriptor path ``[label]``)."""
         label = _descriptor_name(descriptor)
-        binding = self._bind(self._grant(context, label))
+        stream = f"exchange/{label}"
+        binding = self._bind(
+            self._grant(context, label),
+            [self._stream(f"{stream}/input")],
+            [self._stream(f"{stream}/output")],
+        )
         plan = self._plan(binding, reader.schema, label)
         _refuse_suppress(binding, plan)
         try:

@@ -38,6 +38,7 @@ from ..audit import AuditTarget
 from ..core import ColumnCounter, Counters, apply_batch
 from ..errors import PlanError, TransformError
 from ..keys import KeyResolver, Workers
+from ..lineage import LineageOption
 from ..plan import Plan
 from ..policy.load import PolicySource
 from ..seam import Binding, WorkerKeysSetting, bind
@@ -313,6 +314,7 @@ def apply_policy(
     resolver: KeyResolver | None = None,
     client: Any = None,
     worker_keys: WorkerKeysSetting = None,
+    lineage: LineageOption = None,
 ) -> Table:
     """Apply ``policy`` to a PyFlink Table; a Table comes back (lazy, like every Flink Table).
 
@@ -320,7 +322,9 @@ def apply_policy(
     With ``client=`` the policy is a label on the coordinator (see
     :mod:`cape_pipelines.source`). The UDF Flink ships to its Python workers
     carries key references, never key bytes (``worker_keys="inline"`` is the
-    opt-in to ship the bytes; see docs/keys.md).
+    opt-in to ship the bytes; see docs/keys.md). ``lineage``: OpenLineage events
+    for the run :func:`collect` or :func:`execute_insert` makes, sent from the
+    driver (see docs/lineage.md).
     """
     if not isinstance(table, Table):
         raise TypeError(
@@ -335,6 +339,7 @@ def apply_policy(
         resolver=resolver,
         client=client,
         worker_keys=worker_keys,
+        lineage=lineage,
     )
     # Built without a record, as before: the job has not started until collect().
     plan = binding.build(schema_to_arrow(table), workers=flink_workers(table._t_env))

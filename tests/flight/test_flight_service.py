@@ -13,6 +13,7 @@ import datetime as dt
 import hashlib
 import hmac
 import ipaddress
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -351,3 +352,55 @@ def test_concurrent_streams_each_get_their_own_audited_run(served: Any) -> None:
     done = [r for r in sink.records if r["event"] == "run.completed"]
     assert len(done) == 3 and len({r["run_id"] for r in done}) == 3
     assert all(r["rows_out"] == results[0] for r in done)
+
+
+def test_each_stream_sends_its_lineage_events(data: Path, tmp_path: Path) -> None:
+    pytest.importorskip("openlineage.client")
+    events_file = tmp_path / "lineage.jsonl"
+    sink = MemorySink()
+    access = StaticAccess([POLICY, OTHER], tokens=TOKENS, keys={"tok": KEY}, audit=sink)
+    server = CapeFlightServer(
+        "grpc://127.0.0.1:0",
+        [Dataset("people", data, LABEL)],
+        access,
+        batch_rows=1000,
+        lineage={"transport": {"type": "file", "log_file_path": str(events_file), "append": True}},
+    )
+    try:
+        client = connect(server)
+        got = client.do_get(ticket_for("people"), READER).read_all()
+        writer, reader = client.do_exchange(flight.FlightDescriptor.for_path(LABEL), READER)
+        with writer:
+            writer.begin(people(50).schema)
+            writer.write_batch(people(50).to_batches()[0])
+            writer.done_writing()
+            exchanged = reader.read_all()
+    finally:
+        server.shutdown()
+    events = [json.loads(line) for line in events_file.read_text().splitlines()]
+    assert [e["eventType"] for e in events] == ["START", "COMPLETE", "START", "COMPLETE"]
+    runs = [r["run_id"] for r in sink.records if r["event"] == "run.completed"]
+    assert [e["run"]["facets"]["cape"]["runId"] for e in events[1::2]] == runs
+    assert all(e["run"]["facets"]["cape"]["engine"] == "flight" for e in events)
+    stream = f"grpc+tcp://127.0.0.1:{server.port}"
+
+    served = events[1]
+    (inp,) = served["inputs"]
+    assert (inp["namespace"], inp["name"]) == ("file", str(data.resolve()))
+    (out,) = served["outputs"]
+    assert (out["namespace"], out["name"]) == (stream, "people")
+    assert out["outputFacets"]["outputStatistics"]["rowCount"] == got.num_rows
+    fields = out["facets"]["columnLineage"]["fields"]
+    assert set(fields) == {"id", "email", "age"}
+    assert fields["email"]["transformationType"] == "MASKED"
+    assert out["facets"]["capePrivacy"]["columns"]["ssn"]["treatment"] == "dropped"
+
+    exchange = events[3]
+    assert [(d["namespace"], d["name"]) for d in exchange["inputs"]] == [
+        (stream, f"exchange/{LABEL}/input")
+    ]
+    (out,) = exchange["outputs"]
+    assert (out["namespace"], out["name"]) == (stream, f"exchange/{LABEL}/output")
+    assert out["outputFacets"]["outputStatistics"]["rowCount"] == exchanged.num_rows
+    text = events_file.read_text()
+    assert "user1@example.org" not in text and KEY.decode() not in text

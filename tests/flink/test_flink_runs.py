@@ -15,6 +15,7 @@ import glob
 import hashlib
 import hmac
 import io
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -121,6 +122,39 @@ def test_execute_insert_is_one_audited_run_with_exact_counts(t_env: Any, tmp_pat
     }
     assert counters.rows_out == N - 10
     assert sink.records[0]["run_id"] == done["run_id"]
+
+
+def test_execute_insert_sends_its_lineage_events_from_the_driver(
+    t_env: Any, tmp_path: Path
+) -> None:
+    pytest.importorskip("openlineage.client")
+    from cape_pipelines.lineage import Lineage
+
+    events_file = tmp_path / "lineage.jsonl"
+    lin = Lineage(
+        config={"transport": {"type": "file", "log_file_path": str(events_file), "append": True}},
+        inputs=["s3://raw/people"],
+        outputs=["s3://clean/people"],
+    )
+    src = t_env.from_pandas(people().to_pandas(), row_type(people().schema))
+    sink = MemorySink()
+    out = apply_policy(src, POLICY, keys={"k": KEY}, audit=sink, lineage=lin)
+    sink_table(t_env, "lineage_people", tmp_path / "out", "id BIGINT, name STRING")
+    execute_insert(out, "lineage_people")
+    events = [json.loads(line) for line in events_file.read_text().splitlines()]
+    assert [e["eventType"] for e in events] == ["START", "COMPLETE"]
+    run_id = sink.records[-1]["run_id"]
+    for e in events:
+        assert e["run"]["facets"]["cape"]["runId"] == run_id
+        assert e["run"]["facets"]["cape"]["engine"] == "flink"
+    (output,) = events[1]["outputs"]
+    assert (output["namespace"], output["name"]) == ("s3://clean", "/people")
+    assert output["outputFacets"]["outputStatistics"]["rowCount"] == N - 10
+    fields = output["facets"]["columnLineage"]["fields"]
+    assert fields["name"]["transformationType"] == "MASKED"
+    assert fields["id"]["transformationType"] == "IDENTITY"
+    assert fields["name"]["inputFields"][0]["name"] == "/people"
+    assert "p11" not in events_file.read_text()
 
 
 def test_execute_insert_failure_is_run_failed_and_commits_nothing(

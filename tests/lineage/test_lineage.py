@@ -517,13 +517,119 @@ def test_a_dask_run_sends_its_events_from_the_driver(tmp_path: Path) -> None:
     assert complete["outputs"][0]["outputFacets"]["outputStatistics"]["rowCount"] == 2
 
 
+def _beam_run(
+    tmp_path: Path, lin: Any, rows: list[dict[str, Any]], options: list[str] | None = None
+) -> list[dict[str, Any]]:
+    """Run POLICY over ``rows`` on Beam's in-process DirectRunner (or ``options``); the audit
+    records (a JSONL file: the workers write it)."""
+    beam = pytest.importorskip("apache_beam")
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from cape_pipelines.beam import ApplyPolicy
+
+    audit = tmp_path / "audit.jsonl"
+    schema = pa.Schema.from_pandas(frame(), preserve_index=False)
+    with beam.Pipeline(options=PipelineOptions(options or [])) as p:
+        _ = (
+            p
+            | beam.Create(rows)
+            | ApplyPolicy(POLICY, keys={"k": KEY_HEX}, schema=schema, audit=str(audit), lineage=lin)
+        )
+    return [json.loads(line) for line in audit.read_text().splitlines()]
+
+
 @pytest.mark.beam
-def test_beam_refuses_lineage_rather_than_dropping_it() -> None:
+@pytest.mark.parametrize(
+    "options", [[], ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]]
+)
+def test_a_beam_run_sends_its_events_from_the_stages_that_audit_it(
+    tmp_path: Path, options: list[str]
+) -> None:
+    events_file = tmp_path / "e.jsonl"
+    lin = Lineage(
+        config=file_config(events_file),
+        inputs=["s3://raw/customers"],
+        outputs=["s3://clean/customers"],
+        job_name="beam.customers",
+    )
+    records = _beam_run(tmp_path, lin, frame().to_dict("records"), options)
+    run_id = records[0]["run_id"]
+    assert [r["event"] for r in records][-1] == "run.completed"
+    start, complete = read_events(events_file)
+    assert (start["eventType"], complete["eventType"]) == ("START", "COMPLETE")
+    for e in (start, complete):
+        check_event(e)
+        assert e["run"]["runId"] == openlineage_run_id(run_id)
+        assert e["run"]["facets"]["cape"]["runId"] == run_id
+        assert e["run"]["facets"]["cape"]["engine"] == "beam"
+        assert e["job"]["name"] == "beam.customers"
+    (inp,) = complete["inputs"]
+    assert (inp["namespace"], inp["name"]) == ("s3://raw", "/customers")
+    assert [f["name"] for f in inp["facets"]["schema"]["fields"]] == list(frame().columns)
+    (output,) = complete["outputs"]
+    assert (output["namespace"], output["name"]) == ("s3://clean", "/customers")
+    assert output["outputFacets"]["outputStatistics"]["rowCount"] == 2
+    fields = output["facets"]["columnLineage"]["fields"]
+    assert set(fields) == {"email", "age", "city"}
+    assert fields["email"]["transformationType"] == "MASKED"
+    assert fields["email"]["inputFields"][0]["name"] == "/customers"
+    assert fields["city"]["transformationType"] == "IDENTITY"
+    assert output["facets"]["capePrivacy"]["columns"]["ssn"]["treatment"] == "dropped"
+    text = events_file.read_text()
+    for secret in [*EMAILS, "123-45-6789", KEY_HEX]:
+        assert secret not in text
+
+
+@pytest.mark.beam
+def test_a_failed_beam_run_sends_fail_with_the_plan(tmp_path: Path) -> None:
+    events_file = tmp_path / "e.jsonl"
+    rows = frame().to_dict("records")
+    rows[1]["age"] = "old"  # not int64: the batch fails
+    with pytest.raises(Exception, match="not int64"):
+        _beam_run(tmp_path, file_config(events_file), rows)
+    events = read_events(events_file)
+    assert events[0]["eventType"] == "START"
+    assert {e["eventType"] for e in events[1:]} == {"FAIL"}
+    assert "COMPLETE" not in {e["eventType"] for e in events}
+    fail = events[-1]
+    check_event(fail)
+    assert fail["run"]["runId"] == events[0]["run"]["runId"]
+    assert fail["run"]["facets"]["errorMessage"]["message"].startswith("DataError")
+    text = events_file.read_text()
+    for secret in [*EMAILS, "123-45-6789", KEY_HEX]:
+        assert secret not in text
+
+
+@pytest.mark.beam
+def test_beam_refuses_a_lineage_client_object_it_cannot_ship() -> None:
     pytest.importorskip("apache_beam")
     from cape_pipelines.beam import ApplyPolicy
 
-    with pytest.raises(ValueError, match="not supported on Beam"):
-        ApplyPolicy(POLICY, keys={"k": KEY_HEX}, audit=MemorySink(), lineage=True)
+    with pytest.raises(LineageError, match="not a Lineage with client="):
+        ApplyPolicy(
+            POLICY, keys={"k": KEY_HEX}, audit=str(Path("unused.jsonl")), lineage=Lineage(client=1)
+        )
+
+
+@pytest.mark.beam
+def test_a_file_job_on_beam_sends_one_pair_of_events(tmp_path: Path) -> None:
+    # The outer file job sends them; the Beam stages of its inner (silent) run do not.
+    pytest.importorskip("apache_beam")
+    src = tmp_path / "in.parquet"
+    pq.write_table(pa.Table.from_pandas(frame(), preserve_index=False), src)
+    events_file = tmp_path / "e.jsonl"
+    result = apply_files(
+        POLICY,
+        src,
+        tmp_path / "out.parquet",
+        keys={"k": KEY_HEX},
+        audit=MemorySink(),
+        engine="beam",
+        lineage=file_config(events_file),
+    )
+    events = read_events(events_file)
+    assert [e["eventType"] for e in events] == ["START", "COMPLETE"]
+    assert events[1]["run"]["facets"]["cape"]["runId"] == result.run_id
 
 
 @pytest.mark.dask
