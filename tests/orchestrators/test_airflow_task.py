@@ -20,7 +20,7 @@ from typing import Any
 
 import pandas as pd
 import pytest
-from _standin import airflow_dag_run, airflow_task, paged, serve
+from _orch_standin import airflow_dag_run, airflow_task, paged, serve
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "coordinator"))

@@ -1,7 +1,7 @@
 """The coordinator's orchestrator pollers against recorded-shape stand-ins on loopback.
 
 YARN's ResourceManager and Airflow's stable REST API are served by small local
-servers (``_standin.py``) answering with the documented shapes, paging and
+servers (``_orch_standin.py``) answering with the documented shapes, paging and
 errors; the Spark standalone master's ``/json/`` shape is checked against a
 real master in ``test_spark_standalone_link.py``. Each test posts run records
 as a pipeline token would, polls once, and checks the runs view and the chain.
@@ -14,7 +14,7 @@ import json
 from typing import Any
 
 import pytest
-from _standin import airflow_dag_run, airflow_task, paged, serve, yarn_app
+from _orch_standin import airflow_dag_run, airflow_task, paged, serve, yarn_app
 
 from cape_coordinator.config import CoordinatorSetupError, Settings
 from cape_coordinator.coordinator import Coordinator

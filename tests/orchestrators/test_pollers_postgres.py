@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _standin import serve, yarn_app
+from _orch_standin import serve, yarn_app
 from sqlalchemy import text
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "coordinator"))

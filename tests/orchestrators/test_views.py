@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _standin import serve, yarn_app
+from _orch_standin import serve, yarn_app
 from fastapi.testclient import TestClient
 
 from cape_coordinator.app import create_app
