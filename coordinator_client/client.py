@@ -672,6 +672,42 @@ class Client:
         minted = self.mint_worker_token(label, expires_in)
         return CoordinatorKeys(self.url, minted["token"], label)
 
+    def mint_audit_token(self, label: str, expires_in: int | None = None) -> dict[str, Any]:
+        """An audit-writer token for ``label`` (this client's token must be a pipeline token
+        of it): it posts that label's run records and nothing else (no keys, no policies).
+
+        Lifetime as for :meth:`mint_worker_token`. The result's ``token`` is shown this once.
+        """
+        if expires_in is None:
+            expires_in = _worker_token_ttl()
+        return cast(
+            "dict[str, Any]",
+            self._json(
+                "POST", f"/v1/labels/{label}/audit-tokens", json_body={"expires_in": expires_in}
+            ),
+        )
+
+    def worker_audit_sink(self, label: str, expires_in: int | None = None) -> SpoolSink:
+        """A spool sink for workers that write ``label``'s run records (Beam's), posting with
+        an audit-writer token minted now, never this client's token.
+
+        It spools under ``spool_dir/audit-writers/<token id>``: a run is bound to the
+        token that sent its first record, so its records must not be picked up by a
+        sink with another token. This client delivers what the workers leave there
+        while it lives, and on :meth:`close`.
+        """
+        try:
+            minted = self.mint_audit_token(label, expires_in)
+        except Unavailable as exc:
+            raise Unavailable(
+                f"{exc}: the workers' audit-writer token is minted when the pipeline is built; "
+                "pass audit= (a file or a sink) to run while the coordinator is down"
+            ) from None
+        transport = Transport(self.url, minted["token"], self.timeout)
+        sink = SpoolSink(transport, self.spool_dir / "audit-writers" / minted["id"])
+        self._sinks.append(sink)
+        return sink
+
     def policy_and_keys(self, label: str) -> tuple[Policy, KeyResolver]:
         """The verified active policy of ``label`` and a resolver whose keys come from here."""
         policy = self.get_policy(label)

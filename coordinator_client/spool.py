@@ -24,8 +24,9 @@ spooled for a sink with a valid token.
 The sink owns a :class:`~coordinator_client.transport.Transport` (URL, token,
 timeout) and never a client. A sink can be pickled, because Beam ships it inside
 its DoFns to the workers that emit a run's records: the copy carries the
-transport and the spool directory (the token is in it, as a pickled plan carries
-its keys: protect the pickles alike), no pinned key and no key material. It
+transport and the spool directory (the token is in it: Beam ships a sink made by
+:meth:`~coordinator_client.Client.worker_audit_sink`, whose token may only post
+the label's records), no pinned key and no key material. It
 starts no thread, and delivers each record it spools at once, in the emitting
 call. A record it cannot deliver stays in the spool, where the original sink (or
 any later sink on the same directory) delivers it.

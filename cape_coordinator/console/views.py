@@ -43,7 +43,7 @@ from .. import db
 from ..coordinator import Coordinator
 from ..errors import ApiError
 from ..routers.workflow import may
-from ..services.base import WORKER_ROLE, Principal
+from ..services.base import LABELLED_ROLES, Principal
 from ..services.workflow import WorkflowService
 from .sessions import COOKIE, ENDED, SIGNIN_COOKIE, Session, SessionEnded, SessionStore, csrf_ok
 
@@ -361,7 +361,7 @@ def install(app: FastAPI) -> None:
                 principal = await call(coord.tokens.authenticate, token.strip())
             except ApiError as exc:
                 error = _words(exc)
-        if principal is not None and principal.role in ("pipeline", WORKER_ROLE):
+        if principal is not None and principal.role in LABELLED_ROLES:
             error = f"{principal.role.capitalize()} tokens cannot sign in to the console."
             principal = None
         if principal is None:

@@ -21,7 +21,7 @@ from ..schemas import (
     PlainText,
     VerifyOut,
 )
-from ..services.base import Principal
+from ..services.base import AUDIT_WRITER_ROLE, Principal
 from ..services.ingest import check_records
 from .deps import Coord, checked_time, require
 
@@ -44,14 +44,17 @@ Auditors = Annotated[Principal, Depends(require("admin", "auditor"))]
     },
 )
 async def post_audit(
-    request: Request, coord: Coord, p: Annotated[Principal, Depends(require("pipeline"))]
+    request: Request,
+    coord: Coord,
+    p: Annotated[Principal, Depends(require("pipeline", AUDIT_WRITER_ROLE))],
 ) -> AuditAccepted:
     """Append run records, all or none of the batch. An identical resend of a stored record
     by its sender is acknowledged as a duplicate; a record that cannot be stored or names
     no label is a 422 naming its index, one for another label or another sender's run a
     403, an id its sender stored with other content a 409 (ids are per sender: another
     token's record with the same id is its own). Answered only after the transaction
-    holding the batch has committed. The body is read only after the token is checked."""
+    holding the batch has committed. The body is read only after the token is checked.
+    Pipeline tokens post, and the audit-writer tokens they mint for their workers."""
     metrics: CoordinatorMetrics | None = getattr(request.app.state, "metrics", None)
     started = time.perf_counter()
     raw = await request.body()

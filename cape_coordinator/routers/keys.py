@@ -1,6 +1,7 @@
 """Named keys: create and rotate (admin), list (admin, auditor), material for a label
 (its pipeline tokens and the worker tokens they mint, never cached by intermediaries, every
-read audited), and minting a worker token (a pipeline token of the label)."""
+read audited), and minting the tokens a pipeline token of the label gives its workers: a
+worker token (reads the label's keys) and an audit-writer token (posts its run records)."""
 
 from __future__ import annotations
 
@@ -62,4 +63,20 @@ def mint_worker_token(
     (``expires_in``, at most a day and never past the calling pipeline token)."""
     response.headers["Cache-Control"] = "no-store"
     info, token = coord.tokens.mint_worker(p, label, body.expires_in)
+    return TokenCreated(**info, token=token)
+
+
+@router.post("/v1/labels/{label}/audit-tokens", status_code=201)
+def mint_audit_token(
+    label: LabelPath,
+    body: WorkerTokenCreate,
+    response: Response,
+    coord: Coord,
+    p: Annotated[Principal, Depends(require("pipeline"))],
+) -> TokenCreated:
+    """A token for the workers that write a run's records (Beam's): posts this label's audit
+    records only (no keys, nothing else), and expires (``expires_in``, at most a day and
+    never past the calling pipeline token)."""
+    response.headers["Cache-Control"] = "no-store"
+    info, token = coord.tokens.mint_audit_writer(p, label, body.expires_in)
     return TokenCreated(**info, token=token)

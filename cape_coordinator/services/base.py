@@ -15,6 +15,12 @@ ROLES = ("admin", "author", "reviewer", "pipeline", "auditor", "requester")
 # A token a pipeline mints for its job's workers: reads one label's keys, nothing else, and
 # expires. Not in ROLES: no one makes one through the token API, only a pipeline token.
 WORKER_ROLE = "worker"
+# A token a pipeline mints for the workers that write its run's records (Beam's, which have
+# no driver at run time): posts audit records for one label, nothing else (no keys), and
+# expires. Not in ROLES either.
+AUDIT_WRITER_ROLE = "audit-writer"
+# Roles scoped to the labels they hold.
+LABELLED_ROLES = ("pipeline", WORKER_ROLE, AUDIT_WRITER_ROLE)
 RUN_EVENTS = ("run.started", "policy.fetched", "run.completed", "run.failed")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 PRINCIPAL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:-]{0,127}")
@@ -66,6 +72,6 @@ class Principal:
 
 
 def check_label_access(actor: Principal, label: str) -> None:
-    """403 when a pipeline (or worker) token asks for a label it does not hold."""
-    if actor.role in ("pipeline", WORKER_ROLE) and label not in actor.labels:
+    """403 when a pipeline (worker, audit-writer) token asks for a label it does not hold."""
+    if actor.role in LABELLED_ROLES and label not in actor.labels:
         raise ApiError(403, "label_forbidden", "token is not allowed for this policy label")

@@ -14,14 +14,21 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import insert, or_, select, update
 
 from cape_pipelines.policy.models import LABEL_RE
 
 from .. import db
 from ..crypto import new_token, secret_matches, split_token
 from ..errors import ApiError, not_found
-from .base import PRINCIPAL_RE, ROLES, WORKER_ROLE, Principal, check_label_access
+from .base import (
+    AUDIT_WRITER_ROLE,
+    PRINCIPAL_RE,
+    ROLES,
+    WORKER_ROLE,
+    Principal,
+    check_label_access,
+)
 from .chain import AuditChain
 
 # A verified token is trusted this long without asking the database again, so a
@@ -29,9 +36,11 @@ from .chain import AuditChain
 # takes effect within this time; one made through this process takes effect at once.
 TOKEN_CACHE_SECONDS = 1.0
 _TOKEN_CACHE_MAX = 4096
-# A worker token lives at most this long (and never past the pipeline token that made it):
-# it travels in job graphs, which may be stored with the job.
+# A worker (or audit-writer) token lives at most this long (and never past the pipeline token
+# that made it): it travels in job graphs, which may be stored with the job.
 WORKER_TOKEN_MAX_SECONDS = 24 * 3600
+# The names of the tokens a pipeline token mints, by role: revoking it revokes them.
+_MINTED_PREFIX = {WORKER_ROLE: "worker-of", AUDIT_WRITER_ROLE: "audit-of"}
 
 
 def token_info(row: Mapping[Any, Any]) -> dict[str, Any]:
@@ -48,9 +57,9 @@ def token_info(row: Mapping[Any, Any]) -> dict[str, Any]:
     }
 
 
-def _worker_name(token_id: str) -> str:
-    """The name of the worker tokens pipeline token ``token_id`` mints."""
-    return f"worker-of:{token_id}"
+def _minted_name(role: str, token_id: str) -> str:
+    """The name of the ``role`` tokens pipeline token ``token_id`` mints."""
+    return f"{_MINTED_PREFIX[role]}:{token_id}"
 
 
 class TokenService:
@@ -131,8 +140,26 @@ class TokenService:
         pipeline token that made it, and is revoked with it. Returns (its
         public description, the token itself, shown once).
         """
+        return self._mint(actor, label, expires_in, WORKER_ROLE)
+
+    def mint_audit_writer(
+        self, actor: Principal, label: str, expires_in: int
+    ) -> tuple[dict[str, Any], str]:
+        """An audit-writer token for ``label``, made by a pipeline token of that label.
+
+        It may post run records for that label and nothing else (no keys, no
+        policies; its runs are its own: ingest binds a run to the token that
+        sent its first record), expires like a worker token and is revoked
+        with the pipeline token that made it. Beam ships it to the workers
+        that write a run's records. Returns (description, token, shown once).
+        """
+        return self._mint(actor, label, expires_in, AUDIT_WRITER_ROLE)
+
+    def _mint(
+        self, actor: Principal, label: str, expires_in: int, role: str
+    ) -> tuple[dict[str, Any], str]:
         if actor.role != "pipeline":
-            raise ApiError(403, "forbidden", f"role {actor.role} may not mint worker tokens")
+            raise ApiError(403, "forbidden", f"role {actor.role} may not mint {role} tokens")
         check_label_access(actor, label)
         if not 1 <= expires_in <= WORKER_TOKEN_MAX_SECONDS:
             raise ApiError(
@@ -156,8 +183,8 @@ class TokenService:
             info = {
                 "id": token_id,
                 # Names the pipeline token it came from: revoking that revokes this.
-                "name": _worker_name(actor.token_id),
-                "role": WORKER_ROLE,
+                "name": _minted_name(role, actor.token_id),
+                "role": role,
                 "labels": [label],
                 "created_at": db.now(),
                 "created_by": actor.name,
@@ -176,15 +203,15 @@ class TokenService:
                 label,
                 token_id=token_id,
                 name=info["name"],
-                token_role=WORKER_ROLE,
+                token_role=role,
                 labels=[label],
                 expires_at=expires_at,
             )
         return info, token
 
     def revoke(self, actor: Principal, token_id: str) -> dict[str, Any]:
-        """Revoke a token by id (refused if unknown or already revoked), and the worker
-        tokens it minted."""
+        """Revoke a token by id (refused if unknown or already revoked), and the worker and
+        audit-writer tokens it minted."""
         with self.chain.write() as (conn, appended):
             row = (
                 conn.execute(select(db.tokens).where(db.tokens.c.id == token_id)).mappings().first()
@@ -211,8 +238,13 @@ class TokenService:
                 r[0]
                 for r in conn.execute(
                     select(db.tokens.c.id).where(
-                        db.tokens.c.role == WORKER_ROLE,
-                        db.tokens.c.name == _worker_name(token_id),
+                        or_(
+                            *(
+                                (db.tokens.c.role == role)
+                                & (db.tokens.c.name == _minted_name(role, token_id))
+                                for role in _MINTED_PREFIX
+                            )
+                        ),
                         db.tokens.c.revoked_at.is_(None),
                     )
                 ).all()

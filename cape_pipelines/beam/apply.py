@@ -30,6 +30,7 @@ from ..lineage import LineageError
 from ..plan import Plan
 from ..policy.load import PolicySource
 from ..seam import Binding, BindOptions, RemoteRun, bind
+from ..source import _OfflineSink
 from . import coders
 from .convert import arrow_schema_from_row_type, row_type_from_arrow_schema, row_type_of
 from .dofns import (
@@ -65,6 +66,25 @@ def _worker_sink(audit: AuditTarget) -> Sink:
     return sink
 
 
+def _workers_audit(binding: Binding, options: BindOptions) -> AuditTarget:
+    """Where Beam's workers send the run's records.
+
+    By label (``client=``) with no ``audit=``, the client's own sink would ship
+    its pipeline token, which can read the label's keys, inside every
+    DoFn; the workers get a sink posting with an audit-writer token minted
+    for this pipeline instead (it can post this label's records and nothing
+    else). Any other target is shipped as given.
+    """
+    client = options.get("client")
+    mint = getattr(client, "worker_audit_sink", None)
+    if client is None or options.get("audit") is not None or not callable(mint):
+        return binding.audit
+    sink: Sink = mint(binding.policy.label)
+    if isinstance(binding.audit, _OfflineSink):
+        sink = _OfflineSink(sink)
+    return sink
+
+
 def _read_by_parquet_batched(pcoll: PCollection) -> bool:
     """Whether ``pcoll`` is the output of ``ReadFromParquetBatched``, which yields only
     ``pa.Table`` but declares ``Any``: the output of ApplyPolicy is then typed ``pa.Table``,
@@ -91,8 +111,10 @@ class ApplyPolicy(beam.PTransform):
 
     With ``client=`` (a ``coordinator_client.Client``), ``policy`` is a label:
     policy and keys come from the coordinator here, on the machine building the
-    pipeline, and the workers send the run's records to it through a copy of
-    the client's spool sink (see :mod:`cape_pipelines.source`).
+    pipeline, and the workers send the run's records to it through a spool
+    sink holding an audit-writer token minted for this pipeline (it can post
+    the label's records and nothing else; the pipeline token never ships;
+    see docs/keys.md).
 
     >>> import apache_beam as beam, pyarrow as pa
     >>> from cape_pipelines.beam import ApplyPolicy
@@ -126,7 +148,7 @@ class ApplyPolicy(beam.PTransform):
                 "build their own client from the configuration"
             )
         self._policy = binding.policy
-        sink = _worker_sink(binding.audit)
+        sink = _worker_sink(_workers_audit(binding, options))
         self._audit = RemoteRun(binding, sink, binding.context().principal)
         # expand() knows the runner: the plan its DoFns carry is shipped with key
         # references for that runner's workers (Binding.ship). The transform itself is

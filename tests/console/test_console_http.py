@@ -101,6 +101,16 @@ def test_a_worker_token_cannot_sign_in(cc):
     assert "cape_session" not in resp.cookies
 
 
+def test_an_audit_writer_token_cannot_sign_in(cc):
+    # Audit-writer tokens travel in Beam job graphs; one must not open a console session.
+    _, writer = cc.coord.tokens.mint_audit_writer(cc.principals["pipeline"], "customers", 60)
+    t = browser(cc)
+    nonce = csrf_of(t.get("/ui/signin").text)
+    resp = t.post("/ui/signin", data={"csrf": nonce, "token": writer})
+    assert resp.status_code == 401 and "Audit-writer tokens cannot sign in" in resp.text
+    assert "cape_session" not in resp.cookies
+
+
 def test_sign_in_needs_its_form_nonce(cc):
     t = browser(cc)
     t.get("/ui/signin")

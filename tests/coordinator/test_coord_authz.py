@@ -34,6 +34,7 @@ MATRIX: list[tuple[str, str, object, set[str]]] = [
     ("POST", "/v1/keys/no-such/rotate", None, {"admin"}),
     ("GET", "/v1/labels/matrix/keys", None, {"pipeline"}),
     ("POST", "/v1/labels/matrix/worker-tokens", {"expires_in": 0}, {"pipeline"}),
+    ("POST", "/v1/labels/matrix/audit-tokens", {"expires_in": 0}, {"pipeline"}),
     ("POST", "/v1/audit", {}, {"pipeline"}),
     ("GET", "/v1/audit", None, AUDITORS),
     ("GET", "/v1/audit/verify", None, AUDITORS),
