@@ -28,6 +28,7 @@ import pickle
 import queue
 import signal
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
@@ -238,14 +239,15 @@ def _work(fn: Callable[[Any], Any], tasks: Any, results: Any) -> None:
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), signal.SIG_DFL)
     parent = os.getppid()
+    # The parent died without stopping us (SIGKILL): its queues never close for us (the
+    # workers hold their other ends too), and a batch it was half-way through writing
+    # leaves a reader blocked in the pipe for good, where no timeout reaches. A watchdog
+    # thread ends the process then; it holds nothing the parent's stop would have saved.
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     while True:
         try:
             item = tasks.get(timeout=_POLL_SECONDS)
         except queue.Empty:
-            # The parent died without stopping us (SIGKILL): its queues will never
-            # close for us (we hold their other ends too), so look.
-            if os.getppid() != parent:
-                return
             continue
         if item is None:
             return
@@ -253,6 +255,13 @@ def _work(fn: Callable[[Any], Any], tasks: Any, results: Any) -> None:
             results.put(("ok", fn(item)))
         except Exception as exc:
             results.put(("error", _picklable(exc)))
+
+
+def _exit_with_parent(parent: int) -> None:
+    """In a worker: end the process at once when its parent has gone."""
+    while os.getppid() == parent:
+        time.sleep(_POLL_SECONDS)
+    os._exit(1)
 
 
 def _picklable(exc: Exception) -> Exception:
