@@ -111,12 +111,16 @@ def test_two_workers_write_the_bytes_one_writes(capsys, tmp_path, keyed, suffix)
     assert same[0] == same[1]
 
 
-def test_an_error_in_a_worker_names_the_file_and_rows_as_one_process_does(capsys, tmp_path):
+def test_an_error_in_a_worker_names_the_file_and_rows_as_one_process_does(
+    capsys, tmp_path, monkeypatch
+):
     (tmp_path / "p.yaml").write_text(
         "label: bad\nrules:\n  - match: {name: email}\n    actions:\n"
         "      - transform: {type: token-reverser, key: {secret: siv}}\n"
     )
-    os.environ.setdefault("CAPE_KEY_SIV", KEYS["CAPE_KEY_SIV"])
+    # monkeypatch, not os.environ: a key left in the environment changes where later
+    # tests' keys come from (test_worker_keys found it).
+    monkeypatch.setenv("CAPE_KEY_SIV", KEYS["CAPE_KEY_SIV"])
     src = _csv(tmp_path / "in.csv", 3_500)
     one = _apply(capsys, tmp_path, src, tmp_path / "one.csv", 1)
     two = _apply(capsys, tmp_path, src, tmp_path / "two.csv", 2)

@@ -29,6 +29,25 @@ AIRFLOW_ENV = {
 }
 
 
+@pytest.fixture(autouse=True)
+def no_live_engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hide a SparkContext or Dask client that earlier tests in the session left running
+    (the suite shares one SparkSession), except in the tests that start their own."""
+    import sys
+
+    if "pyspark" in sys.modules and "spark" not in request.fixturenames:
+        from pyspark import SparkContext
+
+        monkeypatch.setattr(SparkContext, "_active_spark_context", None)
+    if "distributed" in sys.modules and "dask" not in request.node.name:
+        import distributed
+
+        def no_client() -> None:
+            raise ValueError("no default client in this test")
+
+        monkeypatch.setattr(distributed, "default_client", no_client)
+
+
 @pytest.fixture
 def no_orchestrator(monkeypatch: pytest.MonkeyPatch) -> None:
     for var in (*AIRFLOW_ENV, "SPARK_APPLICATION_ID", "CONTAINER_ID", "APPLICATION_WEB_PROXY_BASE"):
