@@ -158,7 +158,11 @@ class _Pool:
             gc.unfreeze()
 
     def send(self, w: int, item: Any) -> None:
-        self.tasks[w].put(item)
+        # Queue.put holds the queue's lock for a moment; a Ctrl-C raised between taking
+        # and releasing it would leave it taken, and close() at the end would wait for
+        # it for good. Stop signals are acted on just after instead.
+        with _stop_signals_deferred():
+            self.tasks[w].put(item)
 
     def receive(self, w: int) -> Any:
         while True:
