@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from fractions import Fraction
@@ -85,15 +85,18 @@ class Compare(Node):
             return exact
         left, values = _coerce(self.column, field_type, [self.literal])
         right = values[0]
-        ops = {
-            "==": lambda a, b: a == b,
-            "!=": lambda a, b: a != b,
-            "<": lambda a, b: a < b,
-            "<=": lambda a, b: a <= b,
-            ">": lambda a, b: a > b,
-            ">=": lambda a, b: a >= b,
-        }
-        return _nan_is_unknown(field_type, left, ops[self.op](left, right))
+        return _nan_is_unknown(field_type, left, _OPS[self.op](left, right))
+
+
+# The comparison operators a condition may use, as expressions.
+_OPS: dict[str, Callable[[pc.Expression, Any], pc.Expression]] = {
+    "==": lambda a, b: a == b,
+    "!=": lambda a, b: a != b,
+    "<": lambda a, b: a < b,
+    "<=": lambda a, b: a <= b,
+    ">": lambda a, b: a > b,
+    ">=": lambda a, b: a >= b,
+}
 
 
 def _nan_is_unknown(
@@ -372,15 +375,7 @@ def _integer_compare(
     if v > hi:
         return _known(field, op in ("<", "<=", "!="))
     right = pa.scalar(v, t)
-    ops = {
-        "==": lambda a, b: a == b,
-        "!=": lambda a, b: a != b,
-        "<": lambda a, b: a < b,
-        "<=": lambda a, b: a <= b,
-        ">": lambda a, b: a > b,
-        ">=": lambda a, b: a >= b,
-    }
-    return ops[op](field, right)
+    return _OPS[op](field, right)
 
 
 def _integer_in(
