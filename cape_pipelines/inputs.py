@@ -92,6 +92,23 @@ class CsvOptions:
     """The files' text encoding (any Python codec name); read as UTF-8 otherwise."""
 
 
+@dataclass(frozen=True)
+class ParquetSlice:
+    """Rows ``[start, start + rows)`` of one Parquet file, described rather than read.
+
+    ``row_groups`` are the row groups holding them, ``skip`` the rows of the
+    first of those before ``start``. ``cape apply --workers N`` sends these to
+    its workers, which read the rows themselves (see
+    :meth:`InputSet.parquet_slices`), so the parent never decodes the input.
+    """
+
+    path: Path
+    start: int
+    rows: int
+    row_groups: tuple[int, ...]
+    skip: int
+
+
 @dataclass
 class InputSet:
     """The files of one input (a file, or a directory of files of one format), in a fixed order."""
@@ -226,6 +243,62 @@ class InputSet:
                 f"{path}: {' and '.join(parts)} compared with {self.files[0]}; "
                 "every file of one input must have the same columns"
             )
+
+    def parquet_slices(self, path: Path, batch_size: int) -> list[ParquetSlice] | None:
+        """``path``'s batches as :class:`ParquetSlice` s a worker process reads itself, or None.
+
+        The slices are the batches :meth:`file_batches` gives (rows ``[k * batch_size,
+        (k + 1) * batch_size)``), so counts and error messages do not change. Only the
+        footer is read here. None when a row group holds more rows than a batch: a
+        worker would then decode up to a whole row group to reach its rows, so the
+        file is better read in one pass by :meth:`file_batches`.
+        """
+        if batch_size < 1:
+            raise ValueError("batch size must be at least 1")
+        try:
+            meta = _parquet_file(path).metadata
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise DataError(f"{path}: cannot read Parquet: {_first_line(exc)}") from None
+        self._check_names(path, meta.schema.to_arrow_schema().names)
+        sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+        if any(n > batch_size for n in sizes):
+            return None
+        firsts = [0]
+        for n in sizes:
+            firsts.append(firsts[-1] + n)
+        slices = []
+        for start in range(0, firsts[-1], batch_size):
+            stop = min(start + batch_size, firsts[-1])
+            groups = tuple(
+                i for i, n in enumerate(sizes) if n and firsts[i] < stop and firsts[i + 1] > start
+            )
+            skip = start - firsts[groups[0]]
+            slices.append(ParquetSlice(path, start, stop - start, groups, skip))
+        return slices
+
+    def read_slice(self, part: ParquetSlice) -> pa.RecordBatch:
+        """The rows of ``part`` as one batch (what :meth:`file_batches` gives for them)."""
+        try:
+            pf = _parquet_file(part.path)
+            pieces = []
+            skip, want = part.skip, part.rows
+            for batch in pf.iter_batches(batch_size=part.rows, row_groups=list(part.row_groups)):
+                if skip >= batch.num_rows:
+                    skip -= batch.num_rows
+                    continue
+                piece = batch.slice(skip, want)
+                skip = 0
+                pieces.append(piece)
+                want -= piece.num_rows
+                if not want:
+                    break
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise DataError(f"{part.path}: cannot read Parquet: {_first_line(exc)}") from None
+        if want:
+            raise DataError(f"{part.path}: changed while it was read (rows missing)")
+        if len(pieces) == 1:
+            return pieces[0]
+        return pa.Table.from_batches(pieces).combine_chunks().to_batches()[0]
 
     def _parquet_batches(self, path: Path, batch_size: int) -> Iterator[pa.RecordBatch]:
         try:
@@ -445,6 +518,7 @@ __all__ = [
     "CsvOptions",
     "Format",
     "InputSet",
+    "ParquetSlice",
     "format_of",
     "open_inputs",
     "parse_arrow_type",

@@ -10,6 +10,14 @@ process gives, in the same order. At most ``window`` items are out at once
 (twice the workers by default), which bounds memory by the workers times the
 item size, whatever the input's length.
 
+Large results (Arrow batches, arrays) do not go through the pipe: a worker
+pickles them with their buffers out of band (protocol 5), copies the buffers
+once into an anonymous in-memory file (``memfd_create``) and passes its
+descriptor over a Unix socket; the parent maps it and unpickles onto the
+mapping, without copying. The file has no name, so nothing is left behind
+whatever happens to either process (where ``memfd_create`` is missing,
+results are pickled through the pipe as before).
+
 Stopping is clean: the workers ignore Ctrl-C (the terminal sends it to the
 whole process group) and only the parent handles it or SIGTERM, then stops
 them; an error in a worker is raised again in the parent, and a worker that
@@ -22,15 +30,18 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import mmap
 import multiprocessing as mp
 import os
 import pickle
 import queue
 import signal
+import socket
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from multiprocessing.reduction import recvfds, sendfds
 from typing import Any, TypeVar
 
 from .errors import CapeError
@@ -46,6 +57,11 @@ _STOP_SIGNALS = [
 _POLL_SECONDS = 0.5
 # How long a worker asked to stop may take before it is terminated.
 _STOP_SECONDS = 2.0
+# Results whose buffers add up to less go through the pipe as they are (a memfd,
+# its mapping and the descriptor passing cost more than copying a little).
+_SHARED_MIN_BYTES = 1 << 20
+# Out-of-band buffers start at multiples of this in the shared file (Arrow's alignment).
+_ALIGN = 64
 
 
 def default_workers() -> int:
@@ -135,10 +151,15 @@ class _Pool:
         ctx = mp.get_context("fork")
         self.tasks = [ctx.Queue() for _ in range(workers)]
         self.results = [ctx.Queue() for _ in range(workers)]
+        # (parent's end, worker's end) of the socket each worker passes shared results on.
+        self.channels = [
+            socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) if _HAVE_MEMFD else None
+            for _ in range(workers)
+        ]
         self.procs = [
             ctx.Process(
                 target=_work,
-                args=(fn, self.tasks[i], self.results[i]),
+                args=(fn, self.tasks[i], self.results[i], _end(self.channels[i], 1)),
                 name=f"cape-worker-{i + 1}",
                 daemon=True,
             )
@@ -178,6 +199,8 @@ class _Pool:
                 continue
             if status == "error":
                 raise value
+            if status == "shared":
+                return _unpack_shared(value, _end(self.channels[w], 0))
             return value
 
     def stop(self) -> None:
@@ -204,6 +227,10 @@ class _Pool:
             # Items still buffered for a stopped worker are dropped, not waited for.
             q.cancel_join_thread()
             q.close()
+        for pair in self.channels:
+            # Closing drops any descriptor still in flight, and so its memory.
+            for sock in pair or ():
+                sock.close()
 
 
 @contextlib.contextmanager
@@ -234,7 +261,65 @@ def _stop_signals_deferred() -> Iterator[None]:
             signal.raise_signal(noted[0])
 
 
-def _work(fn: Callable[[Any], Any], tasks: Any, results: Any) -> None:
+_HAVE_MEMFD = hasattr(os, "memfd_create") and hasattr(socket, "AF_UNIX")
+
+
+def _end(pair: tuple[socket.socket, socket.socket] | None, i: int) -> socket.socket | None:
+    return None if pair is None else pair[i]
+
+
+def _pack(result: Any, channel: socket.socket | None) -> tuple[str, Any]:
+    """What a worker puts on its result queue for ``result``.
+
+    Large results are pickled with their buffers out of band; the buffers go
+    into a memfd whose descriptor is sent on ``channel`` *before* the message
+    naming it is queued, so the parent, having the message, never waits for it.
+    """
+    if channel is None:
+        return ("ok", result)
+    buffers: list[pickle.PickleBuffer] = []
+    try:
+        head = pickle.dumps(result, protocol=5, buffer_callback=buffers.append)
+        views = [b.raw() for b in buffers]
+    except (BufferError, pickle.PicklingError, TypeError):
+        return ("ok", result)
+    layout = []
+    size = 0
+    for v in views:
+        layout.append((size, v.nbytes))
+        size += -(-v.nbytes // _ALIGN) * _ALIGN
+    if size < _SHARED_MIN_BYTES:
+        return ("ok", result)
+    fd = os.memfd_create("cape-result", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, size)
+        for (offset, _), v in zip(layout, views, strict=True):
+            done = 0
+            while done < v.nbytes:
+                done += os.pwrite(fd, v[done:], offset + done)
+        sendfds(channel, [fd])
+    finally:
+        os.close(fd)
+    return ("shared", (head, size, layout))
+
+
+def _unpack_shared(value: tuple[bytes, int, list[tuple[int, int]]], channel: Any) -> Any:
+    """In the parent: the result a worker packed, its buffers read in place from the memfd."""
+    head, size, layout = value
+    fd = recvfds(channel, 1)[0]
+    try:
+        shared = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+    finally:
+        os.close(fd)
+    # The mapping lives as long as the buffers unpickled onto it (the views hold it).
+    view = memoryview(shared)
+    # Our own worker's result, made by the plan it inherited: nothing untrusted is unpickled.
+    return pickle.loads(head, buffers=[view[o : o + n] for o, n in layout])  # noqa: S301
+
+
+def _work(
+    fn: Callable[[Any], Any], tasks: Any, results: Any, channel: socket.socket | None
+) -> None:
     """A worker's loop: items in, results (or the error) out, until told to stop."""
     # Ctrl-C reaches the whole process group; only the parent acts on it. SIGTERM
     # (from the parent's kill) ends the worker at once.
@@ -256,7 +341,7 @@ def _work(fn: Callable[[Any], Any], tasks: Any, results: Any) -> None:
         if item is None:
             return
         try:
-            results.put(("ok", fn(item)))
+            results.put(_pack(fn(item), channel))
         except Exception as exc:
             results.put(("error", _picklable(exc)))
 

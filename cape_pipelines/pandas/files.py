@@ -16,6 +16,7 @@ import pyarrow as pa
 
 from ..core import Counters, apply_batch
 from ..errors import TransformError
+from ..inputs import InputSet, ParquetSlice
 from ..io import FileJob
 from ..plan import Plan
 from ..pool import ordered_map
@@ -34,8 +35,19 @@ def apply_files_pandas(job: FileJob) -> Iterator[pa.RecordBatch]:
     # count within a batch).
     pending: deque[tuple[Path, int, int]] = deque()
 
-    def batches() -> Iterator[pa.RecordBatch]:
+    def batches() -> Iterator[pa.RecordBatch | ParquetSlice]:
         for path in inputs.files:
+            # With workers, each reads its own rows of a Parquet file: the parent, which
+            # also writes the output, would otherwise decode the whole input alone.
+            slices = None
+            if job.workers > 1 and inputs.format == "parquet":
+                slices = inputs.parquet_slices(path, job.batch_size)
+            if slices is not None:
+                for part in slices:
+                    pending.append((path, part.start, part.rows))
+                    progress(part.rows)
+                    yield part
+                continue
             start = 0
             for batch in inputs.file_batches(path, job.batch_size):
                 pending.append((path, start, batch.num_rows))
@@ -44,7 +56,7 @@ def apply_files_pandas(job: FileJob) -> Iterator[pa.RecordBatch]:
                 yield batch
 
     try:
-        for out, counters in ordered_map(_Apply(plan), batches(), job.workers):
+        for out, counters in ordered_map(_Apply(plan, inputs), batches(), job.workers):
             pending.popleft()
             job.counters.merge(counters)
             yield out
@@ -58,12 +70,17 @@ def apply_files_pandas(job: FileJob) -> Iterator[pa.RecordBatch]:
 
 
 class _Apply:
-    """One batch through the plan (a worker process inherits it when forked)."""
+    """One batch, or the rows of a :class:`ParquetSlice` read here, through the plan.
 
-    def __init__(self, plan: Plan):
+    A worker process inherits it (plan and keys included) when it is forked.
+    """
+
+    def __init__(self, plan: Plan, inputs: InputSet):
         self.plan = plan
+        self.inputs = inputs
 
-    def __call__(self, batch: pa.RecordBatch) -> tuple[pa.RecordBatch, Counters]:
+    def __call__(self, item: pa.RecordBatch | ParquetSlice) -> tuple[pa.RecordBatch, Counters]:
+        batch = self.inputs.read_slice(item) if isinstance(item, ParquetSlice) else item
         out, counters, _ = apply_batch(self.plan, batch)
         return out, counters
 

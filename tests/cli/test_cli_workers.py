@@ -20,8 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
 import pytest
 
+from cape_pipelines.inputs import InputSet
 from tests.cli._cli_support import run
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="fork and POSIX signals")
@@ -111,6 +114,76 @@ def test_two_workers_write_the_bytes_one_writes(capsys, tmp_path, keyed, suffix)
     assert same[0] == same[1]
 
 
+def _parquet(path: Path, rows: int, row_group: int, start: int = 0) -> Path:
+    table = pacsv.read_csv(_csv(path.with_suffix(".csv"), rows, start))
+    path.with_suffix(".csv").unlink()
+    pq.write_table(table, path, row_group_size=row_group)
+    return path
+
+
+# Row groups (of 1,000-row batches): aligned, smaller and straddling batches, larger
+# (then the parent reads that file itself), and uneven files in a directory.
+@pytest.mark.parametrize("groups", [(1_000, 1_000), (300, 700), (2_500, 2_500), (1_000, 2_500)])
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_parquet_read_by_the_workers_gives_the_bytes_one_process_writes(
+    capsys, tmp_path, keyed, groups, suffix
+):
+    (tmp_path / "p.yaml").write_text(POLICY)
+    src = tmp_path / "in"
+    src.mkdir()
+    _parquet(src / "a.parquet", 4_500, groups[0])
+    _parquet(src / "b.parquet", 2_300, groups[1], start=4_500)
+    one = _apply(capsys, tmp_path, src, tmp_path / f"one{suffix}", 1)
+    two = _apply(capsys, tmp_path, src, tmp_path / f"two{suffix}", 2)
+    assert one.code == 0 and two.code == 0, (one.err, two.err)
+    assert (tmp_path / f"one{suffix}").read_bytes() == (tmp_path / f"two{suffix}").read_bytes()
+    done = [
+        json.loads((tmp_path / f"audit-{w}-{suffix[1:]}.jsonl").read_text().splitlines()[-1])
+        for w in (1, 2)
+    ]
+    kept = sum(1 for i in range(6_800) if i % 90 >= 18)
+    for r in done:
+        assert r["event"] == "run.completed"
+        assert (r["rows_in"], r["rows_out"], r["rows_redacted"]) == (6_800, kept, 6_800 - kept)
+
+
+def test_with_workers_the_parent_does_not_decode_parquet_input(
+    capsys, tmp_path, keyed, monkeypatch
+):
+    (tmp_path / "p.yaml").write_text(POLICY)
+    src = _parquet(tmp_path / "in.parquet", 6_000, 1_000)
+    decoded: list[int] = []
+    real = InputSet.file_batches
+
+    def counted(self, path, batch_size=65_536):
+        for batch in real(self, path, batch_size):
+            decoded.append(os.getpid())
+            yield batch
+
+    monkeypatch.setattr(InputSet, "file_batches", counted)
+    two = _apply(capsys, tmp_path, src, tmp_path / "two.parquet", 2)
+    assert two.code == 0, two.err
+    # Each worker read its own rows (the forks' counts never reach this list).
+    assert decoded == []
+
+
+def test_a_parquet_error_in_a_worker_names_the_file_and_rows_as_one_process_does(
+    capsys, tmp_path, monkeypatch
+):
+    (tmp_path / "p.yaml").write_text(
+        "label: bad\nrules:\n  - match: {name: email}\n    actions:\n"
+        "      - transform: {type: token-reverser, key: {secret: siv}}\n"
+    )
+    monkeypatch.setenv("CAPE_KEY_SIV", KEYS["CAPE_KEY_SIV"])
+    src = _parquet(tmp_path / "in.parquet", 3_500, 700)
+    one = _apply(capsys, tmp_path, src, tmp_path / "one.csv", 1)
+    two = _apply(capsys, tmp_path, src, tmp_path / "two.csv", 2)
+    assert one.code == two.code != 0
+    assert "in the batch of data rows 1-1000" in one.err
+    assert one.err == two.err
+    assert not (tmp_path / "two.csv").exists()
+
+
 def test_an_error_in_a_worker_names_the_file_and_rows_as_one_process_does(
     capsys, tmp_path, monkeypatch
 ):
@@ -131,9 +204,14 @@ def test_an_error_in_a_worker_names_the_file_and_rows_as_one_process_does(
     assert not (tmp_path / "two.csv").exists()
 
 
-def _start(tmp_path: Path, rows: int, workers: int, **popen) -> subprocess.Popen[str]:
+def _start(
+    tmp_path: Path, rows: int, workers: int, fmt: str = "csv", **popen
+) -> subprocess.Popen[str]:
     (tmp_path / "p.yaml").write_text(POLICY)
-    _csv(tmp_path / "in.csv", rows)
+    if fmt == "csv":
+        src = _csv(tmp_path / "in.csv", rows)
+    else:  # the workers read their own row groups
+        src = _parquet(tmp_path / "in.parquet", rows, 2_000)
     (tmp_path / "out").mkdir()
     return subprocess.Popen(
         [
@@ -144,7 +222,7 @@ def _start(tmp_path: Path, rows: int, workers: int, **popen) -> subprocess.Popen
             "--policy",
             str(tmp_path / "p.yaml"),
             "--input",
-            str(tmp_path / "in.csv"),
+            str(src),
             "--output",
             str(tmp_path / "out" / "o.parquet"),
             "--batch-size",
@@ -195,8 +273,9 @@ def _assert_clean(tmp_path: Path, children: list[Any], error_type: str | None) -
     assert alive == []
 
 
-def test_sigterm_with_workers_stops_them_and_leaves_nothing(tmp_path):
-    proc = _start(tmp_path, 400_000, 2)
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_sigterm_with_workers_stops_them_and_leaves_nothing(tmp_path, fmt):
+    proc = _start(tmp_path, 400_000, 2, fmt)
     children = _workers_once_running(proc, tmp_path / "out", 2)
     proc.send_signal(signal.SIGTERM)
     err = _finish(proc)
@@ -205,8 +284,9 @@ def test_sigterm_with_workers_stops_them_and_leaves_nothing(tmp_path):
     _assert_clean(tmp_path, children, "Terminated")
 
 
-def test_ctrl_c_to_the_process_group_stops_parent_and_workers(tmp_path):
-    proc = _start(tmp_path, 400_000, 2, start_new_session=True)
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_ctrl_c_to_the_process_group_stops_parent_and_workers(tmp_path, fmt):
+    proc = _start(tmp_path, 400_000, 2, fmt, start_new_session=True)
     children = _workers_once_running(proc, tmp_path / "out", 2)
     # A terminal sends Ctrl-C to every process of the foreground group.
     os.killpg(proc.pid, signal.SIGINT)
@@ -216,8 +296,9 @@ def test_ctrl_c_to_the_process_group_stops_parent_and_workers(tmp_path):
     _assert_clean(tmp_path, children, None)
 
 
-def test_a_worker_killed_by_the_system_fails_the_run_instead_of_hanging(tmp_path):
-    proc = _start(tmp_path, 400_000, 2)
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_a_worker_killed_by_the_system_fails_the_run_instead_of_hanging(tmp_path, fmt):
+    proc = _start(tmp_path, 400_000, 2, fmt)
     children = _workers_once_running(proc, tmp_path / "out", 2)
     children[0].kill()  # what the out-of-memory killer does
     err = _finish(proc)
@@ -234,10 +315,11 @@ def test_workers_refused_for_engines_with_their_own_parallelism(capsys, tmp_path
     assert "--workers is for --engine pandas" in res.err
 
 
-def test_workers_end_when_the_parent_is_killed(tmp_path):
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_workers_end_when_the_parent_is_killed(tmp_path, fmt):
     # SIGKILL (the out-of-memory killer, kill -9) gives the parent no chance to stop
     # them: the workers notice their parent is gone and exit instead of waiting forever.
-    proc = _start(tmp_path, 400_000, 2)
+    proc = _start(tmp_path, 400_000, 2, fmt)
     children = _workers_once_running(proc, tmp_path / "out", 2)
     proc.kill()
     proc.communicate(timeout=60)

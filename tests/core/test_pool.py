@@ -8,9 +8,11 @@ index and audit counts.
 
 from __future__ import annotations
 
+import gc
 import multiprocessing as mp
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -18,12 +20,13 @@ import time
 import numpy as np
 import pandas as pd
 import pandas.testing as pdt
+import pyarrow as pa
 import pytest
 
 from cape_pipelines.audit import MemorySink
 from cape_pipelines.errors import TransformError
 from cape_pipelines.pandas import apply_policy
-from cape_pipelines.pool import ordered_map
+from cape_pipelines.pool import _HAVE_MEMFD, _pack, _unpack_shared, ordered_map
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="fork")
 
@@ -139,6 +142,51 @@ def test_ctrl_c_landing_while_a_worker_is_forked_is_not_lost() -> None:
         signal.signal(signal.SIGINT, previous)
     assert len(got) < 200
     assert set(mp.active_children()) <= before  # the workers were stopped
+
+
+def _big_batch(x: int) -> tuple[int, pa.RecordBatch]:
+    # 2 MiB of values per result: above the size that goes through the pipe.
+    return x, pa.record_batch({"v": pa.array(np.full(1 << 18, x, dtype=np.int64))})
+
+
+def _memfd_mappings() -> int:
+    with open("/proc/self/maps") as fh:
+        return sum("memfd:cape-result" in line for line in fh)
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not _HAVE_MEMFD, reason="memfd_create (Linux)")
+def test_large_results_are_read_in_place_from_shared_memory_and_leave_nothing() -> None:
+    gc.collect()  # pools of earlier tests may still hold descriptors until collected
+    fds = _open_fds()
+    got = list(ordered_map(_big_batch, range(6), 2))
+    assert [x for x, _ in got] == list(range(6))
+    for x, batch in got:
+        assert batch.column(0).to_numpy().tolist() == [x] * (1 << 18)
+    # Not copied out of a pipe: the values sit in the workers' memfds, mapped here.
+    assert _memfd_mappings() == 6
+    del got, batch
+    gc.collect()
+    # The memory, and the descriptor each mapping keeps, go with the last buffer using it.
+    assert _memfd_mappings() == 0
+    assert _open_fds() == fds
+
+
+@pytest.mark.skipif(not _HAVE_MEMFD, reason="memfd_create (Linux)")
+def test_small_results_and_odd_objects_still_go_through_the_pipe() -> None:
+    here, there = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with here, there:
+        assert _pack((1, "a"), there) == ("ok", (1, "a"))
+        assert _pack(pa.array([1, 2, 3]), there)[0] == "ok"  # below the threshold
+        status, value = _pack(_big_batch(3), there)
+        assert status == "shared"
+        x, batch = _unpack_shared(value, here)
+        assert x == 3 and batch.equals(_big_batch(3)[1])
+        del batch
+    assert _pack(_big_batch(3), None)[0] == "ok"  # no channel: the pipe, as before
 
 
 KEY = bytes(range(1, 33))
