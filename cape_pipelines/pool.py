@@ -262,6 +262,7 @@ def _stop_signals_deferred() -> Iterator[None]:
 
 
 _HAVE_MEMFD = hasattr(os, "memfd_create") and hasattr(socket, "AF_UNIX")
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
 
 def _end(pair: tuple[socket.socket, socket.socket] | None, i: int) -> socket.socket | None:
@@ -308,7 +309,9 @@ def _unpack_shared(value: tuple[bytes, int, list[tuple[int, int]]], channel: Any
     head, size, layout = value
     fd = recvfds(channel, 1)[0]
     try:
-        shared = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+        # Populated at once: one call maps every page, rather than a fault per page as
+        # the writer first reads it.
+        shared = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ)
     finally:
         os.close(fd)
     # The mapping lives as long as the buffers unpickled onto it (the views hold it).
