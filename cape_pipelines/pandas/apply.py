@@ -8,7 +8,8 @@ is the frame-level step Dask reuses on every partition.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 from copy import copy
 from typing import Any, TypeVar
 
@@ -53,33 +54,38 @@ def apply_frame(
         return result, Counters.of_counts(plan, rows_in=len(df), rows_out=len(df), values={})
     part = _FramePart(plan, df, converted or {})
     n = len(df)
-    if workers > 1 and n >= 2 * _MIN_SLICE:
-        size = max(_MIN_SLICE, -(-n // (workers * _SLICES_PER_WORKER)))
-        slices = [(start, min(n, start + size)) for start in range(0, n, size)]
-        done = list(ordered_map(part, slices, workers))
-    else:
-        done = [part((0, n))]
-    counters = done[0][1]
-    for d in done[1:]:
-        counters.merge(d[1])
-    if len(done) == 1:
-        out: Any = done[0][0]
-        kept = done[0][2]
-    else:
-        out = pa.Table.from_batches([d[0] for d in done], schema=done[0][0].schema)
-        kept = np.concatenate([d[2] for d in done])
+
+    def parts() -> Iterator[tuple[pa.RecordBatch, Counters, np.ndarray]]:
+        if workers > 1 and n >= 2 * _MIN_SLICE:
+            size = max(_MIN_SLICE, -(-n // (workers * _SLICES_PER_WORKER)))
+            bounds = [(start, min(n, start + size)) for start in range(0, n, size)]
+            yield from ordered_map(part, bounds, workers)
+        else:
+            yield part((0, n))
+
+    # Each slice's columns become pandas columns as the slice arrives, while the workers
+    # still work on the next ones, rather than all at the end in this process alone.
+    # Closing stops the workers at once if a conversion fails.
+    with contextlib.closing(parts()) as done:
+        out, counters, first_kept = next(done)
+        dtypes = {
+            c: _dtype_for(out.schema.field(c).type, df[c].dtype, new_strings, string_dtype)
+            for c in plan.transformed_columns
+        }
+        pieces = {c: [arrow_to_pandas(out.column(c), dtypes[c])] for c in dtypes}
+        kept_parts = [first_kept]
+        for out, more, kept_part in done:
+            counters.merge(more)
+            kept_parts.append(kept_part)
+            for c, dtype in dtypes.items():
+                pieces[c].append(arrow_to_pandas(out.column(c), dtype))
+    kept = kept_parts[0] if len(kept_parts) == 1 else np.concatenate(kept_parts)
     result = df.iloc[kept] if plan.filters_rows else df
     dropped = [c for c in plan.dropped if c in result.columns]
     # A shallow copy either way: the caller's frame is never modified.
     result = result.drop(columns=dropped) if dropped else result.copy(deep=False)
-    for c in plan.transformed_columns:
-        out_type = out.schema.field(c).type
-        dtype = pandas_dtype_for(out_type, df[c].dtype, new_strings)
-        if string_dtype is not None and (
-            pa.types.is_string(out_type) or pa.types.is_large_string(out_type)
-        ):
-            dtype = string_dtype
-        col = arrow_to_pandas(out.column(c), dtype)
+    for c, chunks in pieces.items():
+        col = chunks[0] if len(chunks) == 1 else pd.concat(chunks, ignore_index=True)
         col.index = result.index
         result[c] = col
     counters.rows_in = len(df)
@@ -88,6 +94,15 @@ def apply_frame(
     if list(result.columns) != names:
         result = result[names]
     return pd.DataFrame(result), counters
+
+
+def _dtype_for(out_type: pa.DataType, in_dtype: Any, new_strings: Any, string_dtype: Any) -> Any:
+    """The pandas dtype of a transformed column (``string_dtype`` first, for string columns)."""
+    if string_dtype is not None and (
+        pa.types.is_string(out_type) or pa.types.is_large_string(out_type)
+    ):
+        return string_dtype
+    return pandas_dtype_for(out_type, in_dtype, new_strings)
 
 
 # A frame is cut for workers only into slices of at least this many rows (fewer

@@ -241,6 +241,43 @@ def test_pandas_workers_give_the_one_process_frame(string_dtype: str | None) -> 
     assert done[1]["rows_in"] == 100_000
 
 
+def test_pandas_workers_give_the_one_process_dtypes_for_every_kind_of_column() -> None:
+    # Each slice's columns are converted as the slice arrives and joined at the end:
+    # the joined columns must have the very dtypes (and values) of one conversion.
+    n = 70_000
+    rng = np.random.default_rng(5)
+    emails = [f"u{i % 50_000}@x.org" if i % 11 else None for i in range(n)]
+    df = pd.DataFrame(
+        {
+            "email": emails,
+            "email_py": pd.array(emails, dtype="string[python]"),
+            "email_arrow": pd.array(emails, dtype=pd.ArrowDtype(pa.large_string())),
+            "score": pd.array([None if i % 7 == 0 else i for i in range(n)], dtype="Int64"),
+            "when": pd.date_range("2024-01-01", periods=n, freq="min", tz="UTC"),
+            "age": rng.integers(0, 90, n),
+        }
+    )
+    tokenize = {"type": "tokenizer", "key": {"secret": "k"}}
+    policy = {
+        "label": "kinds",
+        "rules": [
+            *(
+                {"match": {"name": c}, "actions": [{"transform": tokenize}]}
+                for c in ("email", "email_py", "email_arrow")
+            ),
+            {
+                "match": {"name": "score"},
+                "actions": [{"transform": {"type": "numeric-rounding", "precision": -1}}],
+            },
+            {"actions": [{"transform": {"type": "row-redact", "condition": "age < 18"}}]},
+        ],
+    }
+    one = apply_policy(policy, df, keys={"k": KEY}, audit=MemorySink(), workers=1)
+    two = apply_policy(policy, df, keys={"k": KEY}, audit=MemorySink(), workers=2)
+    pdt.assert_frame_equal(two, one)
+    assert list(two.dtypes) == list(one.dtypes)
+
+
 def test_pandas_workers_must_be_positive() -> None:
     with pytest.raises(ValueError, match="workers must be at least 1"):
         apply_policy(POLICY, _frame(3), keys={"k": KEY}, audit=MemorySink(), workers=0)
