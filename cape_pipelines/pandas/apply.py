@@ -9,7 +9,7 @@ is the frame-level step Dask reuses on every partition.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from copy import copy
 from typing import Any, TypeVar
 
@@ -55,7 +55,7 @@ def apply_frame(
     part = _FramePart(plan, df, converted or {})
     n = len(df)
 
-    def parts() -> Iterator[tuple[pa.RecordBatch, Counters, np.ndarray]]:
+    def parts() -> Generator[tuple[pa.RecordBatch, Counters, np.ndarray], None, None]:
         if workers > 1 and n >= 2 * _MIN_SLICE:
             size = max(_MIN_SLICE, -(-n // (workers * _SLICES_PER_WORKER)))
             bounds = [(start, min(n, start + size)) for start in range(0, n, size)]
