@@ -20,8 +20,15 @@ final rename): the bench measures it as the median wall time of the same
 command on a 10-row file and prints, beside the plain speed-up, the speed-up
 of the rest (wall time minus start-up), which is what the pool can change.
 
+``--baseline DIR`` runs the same matrix, interleaved in the same run, with
+``cape_pipelines`` imported from DIR (an exported older tree, e.g. ``git
+archive main | tar -x -C DIR``) and prints its table above this tree's, so a
+change is shown against what it replaces under the same load; every output of
+both trees must be the same bytes.
+
     python bench/cli_workers.py                       # 1,000,000 rows, workers 1 and 2
     python bench/cli_workers.py --rows 2000000 --workers 1,2,4 --repeat 5
+    python bench/cli_workers.py --baseline /tmp/cape-main   # before and after, one run
 """
 
 from __future__ import annotations
@@ -97,7 +104,7 @@ def _tree_rss(pid: int) -> int:
 
 
 def run_once(
-    src: Path, out: Path, policy: Path, workers: int, batch: int
+    src: Path, out: Path, policy: Path, workers: int, batch: int, tree: str | None = None
 ) -> tuple[float, float, int]:
     """(wall seconds, CPU seconds of the process tree, peak tree RSS bytes) of one run."""
     cmd = [
@@ -123,8 +130,14 @@ def run_once(
         os.devnull,
     ]
     env = {**os.environ, "CAPE_KEY_TOK": "ab" * 32}
+    if tree is not None:  # the baseline's package first on the path
+        env["PYTHONPATH"] = os.pathsep.join([tree, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # Run from the data directory: the current directory comes first on the path, and a
+    # source tree there would shadow the baseline.
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=src.parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     peak = 0
     done = threading.Event()
 
@@ -148,6 +161,31 @@ def run_once(
     return wall, usage.ru_utime + usage.ru_stime, peak
 
 
+Sample = tuple[float, float, int]
+
+
+def print_table(
+    title: str, rows: int, counts: list[int], results: dict[int, list[Sample]], start: float
+) -> None:
+    print(title)
+    header = (
+        f"{'workers':>7} {'wall s':>8} {'rows/s':>12} {'speed-up':>9} {'tree CPU s':>11} "
+        f"{'rows/CPU s':>11} {'peak MiB':>9} {'past start-up':>14}"
+    )
+    print(header)
+    print("-" * len(header))
+    base = statistics.median(r[0] for r in results[counts[0]])
+    for w in counts:
+        wall = statistics.median(r[0] for r in results[w])
+        cpu = statistics.median(r[1] for r in results[w])
+        peak = max(r[2] for r in results[w])
+        print(
+            f"{w:>7} {wall:8.2f} {rows / wall:12,.0f} {base / wall:8.2f}x {cpu:11.2f} "
+            f"{rows / cpu:11,.0f} {peak / 2**20:9.0f} "
+            f"{(base - start) / max(wall - start, 1e-9):13.2f}x"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=1_000_000)
@@ -155,8 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=65_536)
     ap.add_argument("--format", default="parquet", choices=["parquet", "csv"])
+    ap.add_argument("--baseline", help="a source tree to compare with, in the same run")
     args = ap.parse_args(argv)
     counts = [int(w) for w in args.workers.split(",")]
+    trees: list[str | None] = [None]
+    if args.baseline:
+        trees = [str(Path(args.baseline).resolve()), None]
     with tempfile.TemporaryDirectory(prefix="cape-bench-workers-") as tmp:
         d = Path(tmp)
         src = d / "in.parquet"
@@ -169,45 +211,34 @@ def main(argv: list[str] | None = None) -> int:
         )
         tiny = d / "tiny.parquet"
         write_input(tiny, 10)
-        results: dict[int, list[tuple[float, float, int]]] = {w: [] for w in counts}
-        startup: list[float] = []
+        results = {t: {w: [] for w in counts} for t in trees}
+        startup: dict[str | None, list[float]] = {t: [] for t in trees}
         reference: str | None = None
         for _ in range(args.repeat):
-            tiny_out = d / f"tiny-out.{args.format}"
-            startup.append(run_once(tiny, tiny_out, policy, 1, args.batch_size)[0])
-            for w in counts:
-                out = d / f"out-{w}.{args.format}"
-                results[w].append(run_once(src, out, policy, w, args.batch_size))
-                digest = hashlib.sha256(out.read_bytes()).hexdigest()
-                if reference is None:
-                    reference = digest
-                elif digest != reference:
-                    raise SystemExit(
-                        f"--workers {w} wrote different bytes from --workers {counts[0]}"
-                    )
-        start = statistics.median(startup)
-        header = (
-            f"{'workers':>7} {'wall s':>8} {'rows/s':>12} {'speed-up':>9} {'tree CPU s':>11} "
-            f"{'rows/CPU s':>11} {'peak MiB':>9} {'past start-up':>14}"
-        )
-        print(header)
-        print("-" * len(header))
-        base = statistics.median(r[0] for r in results[counts[0]])
-        for w in counts:
-            wall = statistics.median(r[0] for r in results[w])
-            cpu = statistics.median(r[1] for r in results[w])
-            peak = max(r[2] for r in results[w])
-            print(
-                f"{w:>7} {wall:8.2f} {args.rows / wall:12,.0f} {base / wall:8.2f}x {cpu:11.2f} "
-                f"{args.rows / cpu:11,.0f} {peak / 2**20:9.0f} "
-                f"{(base - start) / max(wall - start, 1e-9):13.2f}x"
-            )
+            for t in trees:
+                tiny_out = d / f"tiny-out.{args.format}"
+                startup[t].append(run_once(tiny, tiny_out, policy, 1, args.batch_size, t)[0])
+                for w in counts:
+                    out = d / f"out-{w}.{args.format}"
+                    results[t][w].append(run_once(src, out, policy, w, args.batch_size, t))
+                    digest = hashlib.sha256(out.read_bytes()).hexdigest()
+                    if reference is None:
+                        reference = digest
+                    elif digest != reference:
+                        raise SystemExit(
+                            f"--workers {w} ({t or 'this tree'}) wrote different bytes "
+                            f"from the first run"
+                        )
+        for t in trees:
+            start = statistics.median(startup[t])
+            title = f"## {'baseline ' + t if t else 'this tree'} (start-up {start:.2f} s)"
+            print_table(title, args.rows, counts, results[t], start)
         print(
-            f"# start-up (the same command on a 10-row file, median): {start:.2f} s; "
-            "'past start-up' is the speed-up of wall time minus start-up"
+            "# start-up: the same command on a 10-row file (median); 'past start-up' is the "
+            "speed-up of wall time minus start-up"
         )
         end = os.getloadavg()[0]
-        print(f"# outputs identical across worker counts; load average {end:.1f} at end")
+        print(f"# outputs identical across worker counts and trees; load average {end:.1f} at end")
     return 0
 
 
