@@ -194,7 +194,7 @@ class Tokenizer(KeyedTransformation):
             return None
         values = _as_binary(text)
         if self.algorithm == "cape-sha256":
-            return native.sha256_digests(values, suffix=key)
+            return native.sha256_digests(values, key)
         pads = ctx.state.get("hmac-pads")
         if pads is None:
             pads = ctx.state["hmac-pads"] = hmac_pads(key)
