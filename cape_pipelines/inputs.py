@@ -282,7 +282,11 @@ class InputSet:
             pf = _parquet_file(part.path)
             pieces = []
             skip, want = part.skip, part.rows
-            for batch in pf.iter_batches(batch_size=part.rows, row_groups=list(part.row_groups)):
+            # One thread: the other cores run the other workers.
+            rows = pf.iter_batches(
+                batch_size=part.rows, row_groups=list(part.row_groups), use_threads=False
+            )
+            for batch in rows:
                 if skip >= batch.num_rows:
                     skip -= batch.num_rows
                     continue
