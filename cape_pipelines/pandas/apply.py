@@ -9,6 +9,7 @@ is the frame-level step Dask reuses on every partition.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Generator, Mapping, Sequence
 from copy import copy
 from typing import Any, TypeVar
@@ -63,29 +64,40 @@ def apply_frame(
         else:
             yield part((0, n))
 
-    # Each slice's columns become pandas columns as the slice arrives, while the workers
-    # still work on the next ones, rather than all at the end in this process alone.
+    # Columns of Python-object-free dtypes become pandas columns slice by slice, as the
+    # slices arrive and while the workers still work on the next ones, rather than all
+    # at the end in this process alone. Columns holding Python objects are converted
+    # once, whole, as with one process: which values share one object depends on the
+    # whole column (and shows in a pickle of the frame).
     # Closing stops the workers at once if a conversion fails.
     with contextlib.closing(parts()) as done:
-        out, counters, first_kept = next(done)
+        first = next(done)
+        schema, counters = first[0].schema, first[1]
         dtypes = {
-            c: _dtype_for(out.schema.field(c).type, df[c].dtype, new_strings, string_dtype)
+            c: _dtype_for(schema.field(c).type, df[c].dtype, new_strings, string_dtype)
             for c in plan.transformed_columns
         }
-        pieces = {c: [arrow_to_pandas(out.column(c), dtypes[c])] for c in dtypes}
-        kept_parts = [first_kept]
-        for out, more, kept_part in done:
-            counters.merge(more)
+        early = {c for c, dtype in dtypes.items() if _holds_no_objects(dtype)}
+        pieces: dict[str, list[Any]] = {c: [] for c in dtypes}
+        kept_parts = []
+        for i, (out, counted, kept_part) in enumerate(itertools.chain([first], done)):
+            if i:
+                counters.merge(counted)
             kept_parts.append(kept_part)
-            for c, dtype in dtypes.items():
-                pieces[c].append(arrow_to_pandas(out.column(c), dtype))
+            for c in dtypes:
+                col = out.column(c)
+                pieces[c].append(arrow_to_pandas(col, dtypes[c]) if c in early else col)
     kept = kept_parts[0] if len(kept_parts) == 1 else np.concatenate(kept_parts)
     result = df.iloc[kept] if plan.filters_rows else df
     dropped = [c for c in plan.dropped if c in result.columns]
     # A shallow copy either way: the caller's frame is never modified.
     result = result.drop(columns=dropped) if dropped else result.copy(deep=False)
     for c, chunks in pieces.items():
-        col = chunks[0] if len(chunks) == 1 else pd.concat(chunks, ignore_index=True)
+        if c not in early:
+            whole = chunks[0] if len(chunks) == 1 else pa.chunked_array(chunks)
+            col = arrow_to_pandas(whole, dtypes[c])
+        else:
+            col = chunks[0] if len(chunks) == 1 else pd.concat(chunks, ignore_index=True)
         col.index = result.index
         result[c] = col
     counters.rows_in = len(df)
@@ -103,6 +115,18 @@ def _dtype_for(out_type: pa.DataType, in_dtype: Any, new_strings: Any, string_dt
     ):
         return string_dtype
     return pandas_dtype_for(out_type, in_dtype, new_strings)
+
+
+def _holds_no_objects(dtype: Any) -> bool:
+    """Whether a column of ``dtype`` holds no Python objects (so it converts slice by slice)."""
+    if isinstance(dtype, np.dtype):
+        return dtype.kind != "O"
+    if isinstance(dtype, pd.StringDtype):
+        return dtype.storage != "python"
+    if isinstance(dtype, pd.ArrowDtype | pd.DatetimeTZDtype | pd.BooleanDtype):
+        return True
+    # pandas' nullable integers and floats (Int64, Float64, ...).
+    return isinstance(dtype, pd.api.extensions.ExtensionDtype) and dtype.kind in "iuf"
 
 
 # A frame is cut for workers only into slices of at least this many rows (fewer

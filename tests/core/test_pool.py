@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import multiprocessing as mp
 import os
+import pickle
 import signal
 import socket
 import sys
@@ -276,6 +277,26 @@ def test_pandas_workers_give_the_one_process_dtypes_for_every_kind_of_column() -
     two = apply_policy(policy, df, keys={"k": KEY}, audit=MemorySink(), workers=2)
     pdt.assert_frame_equal(two, one)
     assert list(two.dtypes) == list(one.dtypes)
+
+
+def test_pandas_workers_share_string_objects_as_one_process_does() -> None:
+    # Equal tokens of a few-distinct column share one Python object (the conversion
+    # deduplicates them over the whole column): the frame pickles to the same bytes.
+    n = 70_000
+    df = pd.DataFrame(
+        {
+            "email": [f"u{i % 300}@x.org" for i in range(n)],
+            "email_py": pd.array([f"u{i % 300}@x.org" for i in range(n)], dtype="string[python]"),
+        }
+    )
+    tokenize = {"type": "tokenizer", "key": {"secret": "k"}}
+    policy = {
+        "label": "shared",
+        "rules": [{"match": {"name": c}, "actions": [{"transform": tokenize}]} for c in df.columns],
+    }
+    one = apply_policy(policy, df, keys={"k": KEY}, audit=MemorySink(), workers=1)
+    two = apply_policy(policy, df, keys={"k": KEY}, audit=MemorySink(), workers=2)
+    assert pickle.dumps(two) == pickle.dumps(one)
 
 
 def test_pandas_workers_must_be_positive() -> None:
