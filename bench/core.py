@@ -471,6 +471,21 @@ def measure(impl: str, case: Case, table: pa.Table, repeat: int) -> tuple[str, o
     return result
 
 
+def tokenizer_hash() -> str:
+    """Which SHA-256 the tokenizer uses here, found without importing DataFusion.
+
+    Importing it in this process would make every forked measurement fall back
+    to hashlib (see cape_pipelines/transforms/_native_sha256.py).
+    """
+    import importlib.metadata
+    import importlib.util
+
+    if importlib.util.find_spec("datafusion") is None:
+        return "hashlib loop (datafusion not installed: pip install cape-pipelines[fast])"
+    version = importlib.metadata.version("datafusion")
+    return f"DataFusion {version}, native, whole columns (hashlib under 2,048 values)"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=1_000_000)
@@ -493,6 +508,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{blocks / 4 / 1e6:.2f}M values/s (4 blocks), {blocks / 2 / 1e6:.2f}M with "
         "precomputed keyed states (2 blocks)"
     )
+    print(f"# tokenizer's SHA-256: {tokenizer_hash()}")
     header = (
         f"{'case':22} {'implementation':16} {'rows/s (wall)':>14} {'rows/s (cpu)':>14} "
         f"{'peak MiB':>9} {'vs ours':>8} {'wall':>7}"

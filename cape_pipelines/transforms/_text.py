@@ -358,8 +358,15 @@ def hex_fixed_width(digests: list[bytes], width: int) -> bytes:
     """The lower-case hex of equal-length ``digests``, each cut to ``width`` characters."""
     if not digests:
         return b""
-    full = binascii.hexlify(b"".join(digests))
-    per = len(full) // len(digests)
+    return hex_cut(b"".join(digests), len(digests), width)
+
+
+def hex_cut(joined: bytes, count: int, width: int) -> bytes:
+    """Lower-case hex of ``count`` equal-length digests held back to back, each cut to ``width``."""
+    if not count:
+        return b""
+    full = binascii.hexlify(joined)
+    per = len(full) // count
     if width >= per:
         return full
     return np.frombuffer(full, dtype=np.uint8).reshape(-1, per)[:, :width].tobytes()

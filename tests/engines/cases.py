@@ -97,6 +97,13 @@ WORDS = ["alice", "Zoë", "", None, "李雷", "🙂 emoji", "alice"]
 
 STRINGS = pa.table({"id": pa.array(range(len(WORDS)), pa.int64()), "s": pa.array(WORDS)})
 
+# Enough values per batch for the tokenizer's native batch hash (DataFusion, 2,048 values
+# and up) on every engine's batches, with nulls, repeats and multi-byte text among them.
+MANY_WORDS = [
+    None if i % 97 == 0 else f"user{i % 11_000}@exämple.com" + "é" * (i % 70) for i in range(12_000)
+]
+MANY = pa.table({"id": pa.array(range(len(MANY_WORDS)), pa.int64()), "s": pa.array(MANY_WORDS)})
+
 NS = pa.timestamp("ns")
 US_UTC = pa.timestamp("us", tz="UTC")
 NS_PARIS = pa.timestamp("ns", tz="Europe/Paris")
@@ -243,6 +250,32 @@ CASES: list[Case] = [
         STRINGS,
         policy(on("s", {"type": "tokenizer", "key": {"secret": "tok"}})),
         _with(STRINGS, "s", pa.array([hmac_token(w) for w in WORDS], pa.string())),
+    ),
+    Case(
+        "tokenizer-hmac-many-values",
+        MANY,
+        policy(
+            on("s", {"type": "tokenizer", "key": {"secret": "tok"}}),
+            {
+                "match": {"name": "id"},
+                "actions": [
+                    {
+                        "transform": {
+                            "type": "tokenizer",
+                            "key": {"secret": "tok"},
+                            "algorithm": "cape-sha256",
+                            "max_token_len": 20,
+                        }
+                    }
+                ],
+            },
+        ),
+        pa.table(
+            {
+                "id": pa.array([cape_sha256_token(str(i))[:20] for i in range(len(MANY_WORDS))]),
+                "s": pa.array([hmac_token(w) for w in MANY_WORDS], pa.string()),
+            }
+        ),
     ),
     Case(
         "tokenizer-hmac-max-len",
