@@ -151,6 +151,23 @@ def _cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _tree_cpu_seconds(root: int) -> float | None:
+    """CPU time of ``root`` and its direct children (a PostgreSQL postmaster and its
+    backends), or None without /proc. A child that ended between two samples drops out,
+    so this is a lower bound; the pooled connections live through a measured run."""
+    total = _cpu_seconds(root)
+    if total is None:
+        return None
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == root:
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
 def _batch(run_id: str, size: int) -> tuple[bytes, int]:
     now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
     records = [
@@ -200,7 +217,12 @@ def _client_loop(
 
 
 def _run(
-    args: argparse.Namespace, db: str, extra: list[str], replicas: int, pin: Pinning
+    args: argparse.Namespace,
+    db: str,
+    extra: list[str],
+    replicas: int,
+    pin: Pinning,
+    db_pid: int | None = None,
 ) -> dict[str, object]:
     """One measured run against ``replicas`` serving processes on one database."""
     pin.server()
@@ -225,6 +247,7 @@ def _run(
         pin.clients()
         load_before = os.getloadavg()[0]
         cpu_before = [_cpu_seconds(p.pid) for p in procs]
+        db_before = _tree_cpu_seconds(db_pid) if db_pid else None
         start = time.monotonic()
         stop = start + args.seconds
         threads = [
@@ -248,6 +271,7 @@ def _run(
             t.join()
         elapsed = time.monotonic() - start
         cpu_after = [_cpu_seconds(p.pid) for p in procs]
+        db_after = _tree_cpu_seconds(db_pid) if db_pid else None
         load_after = os.getloadavg()[0]
         verify = Client(urls[-1], auditor, timeout=(3, 600)).verify_audit()
         stored = distinct = 0
@@ -286,6 +310,9 @@ def _run(
         "intact": verify["intact"],
         "entries": verify["count"],
         "cpu": cpu,
+        "db_cpu": (db_after - db_before) / elapsed
+        if db_before is not None and db_after is not None
+        else None,
         "load": (load_before, load_after),
     }
 
@@ -416,6 +443,11 @@ def main() -> int:
             finally:
                 pin.release()
             try:
+                postmaster = (cluster.data / "postmaster.pid").read_text().split()[0]
+                db_pid: int | None = int(postmaster)
+            except (OSError, ValueError, IndexError):
+                db_pid = None
+            try:
                 for i, n in enumerate(counts):
                     extra = [
                         "--key-file",
@@ -423,7 +455,7 @@ def main() -> int:
                         "--config",
                         str(Path(tmp) / f"c{i}.json"),
                     ]
-                    results.append(_run(args, cluster.new_database("bench"), extra, n, pin))
+                    results.append(_run(args, cluster.new_database("bench"), extra, n, pin, db_pid))
             finally:
                 cluster.stop()
             backend = "postgresql (throwaway cluster, fsync off)"
@@ -437,6 +469,9 @@ def main() -> int:
     ok = True
     for r in results:
         cpu = f"{r['cpu']:.2f}" if r["cpu"] is not None else "-"
+        if r["db_cpu"] is not None:
+            # The database shares the server's CPU: its part of the core, beside the coordinator's.
+            cpu += f" + db {r['db_cpu']:.2f}"
         print(
             f"{r['replicas']:>8}  {r['rps']:>9,.0f}  {r['p50']:>6.1f}  {r['p99']:>6.1f}"
             f"  {r['requests']:>8} {len(r['errors']):>6}"  # type: ignore[arg-type]

@@ -23,7 +23,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .crypto import CoordinatorSetupError
-from .services.orchestrators import Endpoint
+from .services.orchestrator_apis import Endpoint
 from .sinks.config import SinkConfig, parse_sinks
 
 

@@ -58,6 +58,23 @@ def _sqlite_insert_audit(n_rows: int) -> str:
     )
 
 
+def _pg_insert_audit() -> str:
+    """``INSERT INTO audit (...) SELECT * FROM unnest(...)`` with one array parameter per
+    column, each holding that column for every row. ``%(name)b`` asks psycopg for the
+    binary format: its text format escapes every element of an array in Python, which
+    for the bodies costs more than the whole insert."""
+    arrays = ", ".join(
+        f"CAST(%({c})b AS {'INTEGER[]' if c == 'seq' else 'TEXT[]'})" for c in AUDIT_COLS
+    )
+    return (
+        f"INSERT INTO audit ({', '.join(AUDIT_COLS)}) "  # noqa: S608 - our own column names
+        f"SELECT * FROM unnest({arrays})"
+    )
+
+
+_PG_INSERT_AUDIT = _pg_insert_audit()
+
+
 @dataclass
 class VerifyResult:
     """The outcome of checking the audit chain."""
@@ -175,6 +192,9 @@ class AuditChain:
         self._signer = signer
         self._copies = copies
         self._lock = threading.Lock()
+        # (connection, count, last hash) of the open write transaction on PostgreSQL, read
+        # under its row lock; set and cleared by write() while it holds the process lock.
+        self._head: tuple[Connection, int, str] | None = None
         self._checkpointed = time.monotonic()
         # Called (without arguments, must not block) after a commit that appended entries:
         # the audit sinks' dispatchers wake up on it instead of waiting for their next poll.
@@ -191,9 +211,14 @@ class AuditChain:
                     if not self.sqlite:
                         # One writer at a time across replicas (SQLite's BEGIN IMMEDIATE does
                         # this there): checks made in the transaction, such as the next
-                        # activation number of a label, hold until it commits.
-                        self.anchor(conn)
-                    yield conn, appended
+                        # activation number of a label, hold until it commits. The head read
+                        # under the lock is kept for this transaction's appends (one round
+                        # trip fewer each); only append_rows moves it, and it updates it.
+                        self._head = (conn, *self.anchor(conn))
+                    try:
+                        yield conn, appended
+                    finally:
+                        self._head = None
             self._copies.write(appended)
             if appended:
                 for listener in self.listeners:
@@ -247,7 +272,12 @@ class AuditChain:
         move the signed anchor once for all of them."""
         if not rows:
             return
-        count, prev = self.anchor(conn)
+        head = self._head
+        mine = head is not None and head[0] is conn
+        if head is not None and mine:
+            _, count, prev = head
+        else:
+            count, prev = self.anchor(conn)
         for row in rows:
             count += 1
             row["seq"] = count
@@ -262,6 +292,10 @@ class AuditChain:
                 chunk = rows[i : i + step]
                 params = tuple(v for r in chunk for v in _AUDIT_VALUES(r))
                 conn.exec_driver_sql(_sqlite_insert_audit(len(chunk)), params)
+        elif self.engine.dialect.name == "postgresql":
+            # One statement for all the rows, one array per column: the driver's executemany
+            # sends (and the server plans and runs) one INSERT per row.
+            conn.exec_driver_sql(_PG_INSERT_AUDIT, {c: [r[c] for r in rows] for c in AUDIT_COLS})
         else:
             conn.execute(insert(db.audit), [{c: r[c] for c in AUDIT_COLS} for r in rows])
         anchor = {
@@ -274,6 +308,8 @@ class AuditChain:
             .where(db.settings.c.name == "audit_anchor")
             .values(value=json.dumps(anchor))
         )
+        if mine:
+            self._head = (conn, count, prev)
         rows[-1]["anchor"] = anchor
         appended.extend(rows)
 

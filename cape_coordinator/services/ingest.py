@@ -53,6 +53,17 @@ _KNOWN_IDS = select(db.audit.c.record_id, db.audit.c.body).where(
     db.audit.c.sender == bindparam("sender"),
     db.audit.c.record_id.in_(bindparam("ids", expanding=True)),
 )
+# PostgreSQL: one unique-index probe per id. With ``record_id IN (...)`` the planner,
+# lacking statistics on a young table (or misjudging how many records one sender has),
+# scanned every record of the sender and filtered them against the list: a cost growing
+# with the sender's whole history, paid inside the chain's lock by every group. The
+# LIMIT keeps the lateral subquery from being flattened into a join the planner could
+# turn back into that scan; (sender, record_id) is unique, so it drops nothing.
+_PG_KNOWN_IDS = (
+    "SELECT a.record_id, a.body FROM unnest(CAST(%(ids)b AS TEXT[])) AS i(rid) CROSS JOIN"
+    " LATERAL (SELECT record_id, body FROM audit WHERE sender = %(sender)s"
+    " AND record_id = i.rid LIMIT 1) AS a"
+)
 _CANON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
 
 
@@ -371,15 +382,15 @@ class AuditIngest:
     def _commit_group(self, group: Sequence[PendingBatch]) -> list[dict[str, int]]:
         """One transaction for several batches: duplicates are checked against the database
         and against earlier batches of the group, then every fresh record is chained."""
+        # chain.write() takes the chain's row lock (PostgreSQL) or BEGIN IMMEDIATE (SQLite)
+        # before the duplicate check, so two servers given the same record cannot both
+        # decide it is new.
         with self.chain.write() as (conn, appended):
-            if not self.chain.sqlite:
-                # Take the chain's row lock before the duplicate check, so two servers
-                # given the same record cannot both decide it is new.
-                self.chain.anchor(conn)
             ids = [(row["sender"], row["record_id"]) for batch in group for row in batch.rows]
             known = self._known_ids(conn, ids)
             run_ids = {rec["run_id"] for batch in group for rec in batch.records}
-            bound = self.runs.bindings(conn, run_ids)
+            stored = self.runs.stored(conn, run_ids)
+            bound = {k: (r["sender"], r["label"]) for k, r in stored.items()}
             results: list[dict[str, int] | ApiError] = []
             fresh_rows: list[dict[str, Any]] = []
             fresh_records: list[tuple[dict[str, Any], str]] = []
@@ -399,7 +410,10 @@ class AuditIngest:
                 results.append({"accepted": len(rows), "duplicates": batch.sent - len(rows)})
             self.chain.append_rows(conn, appended, fresh_rows)
             self.runs.fold(
-                conn, fresh_records, senders={r["run_id"]: r["sender"] for r in fresh_rows}
+                conn,
+                fresh_records,
+                senders={r["run_id"]: r["sender"] for r in fresh_rows},
+                stored=stored,
             )
         return results  # type: ignore[return-value]
 
@@ -470,6 +484,9 @@ class AuditIngest:
                 if self.chain.sqlite:
                     # Plain SQL: compiling SQLAlchemy's expanding IN costs more than the lookups.
                     rows = conn.exec_driver_sql(_sqlite_known_ids(len(chunk)), (sender, *chunk))
+                elif self.engine.dialect.name == "postgresql":
+                    # Binary array (%b): the text format escapes each element in Python.
+                    rows = conn.exec_driver_sql(_PG_KNOWN_IDS, {"sender": sender, "ids": chunk})
                 else:
                     rows = conn.execute(_KNOWN_IDS, {"sender": sender, "ids": chunk})
                 seen.update(((sender, r[0]), r[1]) for r in rows)

@@ -65,40 +65,42 @@ class RunService:
         self.engine = engine
         self.lost_after_seconds = lost_after_seconds
 
+    @staticmethod
+    def stored(conn: Connection, run_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """run id -> summary row of the runs already stored, among ``run_ids``."""
+        ids = list(run_ids)
+        out: dict[str, dict[str, Any]] = {}
+        for i in range(0, len(ids), 500):
+            rows = conn.execute(select(db.runs).where(db.runs.c.run_id.in_(ids[i : i + 500])))
+            out.update((r["run_id"], dict(r)) for r in rows.mappings())
+        return out
+
     def bindings(
         self, conn: Connection, run_ids: Iterable[str]
     ) -> dict[str, tuple[str | None, str | None]]:
         """run id -> (sending token, label) of the runs already known."""
-        ids = list(run_ids)
-        out: dict[str, tuple[str | None, str | None]] = {}
-        for i in range(0, len(ids), 500):
-            rows = conn.execute(
-                select(db.runs.c.run_id, db.runs.c.sender, db.runs.c.label).where(
-                    db.runs.c.run_id.in_(ids[i : i + 500])
-                )
-            )
-            out.update((r[0], (r[1], r[2])) for r in rows)
-        return out
+        return {k: (r["sender"], r["label"]) for k, r in self.stored(conn, run_ids).items()}
 
     def fold(
         self,
         conn: Connection,
         records: Sequence[tuple[dict[str, Any], str]],
         senders: Mapping[str, str | None] | None = None,
+        stored: Mapping[str, dict[str, Any]] | None = None,
     ) -> None:
         """Fold (record, received_at) pairs into the runs' summary rows; a new run (or one
-        stored before senders were kept) is bound to ``senders[run_id]``."""
+        stored before senders were kept) is bound to ``senders[run_id]``. ``stored`` is
+        what :meth:`stored` returned in this transaction for (at least) these runs, when
+        the caller has it: the rows are then not read again."""
         by_run: dict[str, list[tuple[dict[str, Any], str]]] = {}
         for rec, stamp in records:
             by_run.setdefault(rec["run_id"], []).append((rec, stamp))
         if not by_run:
             return
-        existing = {
-            r["run_id"]: dict(r)
-            for r in conn.execute(
-                select(db.runs).where(db.runs.c.run_id.in_(list(by_run)))
-            ).mappings()
-        }
+        if stored is None:
+            existing = self.stored(conn, by_run)
+        else:
+            existing = {k: dict(stored[k]) for k in by_run if k in stored}
         inserts, updates = [], []
         started: list[tuple[dict[str, Any], dict[str, Any]]] = []
         for run_id, recs in by_run.items():

@@ -3,18 +3,26 @@
 Tokens are stored hashed; a verified token is remembered for
 ``TOKEN_CACHE_SECONDS`` so most requests cost no database read, and a
 revocation through this process evicts it at once.
+
+Every run by label mints a worker (or audit-writer) token, so their rows would
+pile up; a mint also deletes, in a bounded pass at most once a minute per
+process, the minted tokens that expired more than
+``MINTED_TOKEN_GRACE_SECONDS`` ago. Only those: admin and user tokens are
+never deleted, and the chain's ``token.created`` record of a pruned token
+still says it existed, who minted it and until when.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import insert, or_, select, update
+from sqlalchemy import and_, delete, insert, or_, select, update
 
 from cape_pipelines.policy.models import LABEL_RE
 
@@ -41,6 +49,16 @@ _TOKEN_CACHE_MAX = 4096
 WORKER_TOKEN_MAX_SECONDS = 24 * 3600
 # The names of the tokens a pipeline token mints, by role: revoking it revokes them.
 _MINTED_PREFIX = {WORKER_ROLE: "worker-of", AUDIT_WRITER_ROLE: "audit-of"}
+# A minted token's row is deleted this long after it expired: until then a job that comes
+# back late still gets a clear 401 token_expired rather than "invalid token".
+MINTED_TOKEN_GRACE_SECONDS = 24 * 3600
+# One pruning pass deletes at most this many rows, so a mint never waits on a long delete;
+# a full pass lets the next mint prune again at once (a backlog drains a batch per mint).
+MINTED_PRUNE_BATCH = 1000
+# Otherwise a process prunes at most this often: a pass scans the token table.
+MINTED_PRUNE_INTERVAL_SECONDS = 60.0
+
+log = logging.getLogger("cape_coordinator.tokens")
 
 
 def token_info(row: Mapping[Any, Any]) -> dict[str, Any]:
@@ -71,6 +89,9 @@ class TokenService:
         self._cache: dict[str, tuple[float, str, Principal, float | None]] = {}
         self._cache_lock = threading.Lock()
         self._revocations = 0
+        self._prune_lock = threading.Lock()
+        # When this process last began a pruning pass (monotonic; None: prune at the next mint).
+        self._pruned_at: float | None = None
 
     def create(
         self,
@@ -207,7 +228,60 @@ class TokenService:
                 labels=[label],
                 expires_at=expires_at,
             )
+        self._prune_if_due()
         return info, token
+
+    def _prune_if_due(self) -> None:
+        """Run a pruning pass if this process's interval has passed (after a mint committed:
+        a failing pass is logged and never fails the mint)."""
+        with self._prune_lock:
+            now = time.monotonic()
+            last = self._pruned_at
+            if last is not None and now - last < MINTED_PRUNE_INTERVAL_SECONDS:
+                return
+            # Claimed before the pass, so concurrent mints skip rather than queue behind it.
+            self._pruned_at = now
+        try:
+            pruned = self.prune_expired()
+        except Exception as exc:
+            log.error("pruning expired minted tokens failed: %s", type(exc).__name__)
+            return
+        if pruned >= MINTED_PRUNE_BATCH:
+            with self._prune_lock:
+                self._pruned_at = None
+
+    def prune_expired(self) -> int:
+        """Delete up to ``MINTED_PRUNE_BATCH`` worker and audit-writer token rows that expired
+        more than ``MINTED_TOKEN_GRACE_SECONDS`` ago; returns how many.
+
+        No other token is ever deleted (an admin or user token stays however long it has
+        expired), nor any audit record: each pruned token's ``token.created`` stays in the
+        chain. Safe on several replicas at once (a row two passes pick is deleted once).
+        """
+        cutoff = db.format_time(datetime.now(UTC) - timedelta(seconds=MINTED_TOKEN_GRACE_SECONDS))
+        prunable = and_(
+            db.tokens.c.role.in_(tuple(_MINTED_PREFIX)),
+            db.tokens.c.expires_at.is_not(None),
+            db.tokens.c.expires_at < cutoff,
+        )
+        # Queued behind this process's other writers; SQLite's BEGIN IMMEDIATE, as for them.
+        with self.chain.write_lock, self.engine.connect() as conn:
+            conn.execution_options(cape_write=True)
+            with conn.begin():
+                ids = [
+                    r[0]
+                    for r in conn.execute(
+                        select(db.tokens.c.id).where(prunable).limit(MINTED_PRUNE_BATCH)
+                    )
+                ]
+                if ids:
+                    conn.execute(delete(db.tokens).where(db.tokens.c.id.in_(ids), prunable))
+        if ids:
+            with self._cache_lock:
+                for gone in ids:
+                    self._cache.pop(gone, None)
+            log.info("pruned %d expired worker/audit-writer token(s)", len(ids))
+        return len(ids)
 
     def revoke(self, actor: Principal, token_id: str) -> dict[str, Any]:
         """Revoke a token by id (refused if unknown or already revoked), and the worker and

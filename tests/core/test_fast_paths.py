@@ -188,6 +188,27 @@ def test_bulk_siv_equals_cryptography_on_random_lengths_and_batches(key_len: int
         assert ok.all() and _unpacked(plain, plain_offsets) == values
 
 
+@pytest.mark.parametrize("chunk", [None, 5])
+def test_bulk_siv_equals_cryptography_across_its_chunks(chunk: int | None, monkeypatch) -> None:
+    # Groups of 1, 2 and 3 blocks, each larger than the value-blocks done per numpy pass
+    # (the module's own chunk, then a tiny one), so every group is cut, mid-group included.
+    from cape_pipelines.transforms import _siv
+
+    if chunk is not None:
+        monkeypatch.setattr(_siv, "_CHUNK", chunk)
+    rng = random.Random(4096)
+    per_group = _siv._CHUNK + 3 if chunk is None else 23
+    values = [rng.randbytes(rng.randrange(lo, hi)) for lo, hi in [(0, 17), (17, 33), (33, 49)]
+              for _ in range(per_group)]  # fmt: skip
+    rng.shuffle(values)
+    key = rng.randbytes(32)
+    data, offsets = BulkSiv(key).seal(*_packed(values))
+    reference = [AESSIV(key).encrypt(v, None) for v in values]
+    assert _unpacked(data, offsets) == reference
+    plain, plain_offsets, ok = BulkSiv(key).open(*_packed(reference))
+    assert ok.all() and _unpacked(plain, plain_offsets) == values
+
+
 def test_bulk_siv_rejects_every_altered_byte_and_keeps_the_others() -> None:
     key = bytes(range(32))
     values = [f"value {i}".encode() * (i % 4 + 1) for i in range(50)]
