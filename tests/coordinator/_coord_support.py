@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import requests
@@ -160,3 +161,19 @@ def policy_doc(label: str, column: str = "ssn", key: str | None = None) -> dict[
             }
         )
     return {"label": label, "rules": rules}
+
+
+def fetched_records(run_id: str, n: int, label: str, note: str) -> list[dict[str, object]]:
+    """``n`` fresh ``policy.fetched`` run records of ``run_id``, for the ingest tests."""
+    return [
+        {
+            "record_id": str(uuid.uuid4()),
+            "run_id": run_id,
+            "event": "policy.fetched",
+            "time": "2024-05-01T12:00:00.000001Z",
+            "engine": "test",
+            "policy": {"label": label, "version": 1, "sha256": "ab"},
+            "note": note,
+        }
+        for _ in range(n)
+    ]

@@ -12,13 +12,12 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from _coord_support import Server, run_cli
+from _coord_support import Server, fetched_records, run_cli
 
 from cape_coordinator.config import Paths, Settings
 from cape_coordinator.crypto import CoordinatorSetupError
@@ -34,18 +33,7 @@ PIPELINE = Principal(token_id="t", name="perf-pipeline", role="pipeline", labels
 
 
 def _records(run_id: str, n: int) -> list[dict[str, object]]:
-    return [
-        {
-            "record_id": str(uuid.uuid4()),
-            "run_id": run_id,
-            "event": "policy.fetched",
-            "time": "2024-05-01T12:00:00.000001Z",
-            "engine": "test",
-            "policy": {"label": "perf", "version": 1, "sha256": "ab"},
-            "note": "ünïcode and \u2028 kept",
-        }
-        for _ in range(n)
-    ]
+    return fetched_records(run_id, n, "perf", "ünïcode and \u2028 kept")
 
 
 def _db_counts(db: Path) -> tuple[int, int, dict[str, int]]:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _coord_support import fetched_records
 from sqlalchemy import event
 
 from cape_coordinator.config import Paths, Settings
@@ -27,19 +28,10 @@ PIPELINE = Principal(token_id="t-pg", name="pg-pipeline", role="pipeline", label
 ADMIN = Principal(token_id="-", name="pg-admin", role="admin")
 
 
-def _records(run_id: str, n: int) -> list[dict[str, Any]]:
-    return [
-        {
-            "record_id": str(uuid.uuid4()),
-            "run_id": run_id,
-            "event": "policy.fetched",
-            "time": "2024-05-01T12:00:00.000001Z",
-            "engine": "test",
-            "policy": {"label": "pg", "version": 1, "sha256": "ab"},
-            "note": 'ünïcode, "quotes", back\\slash, {braces} and \u2028 kept',
-        }
-        for _ in range(n)
-    ]
+def _records(run_id: str, n: int) -> list[dict[str, object]]:
+    return fetched_records(
+        run_id, n, "pg", 'ünïcode, "quotes", back\\slash, {braces} and \u2028 kept'
+    )
 
 
 @pytest.fixture
