@@ -91,10 +91,14 @@ def available() -> bool:
 
 def sha256_digests(values: pa.Array, suffix: bytes) -> bytes | None:
     """SHA-256(v || suffix) of each ``v``, 32 bytes each back to back; None if unusable here."""
-    from datafusion import col, lit
-    from datafusion import functions as f
 
-    return _digests(values, lambda: f.sha256(f.concat(col("m"), lit(suffix))))
+    def expression() -> Any:
+        from datafusion import col, lit
+        from datafusion import functions as f
+
+        return f.sha256(f.concat(col("m"), lit(suffix)))
+
+    return _digests(values, expression)
 
 
 def hmac_sha256_digests(values: pa.Array, inner_pad: bytes, outer_pad: bytes) -> bytes | None:
@@ -105,10 +109,13 @@ def hmac_sha256_digests(values: pa.Array, inner_pad: bytes, outer_pad: bytes) ->
     ``SHA-256(outer_pad || SHA-256(inner_pad || v))``, one expression per
     chunk, so the inner digests never come back to Python.
     """
-    from datafusion import col, lit
-    from datafusion import functions as f
 
     def expression() -> Any:
+        # Imported here, once the session exists: where DataFusion is missing (or
+        # must not be used) nothing of it is touched.
+        from datafusion import col, lit
+        from datafusion import functions as f
+
         inner = f.sha256(f.concat(lit(inner_pad), col("m")))
         return f.sha256(f.concat(lit(outer_pad), inner))
 

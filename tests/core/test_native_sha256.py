@@ -200,6 +200,22 @@ def test_same_tokens_without_datafusion(monkeypatch: pytest.MonkeyPatch) -> None
     assert tokens(pa.array(values, pa.binary())) == with_native == expected_hmac(values)
 
 
+@pytest.mark.parametrize("algorithm", ["hmac-sha256", "cape-sha256"])
+def test_same_tokens_where_datafusion_cannot_be_imported(
+    monkeypatch: pytest.MonkeyPatch, algorithm: str
+) -> None:
+    # As in an environment without the fast extra (the Flink venv): importing fails.
+    import sys
+
+    values = varied(N)
+    expected = tokens(pa.array(values, pa.binary()), algorithm=algorithm)
+    monkeypatch.setitem(sys.modules, "datafusion", None)
+    monkeypatch.setattr(native, "_local", threading.local())
+    monkeypatch.setattr(native, "_disabled", False)
+    assert tokens(pa.array(values, pa.binary()), algorithm=algorithm) == expected
+    assert not native.available()
+
+
 def test_threads_hash_at_once(spy: list[int]) -> None:
     # Dask's threaded scheduler calls the core from several threads: one session each.
     values = [[*varied(N)[i:], f"t{i}".encode()] for i in range(4)]
