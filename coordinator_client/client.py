@@ -655,13 +655,15 @@ class Client:
         most a day, never past this client's token). The result's ``token``
         is shown this once.
         """
+        return self._mint(label, "worker-tokens", expires_in)
+
+    def _mint(self, label: str, kind: str, expires_in: int | None) -> dict[str, Any]:
+        """POST ``/v1/labels/{label}/{kind}`` with the lifetime (default: the worker TTL)."""
         if expires_in is None:
             expires_in = _worker_token_ttl()
         return cast(
             "dict[str, Any]",
-            self._json(
-                "POST", f"/v1/labels/{label}/worker-tokens", json_body={"expires_in": expires_in}
-            ),
+            self._json("POST", f"/v1/labels/{label}/{kind}", json_body={"expires_in": expires_in}),
         )
 
     def worker_keys(self, label: str, expires_in: int | None = None) -> CoordinatorKeys:
@@ -678,14 +680,7 @@ class Client:
 
         Lifetime as for :meth:`mint_worker_token`. The result's ``token`` is shown this once.
         """
-        if expires_in is None:
-            expires_in = _worker_token_ttl()
-        return cast(
-            "dict[str, Any]",
-            self._json(
-                "POST", f"/v1/labels/{label}/audit-tokens", json_body={"expires_in": expires_in}
-            ),
-        )
+        return self._mint(label, "audit-tokens", expires_in)
 
     def worker_audit_sink(self, label: str, expires_in: int | None = None) -> SpoolSink:
         """A spool sink for workers that write ``label``'s run records (Beam's), posting with

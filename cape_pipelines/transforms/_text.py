@@ -354,13 +354,6 @@ def gather_fixed_width(
     return pa.StringArray.from_buffers(n, pa.py_buffer(offsets), data, validity, taken.null_count)
 
 
-def hex_fixed_width(digests: list[bytes], width: int) -> bytes:
-    """The lower-case hex of equal-length ``digests``, each cut to ``width`` characters."""
-    if not digests:
-        return b""
-    return hex_cut(b"".join(digests), len(digests), width)
-
-
 def hex_cut(joined: bytes, count: int, width: int) -> bytes:
     """Lower-case hex of ``count`` equal-length digests held back to back, each cut to ``width``."""
     if not count:

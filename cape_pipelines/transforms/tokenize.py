@@ -37,14 +37,12 @@ from ..errors import TransformError
 from . import _native_sha256 as native
 from ._text import (
     ValueCache,
-    bytes_of,
     canonical_text,
     distinct_or_rows,
     gather_fixed_width,
     has_canonical_text,
     hex_cut,
 )
-from ._text import hex_fixed_width as _hex
 from .base import ColumnContext, KeyedTransformation, SqlArg, SqlFunction
 
 DIGEST_HEX = 64
@@ -166,32 +164,25 @@ class Tokenizer(KeyedTransformation):
     def apply(self, array: pa.Array, ctx: ColumnContext) -> pa.Array:
         """Tokens for ``array``, computed once per distinct value."""
         key = required_key(ctx, self.type_name)
-        memo = f"digester:{self.algorithm}"
-        digester = ctx.state.get(memo)
-        if digester is None:
-            digester = ctx.state[memo] = _DIGESTERS[self.algorithm](key)
         parts = distinct_or_rows(array, _DEDUP_BELOW)
         text = canonical_text(parts.values)
-        joined = self._native_digests(text, key, ctx)
-        if joined is not None:
-            blob = hex_cut(joined, len(text), self.token_len)
-            return gather_fixed_width(blob, self.token_len, text, parts.indices)
-        cache = ctx.state.setdefault("tokens", ValueCache())
-        data = bytes_of(text)
-        if text.null_count:
-            # A null's token is never used (it stays null); hash something in its place.
-            data = [b"" if v is None else v for v in data]
-        blob = _hex(cache.compute(data, digester), self.token_len)
+        values = _as_binary(text)
+        joined = self._native_digests(values, key, ctx)
+        if joined is None:
+            memo = f"digester:{self.algorithm}"
+            digester = ctx.state.get(memo)
+            if digester is None:
+                digester = ctx.state[memo] = _DIGESTERS[self.algorithm](key)
+            cache = ctx.state.setdefault("tokens", ValueCache())
+            joined = b"".join(cache.compute(values.to_pylist(), digester))
+        blob = hex_cut(joined, len(text), self.token_len)
         return gather_fixed_width(blob, self.token_len, text, parts.indices)
 
-    def _native_digests(self, text: pa.Array, key: bytes, ctx: ColumnContext) -> bytes | None:
+    def _native_digests(self, values: pa.Array, key: bytes, ctx: ColumnContext) -> bytes | None:
         """Every value's digest from one native batch call, or None to use the hashlib loop.
 
         Same bytes either way; see :mod:`._native_sha256` for when it is used.
         """
-        if len(text) < native.MIN_VALUES:
-            return None
-        values = _as_binary(text)
         if self.algorithm == "cape-sha256":
             return native.sha256_digests(values, key)
         pads = ctx.state.get("hmac-pads")
